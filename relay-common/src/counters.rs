@@ -1,0 +1,136 @@
+//! Per-port counters: what happened to each multicast frame and why.
+
+use bytemuck::{Pod, Zeroable};
+
+/// The fate of a frame, one counter each. Indexes [`PortCounters`].
+///
+/// Frames whose destination MAC is not multicast (unicast) and Ethernet broadcast leave the
+/// program before any counter is touched, so that pass-through costs nothing; the kernel's own
+/// interface counters cover them.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Multicast data redirected to the group's ports.
+    Forwarded = 0,
+    /// IGMP or MLD, passed to the local stack for the control loop.
+    PassedControl = 1,
+    /// Link-local group (224.0.0.0/24, IPv6 scope <= link), passed to the stack.
+    PassedLinkLocal = 2,
+    /// Multicast data for a group without ports, passed to the stack (unknown = router-ports,
+    /// no router ports known).
+    PassedUnknown = 3,
+    /// Multicast MAC but not IPv4/IPv6 multicast (ARP to a multicast MAC, LLDP, STP, ...).
+    PassedOther = 4,
+    /// Dropped: group without ports and unknown = drop.
+    DropNoMembers = 5,
+    /// Dropped by policy (deny list).
+    DropPolicy = 6,
+    /// Dropped in L3 mode because TTL / hop limit would expire.
+    DropTtl = 7,
+    /// Dropped by the loop guard.
+    DropLoop = 8,
+    /// Dropped by a rate limit.
+    DropRateLimit = 9,
+    /// Frame too short or with an invalid header; passed to the stack untouched.
+    Malformed = 10,
+    /// The redirect helper failed (no usable target); the frame was passed to the stack.
+    RedirectFailed = 11,
+}
+
+/// Number of [`Counter`] variants.
+pub const COUNTER_COUNT: usize = 12;
+
+impl Counter {
+    /// All counters, in index order.
+    pub const ALL: [Counter; COUNTER_COUNT] = [
+        Counter::Forwarded,
+        Counter::PassedControl,
+        Counter::PassedLinkLocal,
+        Counter::PassedUnknown,
+        Counter::PassedOther,
+        Counter::DropNoMembers,
+        Counter::DropPolicy,
+        Counter::DropTtl,
+        Counter::DropLoop,
+        Counter::DropRateLimit,
+        Counter::Malformed,
+        Counter::RedirectFailed,
+    ];
+
+    /// Stable lower-case name used in CLI and JSON output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Forwarded => "forwarded",
+            Counter::PassedControl => "passed_control",
+            Counter::PassedLinkLocal => "passed_link_local",
+            Counter::PassedUnknown => "passed_unknown",
+            Counter::PassedOther => "passed_other",
+            Counter::DropNoMembers => "drop_no_members",
+            Counter::DropPolicy => "drop_policy",
+            Counter::DropTtl => "drop_ttl",
+            Counter::DropLoop => "drop_loop",
+            Counter::DropRateLimit => "drop_rate_limit",
+            Counter::Malformed => "malformed",
+            Counter::RedirectFailed => "redirect_failed",
+        }
+    }
+}
+
+/// Value of the per-CPU `PORT_STATS` hash (key: ingress ifindex). Userspace sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct PortCounters {
+    /// Frames, indexed by [`Counter`].
+    pub packets: [u64; COUNTER_COUNT],
+    /// Bytes (whole frame as received), indexed by [`Counter`].
+    pub bytes: [u64; COUNTER_COUNT],
+}
+const _: () = assert!(core::mem::size_of::<PortCounters>() == 16 * COUNTER_COUNT);
+
+impl Default for PortCounters {
+    fn default() -> Self {
+        Self::zeroed()
+    }
+}
+
+impl PortCounters {
+    /// Adds `other` to `self` (summing the per-CPU values).
+    pub fn accumulate(&mut self, other: &PortCounters) {
+        for i in 0..COUNTER_COUNT {
+            self.packets[i] = self.packets[i].wrapping_add(other.packets[i]);
+            self.bytes[i] = self.bytes[i].wrapping_add(other.bytes[i]);
+        }
+    }
+
+    /// Frames counted under `c`.
+    pub const fn packets(&self, c: Counter) -> u64 {
+        self.packets[c as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_index_order_and_names_are_unique() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+            for d in &Counter::ALL[i + 1..] {
+                assert_ne!(c.name(), d.name());
+            }
+        }
+    }
+
+    #[test]
+    fn accumulate_sums_every_field() {
+        let mut a = PortCounters::default();
+        let mut b = PortCounters::default();
+        b.packets[Counter::Forwarded as usize] = 3;
+        b.bytes[Counter::Malformed as usize] = 64;
+        a.accumulate(&b);
+        a.accumulate(&b);
+        assert_eq!(a.packets(Counter::Forwarded), 6);
+        assert_eq!(a.bytes[Counter::Malformed as usize], 128);
+    }
+}

@@ -1,0 +1,169 @@
+//! Types, constants and packet parsers shared by mcrelay's kernel programs and its userspace.
+//!
+//! Everything here is `#![no_std]` so the same code runs inside the XDP program and in host unit
+//! tests. Map keys and values are `#[repr(C)]`, have explicit padding and implement
+//! [`bytemuck::Pod`]; with the `user` feature they also implement `aya::Pod` so aya's map APIs
+//! accept them.
+#![no_std]
+
+pub mod counters;
+pub mod parse;
+
+pub use counters::{Counter, PortCounters, COUNTER_COUNT};
+
+use bytemuck::{Pod, Zeroable};
+
+/// Version of the map layout. Pins live in a directory named after it, so a daemon never reuses a
+/// map whose key or value layout differs from what its program expects.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Maximum number of groups (keys of `GROUP_PORTS`).
+pub const MAX_GROUPS: u32 = 16_384;
+/// Maximum number of ports in one group's port set (capacity of each inner DEVMAP_HASH). The
+/// kernel requires every inner map to match the template's capacity.
+pub const MAX_PORTS_PER_GROUP: u32 = 128;
+/// Maximum number of ports mcrelay attaches to (entries of `PORT_STATS` and `PORTS`).
+pub const MAX_PORTS: u32 = 1024;
+
+/// `BPF_MAP_TYPE_DEVMAP_HASH`, for creating inner maps from userspace.
+pub const BPF_MAP_TYPE_DEVMAP_HASH: u32 = 25;
+/// Size of `struct bpf_devmap_val` (ifindex + program fd/id), the value of a devmap entry.
+pub const DEVMAP_VALUE_SIZE: u32 = 8;
+
+/// Key of `GROUP_PORTS`: a multicast group and, for source-specific entries, a source.
+///
+/// Both addresses are 16 bytes in network byte order. IPv4 addresses are stored IPv4-mapped
+/// (`::ffff:a.b.c.d`), so one map serves both families. `source` is all zero for a (*,G) entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct GroupKey {
+    /// Group address, network byte order, IPv4-mapped for IPv4.
+    pub group: [u8; 16],
+    /// Source address for (S,G) entries, all zero for (*,G).
+    pub source: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<GroupKey>() == 32);
+
+impl GroupKey {
+    /// A (*,G) key for an IPv4 group given as 4 bytes in network order.
+    #[inline(always)]
+    pub const fn any_source_v4(group: [u8; 4]) -> Self {
+        Self { group: v4_mapped(group), source: [0; 16] }
+    }
+
+    /// A (*,G) key for an IPv6 group given as 16 bytes in network order.
+    #[inline(always)]
+    pub const fn any_source_v6(group: [u8; 16]) -> Self {
+        Self { group, source: [0; 16] }
+    }
+
+    /// Whether this key names an IPv4 group (IPv4-mapped form).
+    pub fn is_v4(&self) -> bool {
+        self.group[..12] == V4_MAPPED_PREFIX
+    }
+}
+
+/// First 12 bytes of an IPv4-mapped IPv6 address.
+pub const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+
+/// Maps an IPv4 address (network order) into the 16-byte key space.
+#[inline(always)]
+pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+/// What the dataplane does with multicast data for a group that has no port set.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownPolicy {
+    /// RFC 4541: send towards router ports. Until router ports are learned the frame goes to the
+    /// local stack (XDP_PASS).
+    RouterPorts = 0,
+    /// Drop the frame (counted as `DropNoMembers`).
+    Drop = 1,
+    /// Send to every port (the `FLOOD_PORTS` devmap) except the ingress port.
+    Flood = 2,
+}
+
+impl UnknownPolicy {
+    /// Decodes the value stored in [`Config::unknown_policy`]; unknown values mean the default.
+    #[inline(always)]
+    pub const fn from_u32(v: u32) -> Self {
+        match v {
+            1 => Self::Drop,
+            2 => Self::Flood,
+            _ => Self::RouterPorts,
+        }
+    }
+}
+
+/// The single entry of the `CONFIG` array: settings userspace gives the dataplane.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    /// An [`UnknownPolicy`] as `u32`.
+    pub unknown_policy: u32,
+    /// Reserved for flags (L3 mode, ...); zero today.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 8);
+
+/// Attach mode of a port, as stored in [`PortInfo::attach_mode`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// XDP in the driver (native).
+    Native = 1,
+    /// Generic (SKB) XDP.
+    Skb = 2,
+    /// TC (tcx) program.
+    Tc = 3,
+}
+
+impl AttachMode {
+    /// Decodes a stored value.
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Native),
+            2 => Some(Self::Skb),
+            3 => Some(Self::Tc),
+            _ => None,
+        }
+    }
+
+    /// Lower-case name used by the CLI and JSON output.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Skb => "skb",
+            Self::Tc => "tc",
+        }
+    }
+}
+
+/// Value of the `PORTS` hash (key: ifindex): what userspace knows about a port it attached.
+/// Written by the daemon, read by the CLI; the XDP program does not read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PortInfo {
+    /// An [`AttachMode`] as `u32`.
+    pub attach_mode: u32,
+    /// Port role flags ([`PORT_ROLE_ROUTER`], ...).
+    pub role: u32,
+    /// Interface name, NUL padded (IFNAMSIZ = 16).
+    pub name: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<PortInfo>() == 24);
+
+/// [`PortInfo::role`] bit: the port leads to a multicast router.
+pub const PORT_ROLE_ROUTER: u32 = 1;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, contain no padding (checked by the size
+    // assertions and by bytemuck's derive) and are valid for any bit pattern.
+    unsafe impl aya::Pod for super::GroupKey {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::PortInfo {}
+    unsafe impl aya::Pod for super::PortCounters {}
+}

@@ -1,0 +1,134 @@
+//! mcrelay's kernel side: one XDP program attached to every port.
+//!
+//! Packet path (see docs/architecture.md): classify the frame with the parser shared with
+//! userspace (`relay_common::parse`), then
+//! - unicast / broadcast destination MAC: `XDP_PASS` at once, nothing counted;
+//! - IGMP, MLD, link-local groups, non-IP, malformed: `XDP_PASS` to the stack, counted;
+//! - multicast data: look the group up in `GROUP_PORTS` and broadcast the frame to the group's
+//!   port set, never back out of the ingress port; no entry: the unknown-group policy.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{xdp_action, BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS},
+    btf_maps::{Array, DevMapHash, HashOfMaps, PerCpuHashMap},
+    macros::{btf_map, xdp},
+    programs::XdpContext,
+};
+use relay_common::{
+    parse::{classify, Class, Data, Frame},
+    Config, Counter, GroupKey, PortCounters, UnknownPolicy, MAX_GROUPS, MAX_PORTS,
+    MAX_PORTS_PER_GROUP,
+};
+
+/// Per-group port sets. Key: [`GroupKey`] with a zero source ((*,G)). Value: an inner
+/// DEVMAP_HASH whose keys and values are the member ports' ifindexes. Written by the daemon's
+/// map writer; a change replaces the inner map atomically.
+#[btf_map]
+static GROUP_PORTS: HashOfMaps<
+    GroupKey,
+    DevMapHash<{ MAX_PORTS_PER_GROUP as usize }>,
+    { MAX_GROUPS as usize },
+> = HashOfMaps::new();
+
+/// Every attached port (key = value = ifindex): the targets of `--unknown flood`. Written by
+/// the daemon when it attaches or detaches a port.
+#[btf_map]
+static FLOOD_PORTS: DevMapHash<{ MAX_PORTS as usize }> = DevMapHash::new();
+
+/// Index 0: the [`Config`] the daemon gives the dataplane (unknown-group policy, flags).
+#[btf_map]
+static CONFIG: Array<Config, 1> = Array::new();
+
+/// Per-CPU counters per ingress port. Key: ifindex. Value: [`PortCounters`]. The daemon
+/// creates an entry when it attaches a port; frames on ports without an entry are not counted.
+#[btf_map]
+static PORT_STATS: PerCpuHashMap<u32, PortCounters, { MAX_PORTS as usize }> =
+    PerCpuHashMap::new();
+
+/// Broadcast to every port of the map except the one the frame came in on.
+const BROADCAST_FLAGS: u64 = (BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) as u64;
+
+#[xdp]
+pub fn mcrelay_xdp(ctx: XdpContext) -> u32 {
+    let frame = XdpFrame { start: ctx.data(), end: ctx.data_end() };
+    let (counter, action) = match classify(&frame) {
+        Class::NotMulticast => return xdp_action::XDP_PASS,
+        Class::Other => (Counter::PassedOther, xdp_action::XDP_PASS),
+        Class::Control => (Counter::PassedControl, xdp_action::XDP_PASS),
+        Class::LinkLocal => (Counter::PassedLinkLocal, xdp_action::XDP_PASS),
+        Class::Malformed => (Counter::Malformed, xdp_action::XDP_PASS),
+        Class::Data(data) => forward(&data),
+    };
+    count(ctx.ingress_ifindex() as u32, counter, frame.end - frame.start);
+    action
+}
+
+/// Decides what happens to multicast data and performs the redirect.
+#[inline(always)]
+fn forward(data: &Data) -> (Counter, u32) {
+    let key = GroupKey { group: data.key.group, source: [0; 16] };
+    // SAFETY: the inner map reference is only used for the redirect helper call right here.
+    if let Some(ports) = unsafe { GROUP_PORTS.get(&key) } {
+        return redirect(ports.redirect(0, BROADCAST_FLAGS));
+    }
+    let policy = CONFIG.get(0).map_or(0, |c| c.unknown_policy);
+    match UnknownPolicy::from_u32(policy) {
+        UnknownPolicy::RouterPorts => (Counter::PassedUnknown, xdp_action::XDP_PASS),
+        UnknownPolicy::Drop => (Counter::DropNoMembers, xdp_action::XDP_DROP),
+        UnknownPolicy::Flood => redirect(FLOOD_PORTS.redirect(0, BROADCAST_FLAGS)),
+    }
+}
+
+#[inline(always)]
+fn redirect(result: Result<u32, u32>) -> (Counter, u32) {
+    match result {
+        Ok(action) => (Counter::Forwarded, action),
+        Err(_) => (Counter::RedirectFailed, xdp_action::XDP_PASS),
+    }
+}
+
+#[inline(always)]
+fn count(ifindex: u32, counter: Counter, len: usize) {
+    if let Some(stats) = PORT_STATS.get_ptr_mut(ifindex) {
+        let i = counter as usize;
+        // SAFETY: per-CPU value, only this CPU writes it while the program runs.
+        unsafe {
+            (*stats).packets[i] += 1;
+            (*stats).bytes[i] += len as u64;
+        }
+    }
+}
+
+/// The packet between `data` and `data_end`, read with bounds checks the verifier accepts.
+struct XdpFrame {
+    start: usize,
+    end: usize,
+}
+
+impl Frame for XdpFrame {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    #[inline(always)]
+    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        let at = self.start + offset;
+        if at + N > self.end {
+            return None;
+        }
+        // SAFETY: `at..at + N` lies inside the packet, checked just above.
+        Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) })
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

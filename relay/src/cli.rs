@@ -1,0 +1,103 @@
+//! Command-line interface (the contract in PRODUCT.md: keep these names).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// mcrelay: relays IP multicast between network segments at XDP speed, only to the segments
+/// that have receivers.
+#[derive(Debug, Parser)]
+#[command(name = "mcrelay", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Log verbosity: -v debug, -vv trace (RUST_LOG overrides).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Directory under a bpffs mount where mcrelay pins its maps.
+    #[arg(long, global = true, value_name = "DIR", default_value = crate::paths::PIN_ROOT)]
+    pub pin_root: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach to the interfaces and relay multicast until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Show groups and their ports (like `bridge mdb show`).
+    Groups(OutputArgs),
+    /// Show attached ports: interface, attach mode, role, counters.
+    Ports(OutputArgs),
+    /// Show per-port packet and byte counters by reason.
+    Stats(StatsArgs),
+    /// Remove every map pin mcrelay made in this network namespace (the daemon must be stopped).
+    Detach,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Interface to relay between (repeatable); names or globs such as `tap*`.
+    #[arg(short = 'i', long = "iface", value_name = "IFACE", required = true)]
+    pub ifaces: Vec<String>,
+
+    /// Static group membership: GROUP@IFACE[,IFACE...], e.g. 239.1.1.1@b0,c0 or ff3e::1@b0
+    /// (repeatable). Every interface must be one of the -i interfaces.
+    #[arg(long = "static", value_name = "GROUP@IFACES")]
+    pub static_groups: Vec<String>,
+
+    /// How to attach XDP: auto tries native (driver) mode and falls back to generic (skb) mode.
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    pub xdp_mode: XdpModeArg,
+
+    /// What to do with multicast data for groups nobody joined.
+    #[arg(long, value_enum, default_value_t = UnknownArg::RouterPorts)]
+    pub unknown: UnknownArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum XdpModeArg {
+    /// Native where the driver supports it, generic (skb) elsewhere, with a warning.
+    Auto,
+    /// Native (driver) mode only; fail when the driver cannot.
+    Native,
+    /// Generic (skb) mode only.
+    Skb,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UnknownArg {
+    /// RFC 4541: towards router ports (until router ports are learned: to the local stack).
+    RouterPorts,
+    /// Drop, counted as drop_no_members.
+    Drop,
+    /// Flood to every port except the ingress port.
+    Flood,
+}
+
+impl From<UnknownArg> for relay_common::UnknownPolicy {
+    fn from(value: UnknownArg) -> Self {
+        match value {
+            UnknownArg::RouterPorts => Self::RouterPorts,
+            UnknownArg::Drop => Self::Drop,
+            UnknownArg::Flood => Self::Flood,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Print JSON (an object with a top-level array) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Print JSON (an object with a top-level array) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Print again every SECONDS seconds, with rates, until interrupted.
+    #[arg(long, value_name = "SECONDS")]
+    pub watch: Option<u64>,
+}

@@ -1,0 +1,237 @@
+//! `mcrelay groups|ports|stats|detach`: read the daemon's pinned maps (no daemon round-trip).
+
+use std::{collections::BTreeMap, io::Write as _, path::Path, time::Duration};
+
+use anyhow::{anyhow, Context as _};
+use aya::maps::{of_maps::HashOfMaps, DevMapHash, HashMap, Map, MapData, PerCpuHashMap};
+use relay_common::{AttachMode, Counter, GroupKey, PortCounters, PortInfo, PORT_ROLE_ROUTER};
+use serde_json::{json, Value};
+
+use crate::{dataplane::remove_pins, groups::key_group, paths, paths::pins};
+
+/// One attached port with its summed counters.
+#[derive(Debug, Clone)]
+pub struct PortRow {
+    pub iface: String,
+    pub ifindex: u32,
+    pub mode: &'static str,
+    pub role: &'static str,
+    pub counters: PortCounters,
+}
+
+/// One group with its ports.
+#[derive(Debug, Clone)]
+pub struct GroupRow {
+    pub group: String,
+    pub ports: Vec<String>,
+    pub kind: &'static str,
+}
+
+fn open(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
+    let path = pin_dir.join(name);
+    if !path.exists() {
+        return Err(anyhow!(
+            "no mcrelay daemon in this network namespace ({} does not exist)",
+            path.display()
+        ));
+    }
+    MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+}
+
+/// Reads every attached port and its counters.
+pub fn read_ports(pin_dir: &Path) -> anyhow::Result<Vec<PortRow>> {
+    let ports: HashMap<_, u32, PortInfo> = HashMap::try_from(Map::HashMap(open(pin_dir, pins::PORTS)?))?;
+    let stats: PerCpuHashMap<_, u32, PortCounters> =
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(open(pin_dir, pins::PORT_STATS)?))?;
+    let mut rows = Vec::new();
+    for entry in ports.iter() {
+        let (ifindex, info) = entry.context("reading PORTS")?;
+        let mut counters = PortCounters::default();
+        if let Ok(per_cpu) = stats.get(&ifindex, 0) {
+            for c in per_cpu.iter() {
+                counters.accumulate(c);
+            }
+        }
+        let name_len = info.name.iter().position(|&b| b == 0).unwrap_or(info.name.len());
+        rows.push(PortRow {
+            iface: String::from_utf8_lossy(&info.name[..name_len]).into_owned(),
+            ifindex,
+            mode: AttachMode::from_u32(info.attach_mode).map_or("unknown", AttachMode::as_str),
+            role: if info.role & PORT_ROLE_ROUTER != 0 { "router" } else { "member" },
+            counters,
+        });
+    }
+    rows.sort_by_key(|r| r.ifindex);
+    Ok(rows)
+}
+
+/// Reads every group and its ports.
+pub fn read_groups(pin_dir: &Path) -> anyhow::Result<Vec<GroupRow>> {
+    let names: BTreeMap<u32, String> =
+        read_ports(pin_dir)?.into_iter().map(|p| (p.ifindex, p.iface)).collect();
+    let outer: HashOfMaps<_, GroupKey, DevMapHash<MapData>> =
+        HashOfMaps::try_from(Map::HashOfMaps(open(pin_dir, pins::GROUP_PORTS)?))?;
+    let mut rows = Vec::new();
+    for key in outer.keys() {
+        let key = key.context("reading GROUP_PORTS")?;
+        let inner = outer.get(&key, 0).context("reading a group's port set")?;
+        let mut ports: Vec<String> = Vec::new();
+        for ifindex in inner.keys() {
+            let ifindex = ifindex.context("reading a group's port set")?;
+            ports.push(names.get(&ifindex).cloned().unwrap_or_else(|| format!("ifindex {ifindex}")));
+        }
+        ports.sort();
+        rows.push(GroupRow { group: key_group(&key).to_string(), ports, kind: "static" });
+    }
+    rows.sort_by(|a, b| a.group.cmp(&b.group));
+    Ok(rows)
+}
+
+fn counters_json(values: &[u64; relay_common::COUNTER_COUNT]) -> Value {
+    let map: serde_json::Map<String, Value> =
+        Counter::ALL.iter().map(|c| (c.name().to_owned(), json!(values[*c as usize]))).collect();
+    Value::Object(map)
+}
+
+/// `mcrelay ports`.
+pub fn ports(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
+    let rows = read_ports(&paths::pin_dir(pin_root)?)?;
+    if as_json {
+        let ports: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                json!({"iface": r.iface, "ifindex": r.ifindex, "mode": r.mode, "role": r.role,
+                       "counters": counters_json(&r.counters.packets)})
+            })
+            .collect();
+        println!("{}", json!({ "ports": ports }));
+        return Ok(());
+    }
+    println!("{:<16} {:>7} {:<7} {:<7} {:>12} {:>12} {:>12}", "IFACE", "IFINDEX", "MODE", "ROLE", "FORWARDED", "PASSED", "DROPPED");
+    for r in &rows {
+        let (passed, dropped) = passed_dropped(&r.counters);
+        println!(
+            "{:<16} {:>7} {:<7} {:<7} {:>12} {:>12} {:>12}",
+            r.iface, r.ifindex, r.mode, r.role, r.counters.packets(Counter::Forwarded), passed, dropped
+        );
+    }
+    Ok(())
+}
+
+fn passed_dropped(c: &PortCounters) -> (u64, u64) {
+    let passed = [
+        Counter::PassedControl,
+        Counter::PassedLinkLocal,
+        Counter::PassedUnknown,
+        Counter::PassedOther,
+        Counter::Malformed,
+        Counter::RedirectFailed,
+    ]
+    .iter()
+    .map(|&k| c.packets(k))
+    .sum();
+    let dropped = [
+        Counter::DropNoMembers,
+        Counter::DropPolicy,
+        Counter::DropTtl,
+        Counter::DropLoop,
+        Counter::DropRateLimit,
+    ]
+    .iter()
+    .map(|&k| c.packets(k))
+    .sum();
+    (passed, dropped)
+}
+
+/// `mcrelay groups`.
+pub fn groups(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
+    let rows = read_groups(&paths::pin_dir(pin_root)?)?;
+    if as_json {
+        let groups: Vec<Value> = rows
+            .iter()
+            .map(|r| json!({"group": r.group, "ports": r.ports, "kind": r.kind}))
+            .collect();
+        println!("{}", json!({ "groups": groups }));
+        return Ok(());
+    }
+    println!("{:<40} {:<8} PORTS", "GROUP", "KIND");
+    for r in &rows {
+        println!("{:<40} {:<8} {}", r.group, r.kind, r.ports.join(" "));
+    }
+    Ok(())
+}
+
+/// `mcrelay stats [--watch SECONDS]`.
+pub fn stats(pin_root: &Path, as_json: bool, watch: Option<u64>) -> anyhow::Result<()> {
+    let pin_dir = paths::pin_dir(pin_root)?;
+    let mut previous: Option<Vec<PortRow>> = None;
+    loop {
+        let rows = read_ports(&pin_dir)?;
+        let interval = watch.unwrap_or(0).max(1) as f64;
+        if as_json {
+            let ports: Vec<Value> = rows
+                .iter()
+                .map(|r| {
+                    let mut v = json!({"iface": r.iface, "ifindex": r.ifindex, "mode": r.mode,
+                        "packets": counters_json(&r.counters.packets),
+                        "bytes": counters_json(&r.counters.bytes)});
+                    if let Some(prev) = previous.as_ref().and_then(|p| p.iter().find(|p| p.ifindex == r.ifindex)) {
+                        let rates: [u64; relay_common::COUNTER_COUNT] = std::array::from_fn(|i| {
+                            ((r.counters.packets[i].saturating_sub(prev.counters.packets[i])) as f64 / interval) as u64
+                        });
+                        v["packets_per_second"] = counters_json(&rates);
+                    }
+                    v
+                })
+                .collect();
+            println!("{}", json!({ "ports": ports }));
+        } else {
+            println!("{:<16} {:<22} {:>14} {:>16} {:>12}", "IFACE", "COUNTER", "PACKETS", "BYTES", "PPS");
+            for r in &rows {
+                let prev = previous.as_ref().and_then(|p| p.iter().find(|p| p.ifindex == r.ifindex));
+                for c in Counter::ALL {
+                    let packets = r.counters.packets(c);
+                    if packets == 0 && c != Counter::Forwarded {
+                        continue;
+                    }
+                    let pps = prev.map_or(String::from("-"), |p| {
+                        format!("{:.0}", packets.saturating_sub(p.counters.packets(c)) as f64 / interval)
+                    });
+                    println!(
+                        "{:<16} {:<22} {:>14} {:>16} {:>12}",
+                        r.iface, c.name(), packets, r.counters.bytes[c as usize], pps
+                    );
+                }
+            }
+        }
+        std::io::stdout().flush().ok();
+        let Some(secs) = watch else { return Ok(()) };
+        previous = Some(rows);
+        std::thread::sleep(Duration::from_secs(secs.max(1)));
+        if !as_json {
+            println!();
+        }
+    }
+}
+
+/// `mcrelay detach`: removes the pins of this namespace (the daemon must not be running).
+pub fn detach(pin_root: &Path) -> anyhow::Result<()> {
+    let lock = paths::lock_file()?;
+    if let Ok(file) = std::fs::File::open(&lock) {
+        if nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err() {
+            return Err(anyhow!(
+                "an mcrelay daemon is running in this network namespace; stop it (SIGTERM) and \
+                 it detaches by itself"
+            ));
+        }
+    }
+    let root = paths::netns_pin_root(pin_root)?;
+    if !root.exists() {
+        println!("nothing to detach ({} does not exist)", root.display());
+        return Ok(());
+    }
+    std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    remove_pins(&root.join("_")); // prune the now-empty parents
+    println!("removed {}", root.display());
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! mcrelay: eBPF/XDP-accelerated multicast relay. The `mcrelay` binary is a thin shell over
+//! this library; see docs/architecture.md for how the pieces fit.
+
+pub mod cli;
+pub mod daemon;
+pub mod dataplane;
+pub mod error;
+pub mod groups;
+pub mod inspect;
+pub mod paths;
+pub mod ports;
+
+pub use dataplane::EBPF_OBJECT;

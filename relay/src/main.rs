@@ -1,0 +1,51 @@
+//! The `mcrelay` command.
+
+use clap::Parser as _;
+use relay::{
+    cli::{Cli, Command},
+    error::exit_status,
+};
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(dispatch(cli)),
+        Err(e) => Err(anyhow::Error::new(e).context("starting the async runtime")),
+    };
+    if let Err(err) = result {
+        eprintln!("mcrelay: error: {err:#}");
+        std::process::exit(exit_status(&err));
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let pin_root = cli.pin_root;
+    match cli.command {
+        Command::Run(args) => relay::daemon::run(args, &pin_root).await,
+        Command::Groups(o) => relay::inspect::groups(&pin_root, o.json),
+        Command::Ports(o) => relay::inspect::ports(&pin_root, o.json),
+        Command::Stats(s) => relay::inspect::stats(&pin_root, s.json, s.watch),
+        Command::Detach => relay::inspect::detach(&pin_root),
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
