@@ -4,9 +4,11 @@
 //! tests. Map keys and values are `#[repr(C)]`, have explicit padding and implement
 //! [`bytemuck::Pod`]; with the `user` feature they also implement `aya::Pod` so aya's map APIs
 //! accept them.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 pub mod counters;
+#[cfg(any(test, feature = "frames"))]
+pub mod frames;
 pub mod parse;
 
 pub use counters::{Counter, PortCounters, COUNTER_COUNT};

@@ -219,3 +219,170 @@ fn classify_ipv6<F: Frame>(frame: &F, l3: usize) -> Class {
     source.copy_from_slice(&ip[8..24]);
     Class::Data(Data { key: GroupKey { group: dst, source }, l3_offset: l3, ipv6: true })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frames::*;
+
+    const SRC4: [u8; 4] = [10, 0, 0, 1];
+    const G4: [u8; 4] = [239, 1, 1, 1];
+    const SRC6: [u8; 16] = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    const G6: [u8; 16] = [0xff, 0x3e, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1];
+
+    fn class(frame: &[u8]) -> Class {
+        classify(&frame)
+    }
+
+    fn data_key(c: Class) -> GroupKey {
+        match c {
+            Class::Data(d) => d.key,
+            other => panic!("expected data, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ipv4_multicast_data() {
+        let f = udp4_frame(SRC4, G4, b"hello").build();
+        let key = data_key(class(&f));
+        assert_eq!(key.group, v4_mapped(G4));
+        assert_eq!(key.source, v4_mapped(SRC4));
+        assert!(key.is_v4());
+    }
+
+    #[test]
+    fn ipv6_multicast_data() {
+        let f = udp6_frame(SRC6, G6, b"hello").build();
+        let key = data_key(class(&f));
+        assert_eq!(key.group, G6);
+        assert_eq!(key.source, SRC6);
+        assert!(!key.is_v4());
+    }
+
+    #[test]
+    fn unicast_and_broadcast_are_not_multicast() {
+        let mut f = udp4_frame(SRC4, G4, b"x").build();
+        f[0] = 0x02;
+        assert_eq!(class(&f), Class::NotMulticast);
+        f[..6].copy_from_slice(&[0xff; 6]);
+        assert_eq!(class(&f), Class::NotMulticast);
+    }
+
+    #[test]
+    fn multicast_mac_with_unicast_ip_or_non_ip_is_other() {
+        let f = FrameBuilder::new(mac_v4(G4), 0x0800, ipv4(SRC4, [10, 0, 0, 2], 17, 64, &udp(1, 2, b"x")))
+            .build();
+        assert_eq!(class(&f), Class::Other);
+        let lldp = FrameBuilder::new([0x01, 0x80, 0xc2, 0, 0, 0x0e], 0x88cc, vec![0; 46]).build();
+        assert_eq!(class(&lldp), Class::Other);
+    }
+
+    #[test]
+    fn igmp_and_mld_are_control() {
+        assert_eq!(class(&igmp_v2_report(SRC4, G4).build()), Class::Control);
+        assert_eq!(class(&mldv2_report(SRC6).build()), Class::Control);
+        // MLDv1 reports go to the (global) group address itself.
+        assert_eq!(class(&mldv1_report(SRC6, G6).build()), Class::Control);
+    }
+
+    #[test]
+    fn link_local_groups_stay_local() {
+        let f = udp4_frame(SRC4, [224, 0, 0, 251], b"mdns").build();
+        assert_eq!(class(&f), Class::LinkLocal);
+        let mut ff02 = G6;
+        ff02[1] = 0x02;
+        assert_eq!(class(&udp6_frame(SRC6, ff02, b"x").build()), Class::LinkLocal);
+        ff02[1] = 0x01;
+        assert_eq!(class(&udp6_frame(SRC6, ff02, b"x").build()), Class::LinkLocal);
+        // 224.0.1.x is not link-local.
+        assert!(matches!(class(&udp4_frame(SRC4, [224, 0, 1, 1], b"x").build()), Class::Data(_)));
+    }
+
+    #[test]
+    fn vlan_and_qinq_tagged() {
+        let f = udp4_frame(SRC4, G4, b"x").vlan(0x8100, 10).build();
+        let Class::Data(d) = class(&f) else { panic!("expected data") };
+        assert_eq!(d.l3_offset, ETH_HLEN + VLAN_HLEN);
+        let f = udp6_frame(SRC6, G6, b"x").vlan(0x88a8, 100).vlan(0x8100, 10).build();
+        let Class::Data(d) = class(&f) else { panic!("expected data") };
+        assert_eq!(d.l3_offset, ETH_HLEN + 2 * VLAN_HLEN);
+        // A third tag is beyond what we parse: the inner ethertype is a tag, so "other".
+        let f = udp4_frame(SRC4, G4, b"x").vlan(0x88a8, 1).vlan(0x8100, 2).vlan(0x8100, 3).build();
+        assert_eq!(class(&f), Class::Other);
+    }
+
+    #[test]
+    fn ipv6_extension_headers_are_skipped() {
+        let l4 = udp(1, 2, b"payload");
+        let f = FrameBuilder::new(
+            mac_v6(G6),
+            0x86dd,
+            ipv6(SRC6, G6, &[hop_by_hop_router_alert(), dest_opts(2), fragment(0)], 17, &l4),
+        )
+        .build();
+        assert_eq!(data_key(class(&f)).group, G6);
+        // MLD behind several extension headers is still control.
+        let f = FrameBuilder::new(
+            mac_v6(G6),
+            0x86dd,
+            ipv6(SRC6, G6, &[hop_by_hop_router_alert(), dest_opts(0)], 58, &[131, 0, 0, 0, 0, 0, 0, 0]),
+        )
+        .build();
+        assert_eq!(class(&f), Class::Control);
+        // A non-first fragment of ICMPv6 carries no ICMPv6 header: it is data.
+        let f = FrameBuilder::new(mac_v6(G6), 0x86dd, ipv6(SRC6, G6, &[fragment(8)], 58, &[131, 0, 0, 0]))
+            .build();
+        assert!(matches!(class(&f), Class::Data(_)));
+    }
+
+    #[test]
+    fn too_many_extension_headers_is_malformed() {
+        let ext: Vec<_> = (0..MAX_IPV6_EXT_HEADERS + 1).map(|_| dest_opts(0)).collect();
+        let f = FrameBuilder::new(mac_v6(G6), 0x86dd, ipv6(SRC6, G6, &ext, 17, &udp(1, 2, b"x"))).build();
+        assert_eq!(class(&f), Class::Malformed);
+    }
+
+    #[test]
+    fn bad_headers_are_malformed() {
+        let mut f = udp4_frame(SRC4, G4, b"x").build();
+        f[ETH_HLEN] = 0x44; // IHL 4
+        assert_eq!(class(&f), Class::Malformed);
+        let mut f = udp4_frame(SRC4, G4, b"x").build();
+        f[ETH_HLEN] = 0x65; // version 6 in an IPv4 frame
+        assert_eq!(class(&f), Class::Malformed);
+        let mut f = udp6_frame(SRC6, G6, b"x").build();
+        f[ETH_HLEN] = 0x40;
+        assert_eq!(class(&f), Class::Malformed);
+    }
+
+    #[test]
+    fn ethernet_padding_is_fine() {
+        let mut f = udp4_frame(SRC4, G4, b"").build();
+        f.resize(60, 0);
+        assert!(matches!(class(&f), Class::Data(_)));
+    }
+
+    /// Every prefix of a valid multicast frame shorter than the whole is malformed (or, when
+    /// the cut leaves no full Ethernet header, malformed too): never data, never a panic.
+    #[test]
+    fn truncated_frames_are_malformed_at_every_length() {
+        let frames = [
+            udp4_frame(SRC4, G4, b"0123456789").build(),
+            udp4_frame(SRC4, G4, b"x").vlan(0x88a8, 1).vlan(0x8100, 2).build(),
+            udp6_frame(SRC6, G6, b"0123456789").build(),
+            FrameBuilder::new(
+                mac_v6(G6),
+                0x86dd,
+                ipv6(SRC6, G6, &[hop_by_hop_router_alert(), dest_opts(1)], 17, &udp(1, 2, b"abc")),
+            )
+            .build(),
+            igmp_v2_report(SRC4, G4).build(),
+            mldv2_report(SRC6).build(),
+        ];
+        for f in &frames {
+            for cut in 0..f.len() {
+                assert_eq!(class(&&f[..cut]), Class::Malformed, "cut at {cut} of {f:02x?}");
+            }
+        }
+    }
+}
