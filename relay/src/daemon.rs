@@ -71,7 +71,7 @@ pub async fn run(args: RunArgs, pin_root: &Path) -> anyhow::Result<()> {
         tracing::info!("removing stale pins in {}", pin_dir.display());
         remove_pins(&pin_dir);
     }
-    let mut dp = match Dataplane::load(&pin_dir, args.unknown.into()) {
+    let mut dp = match Dataplane::load(Some(&pin_dir), args.unknown.into()) {
         Ok(dp) => dp,
         Err(e) => {
             remove_pins(&pin_dir);

@@ -49,16 +49,16 @@ pub struct AttachedPort {
 pub struct Dataplane {
     ebpf: Ebpf,
     ports_map: HashMap<MapData, u32, PortInfo>,
-    pin_dir: PathBuf,
+    pin_dir: Option<PathBuf>,
     attached: BTreeMap<u32, AttachedPort>,
     /// Inner maps by group, kept so their fds stay open while referenced.
     groups: BTreeMap<GroupKey, DevMapHash<MapData>>,
 }
 
 impl Dataplane {
-    /// Loads the object, pins its maps in `pin_dir` (which must not exist yet) and writes the
-    /// configuration.
-    pub fn load(pin_dir: &Path, unknown: UnknownPolicy) -> anyhow::Result<Self> {
+    /// Loads the object, pins its maps in `pin_dir` (which must not exist yet; `None`: no pins,
+    /// everything goes away with this value) and writes the configuration.
+    pub fn load(pin_dir: Option<&Path>, unknown: UnknownPolicy) -> anyhow::Result<Self> {
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(|e| {
             if is_permission_error(&e) {
                 anyhow!(UsageError::new(format!(
@@ -75,13 +75,6 @@ impl Dataplane {
             .try_into()?;
         program.load().context("the kernel rejected the XDP program (verifier)")?;
 
-        std::fs::create_dir_all(pin_dir)
-            .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-        for name in [pins::GROUP_PORTS, pins::FLOOD_PORTS, pins::CONFIG, pins::PORT_STATS] {
-            let map = ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))?;
-            map.pin(pin_dir.join(name))
-                .with_context(|| format!("pinning {name} in {}", pin_dir.display()))?;
-        }
         let ports_data = MapData::create(
             aya_obj::Map::new_from_params(
                 BPF_MAP_TYPE_HASH,
@@ -94,19 +87,55 @@ impl Dataplane {
             None,
         )
         .context("creating the PORTS map")?;
-        ports_data.pin(pin_dir.join(pins::PORTS)).context("pinning the PORTS map")?;
+        if let Some(pin_dir) = pin_dir {
+            std::fs::create_dir_all(pin_dir)
+                .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+            for name in [pins::GROUP_PORTS, pins::FLOOD_PORTS, pins::CONFIG, pins::PORT_STATS] {
+                let map =
+                    ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+                map.pin(pin_dir.join(name))
+                    .with_context(|| format!("pinning {name} in {}", pin_dir.display()))?;
+            }
+            ports_data.pin(pin_dir.join(pins::PORTS)).context("pinning the PORTS map")?;
+        }
         let ports_map = HashMap::try_from(Map::HashMap(ports_data))?;
 
-        let mut config: Array<_, Config> = Array::try_from(map_mut(&mut ebpf, pins::CONFIG)?)?;
-        config.set(0, Config { unknown_policy: unknown as u32, flags: 0 }, 0)?;
-
-        Ok(Self {
+        let mut dp = Self {
             ebpf,
             ports_map,
-            pin_dir: pin_dir.to_owned(),
+            pin_dir: pin_dir.map(Path::to_owned),
             attached: BTreeMap::new(),
             groups: BTreeMap::new(),
-        })
+        };
+        dp.set_unknown_policy(unknown)?;
+        Ok(dp)
+    }
+
+    /// Changes what happens to data for groups without a port set.
+    pub fn set_unknown_policy(&mut self, unknown: UnknownPolicy) -> anyhow::Result<()> {
+        let mut config: Array<_, Config> = Array::try_from(map_mut(&mut self.ebpf, pins::CONFIG)?)?;
+        config.set(0, Config { unknown_policy: unknown as u32, flags: 0 }, 0)?;
+        Ok(())
+    }
+
+    /// The loaded XDP program (for BPF_PROG_TEST_RUN in tests and benchmarks).
+    pub fn program_mut(&mut self) -> anyhow::Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing"))?
+            .try_into()?)
+    }
+
+    /// A port's counters, summed over the CPUs.
+    pub fn counters(&self, ifindex: u32) -> anyhow::Result<PortCounters> {
+        let map = self.ebpf.map(pins::PORT_STATS).ok_or_else(|| anyhow!("PORT_STATS missing"))?;
+        let stats: PerCpuHashMap<_, u32, PortCounters> = PerCpuHashMap::try_from(map)?;
+        let mut total = PortCounters::default();
+        for c in stats.get(&ifindex, 0).context("reading PORT_STATS")?.iter() {
+            total.accumulate(c);
+        }
+        Ok(total)
     }
 
     /// Attaches the program to `link` in the requested mode and registers the port in the
@@ -146,27 +175,30 @@ impl Dataplane {
             link.index,
             AttachedPort { link: link.clone(), mode: used, link_id },
         );
-        if let Err(e) = self.register_port(link, used) {
+        if let Err(e) = self.register_port(link.index, &link.name, used) {
             self.detach(link.index);
             return Err(e);
         }
         Ok((used, fallback_reason))
     }
 
-    fn register_port(&mut self, link: &Link, mode: AttachMode) -> anyhow::Result<()> {
+    /// Enters a port in PORTS, PORT_STATS and FLOOD_PORTS (done by [`Self::attach`]; public
+    /// so tests can register a port they run the program for without attaching).
+    pub fn register_port(&mut self, ifindex: u32, ifname: &str, mode: AttachMode) -> anyhow::Result<()> {
         let mut name = [0u8; 16];
-        let n = link.name.len().min(15);
-        name[..n].copy_from_slice(&link.name.as_bytes()[..n]);
+        let n = ifname.len().min(15);
+        name[..n].copy_from_slice(&ifname.as_bytes()[..n]);
         self.ports_map
-            .insert(link.index, PortInfo { attach_mode: mode as u32, role: 0, name }, 0)
+            .insert(ifindex, PortInfo { attach_mode: mode as u32, role: 0, name }, 0)
             .context("writing PORTS")?;
         let mut stats: PerCpuHashMap<_, u32, PortCounters> =
             PerCpuHashMap::try_from(map_mut(&mut self.ebpf, pins::PORT_STATS)?)?;
         let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
         let zero = PerCpuValues::try_from(vec![PortCounters::default(); cpus])?;
-        stats.insert(link.index, zero, 0).context("creating PORT_STATS entry")?;
-        let mut flood: DevMapHash<_> = DevMapHash::try_from(map_mut(&mut self.ebpf, pins::FLOOD_PORTS)?)?;
-        flood.insert(link.index, link.index, None, 0).context("writing FLOOD_PORTS")?;
+        stats.insert(ifindex, zero, 0).context("creating PORT_STATS entry")?;
+        let mut flood: DevMapHash<_> =
+            DevMapHash::try_from(map_mut(&mut self.ebpf, pins::FLOOD_PORTS)?)?;
+        flood.insert(ifindex, ifindex, None, 0).context("writing FLOOD_PORTS")?;
         Ok(())
     }
 
@@ -240,7 +272,9 @@ impl Dataplane {
 
     /// Removes this instance's pins (the directory and, if empty, its parents up to the root).
     pub fn unpin(&self) {
-        remove_pins(&self.pin_dir);
+        if let Some(dir) = &self.pin_dir {
+            remove_pins(dir);
+        }
     }
 }
 
