@@ -43,15 +43,17 @@ static CONFIG: Array<Config, 1> = Array::new();
 /// Per-CPU counters per ingress port. Key: ifindex. Value: [`PortCounters`]. The daemon
 /// creates an entry when it attaches a port; frames on ports without an entry are not counted.
 #[btf_map]
-static PORT_STATS: PerCpuHashMap<u32, PortCounters, { MAX_PORTS as usize }> =
-    PerCpuHashMap::new();
+static PORT_STATS: PerCpuHashMap<u32, PortCounters, { MAX_PORTS as usize }> = PerCpuHashMap::new();
 
 /// Broadcast to every port of the map except the one the frame came in on.
 const BROADCAST_FLAGS: u64 = (BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) as u64;
 
 #[xdp]
 pub fn mcrelay_xdp(ctx: XdpContext) -> u32 {
-    let frame = XdpFrame { start: ctx.data(), end: ctx.data_end() };
+    let frame = XdpFrame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
     let (counter, action) = match classify(&frame) {
         Class::NotMulticast => return xdp_action::XDP_PASS,
         Class::Other => (Counter::PassedOther, xdp_action::XDP_PASS),
@@ -60,14 +62,21 @@ pub fn mcrelay_xdp(ctx: XdpContext) -> u32 {
         Class::Malformed => (Counter::Malformed, xdp_action::XDP_PASS),
         Class::Data(data) => forward(&data),
     };
-    count(ctx.ingress_ifindex() as u32, counter, frame.end - frame.start);
+    count(
+        ctx.ingress_ifindex() as u32,
+        counter,
+        frame.end - frame.start,
+    );
     action
 }
 
 /// Decides what happens to multicast data and performs the redirect.
 #[inline(always)]
 fn forward(data: &Data) -> (Counter, u32) {
-    let key = GroupKey { group: data.key.group, source: [0; 16] };
+    let key = GroupKey {
+        group: data.key.group,
+        source: [0; 16],
+    };
     // SAFETY: the inner map reference is only used for the redirect helper call right here.
     if let Some(ports) = unsafe { GROUP_PORTS.get(&key) } {
         return redirect(ports.redirect(0, BROADCAST_FLAGS));

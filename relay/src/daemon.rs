@@ -39,7 +39,9 @@ impl Plan {
         let ports = ports::resolve(&args.ifaces, links, |w| tracing::warn!("{w}"))?;
         let mut groups: BTreeMap<GroupKey, (IpAddr, Vec<u32>)> = BTreeMap::new();
         for st in statics {
-            let entry = groups.entry(group_key(st.group)).or_insert_with(|| (st.group, Vec::new()));
+            let entry = groups
+                .entry(group_key(st.group))
+                .or_insert_with(|| (st.group, Vec::new()));
             for name in &st.ifaces {
                 let port = ports.iter().find(|p| p.name == *name).ok_or_else(|| {
                     UsageError::new(format!(
@@ -87,8 +89,10 @@ pub async fn run(args: RunArgs, pin_root: &Path) -> anyhow::Result<()> {
         return Err(e);
     }
 
-    let summary: Vec<String> =
-        dp.ports().map(|p| format!("{}({})", p.link.name, p.mode.as_str())).collect();
+    let summary: Vec<String> = dp
+        .ports()
+        .map(|p| format!("{}({})", p.link.name, p.mode.as_str()))
+        .collect();
     tracing::info!(
         "mcrelay ready: {} port(s) [{}], {} static group(s), pins in {}",
         summary.len(),
@@ -129,7 +133,9 @@ async fn attach_all(
                 iface = %port.name,
                 "attached in generic (skb) mode because native XDP failed: {reason}"
             ),
-            None => tracing::info!(iface = %port.name, ifindex = port.index, mode = mode.as_str(), "attached"),
+            None => {
+                tracing::info!(iface = %port.name, ifindex = port.index, mode = mode.as_str(), "attached")
+            }
         }
         if port.is_veth() {
             tracing::info!(
@@ -141,7 +147,8 @@ async fn attach_all(
         }
     }
     for (key, (addr, ifindexes)) in &plan.groups {
-        dp.set_group(*key, ifindexes).with_context(|| format!("adding static group {addr}"))?;
+        dp.set_group(*key, ifindexes)
+            .with_context(|| format!("adding static group {addr}"))?;
         tracing::info!(group = %addr, ports = ifindexes.len(), "static group");
     }
     Ok(())
@@ -176,7 +183,9 @@ async fn wait_for_shutdown() -> anyhow::Result<()> {
 fn lock_instance() -> anyhow::Result<Flock<std::fs::File>> {
     let path = paths::lock_file()?;
     let permission = |e: &std::io::Error| e.kind() == std::io::ErrorKind::PermissionDenied;
-    let dir = path.parent().ok_or_else(|| anyhow!("lock path has no parent"))?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| anyhow!("lock path has no parent"))?;
     if let Err(e) = std::fs::create_dir_all(dir) {
         if permission(&e) {
             return Err(anyhow!(UsageError::new(format!(
@@ -230,5 +239,11 @@ fn ensure_bpffs(pin_root: &Path) -> anyhow::Result<()> {
         nix::mount::MsFlags::empty(),
         None::<&str>,
     )
-    .with_context(|| format!("mounting bpffs at {} (mount -t bpf bpf {})", paths::BPFFS, paths::BPFFS))
+    .with_context(|| {
+        format!(
+            "mounting bpffs at {} (mount -t bpf bpf {})",
+            paths::BPFFS,
+            paths::BPFFS
+        )
+    })
 }

@@ -20,12 +20,7 @@ use relay_common::{
     DEVMAP_VALUE_SIZE, MAX_PORTS, MAX_PORTS_PER_GROUP,
 };
 
-use crate::{
-    cli::XdpModeArg,
-    error::UsageError,
-    paths::pins,
-    ports::Link,
-};
+use crate::{cli::XdpModeArg, error::UsageError, paths::pins, ports::Link};
 
 /// The compiled eBPF object (built by build.rs from the relay-ebpf crate).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay"));
@@ -73,7 +68,9 @@ impl Dataplane {
             .program_mut(XDP_PROGRAM)
             .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing from the object"))?
             .try_into()?;
-        program.load().context("the kernel rejected the XDP program (verifier)")?;
+        program
+            .load()
+            .context("the kernel rejected the XDP program (verifier)")?;
 
         let ports_data = MapData::create(
             aya_obj::Map::new_from_params(
@@ -90,13 +87,21 @@ impl Dataplane {
         if let Some(pin_dir) = pin_dir {
             std::fs::create_dir_all(pin_dir)
                 .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-            for name in [pins::GROUP_PORTS, pins::FLOOD_PORTS, pins::CONFIG, pins::PORT_STATS] {
-                let map =
-                    ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+            for name in [
+                pins::GROUP_PORTS,
+                pins::FLOOD_PORTS,
+                pins::CONFIG,
+                pins::PORT_STATS,
+            ] {
+                let map = ebpf
+                    .map(name)
+                    .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
                 map.pin(pin_dir.join(name))
                     .with_context(|| format!("pinning {name} in {}", pin_dir.display()))?;
             }
-            ports_data.pin(pin_dir.join(pins::PORTS)).context("pinning the PORTS map")?;
+            ports_data
+                .pin(pin_dir.join(pins::PORTS))
+                .context("pinning the PORTS map")?;
         }
         let ports_map = HashMap::try_from(Map::HashMap(ports_data))?;
 
@@ -114,7 +119,14 @@ impl Dataplane {
     /// Changes what happens to data for groups without a port set.
     pub fn set_unknown_policy(&mut self, unknown: UnknownPolicy) -> anyhow::Result<()> {
         let mut config: Array<_, Config> = Array::try_from(map_mut(&mut self.ebpf, pins::CONFIG)?)?;
-        config.set(0, Config { unknown_policy: unknown as u32, flags: 0 }, 0)?;
+        config.set(
+            0,
+            Config {
+                unknown_policy: unknown as u32,
+                flags: 0,
+            },
+            0,
+        )?;
         Ok(())
     }
 
@@ -129,7 +141,10 @@ impl Dataplane {
 
     /// A port's counters, summed over the CPUs.
     pub fn counters(&self, ifindex: u32) -> anyhow::Result<PortCounters> {
-        let map = self.ebpf.map(pins::PORT_STATS).ok_or_else(|| anyhow!("PORT_STATS missing"))?;
+        let map = self
+            .ebpf
+            .map(pins::PORT_STATS)
+            .ok_or_else(|| anyhow!("PORT_STATS missing"))?;
         let stats: PerCpuHashMap<_, u32, PortCounters> = PerCpuHashMap::try_from(map)?;
         let mut total = PortCounters::default();
         for c in stats.get(&ifindex, 0).context("reading PORT_STATS")?.iter() {
@@ -158,7 +173,8 @@ impl Dataplane {
                 (id, AttachMode::Native, None)
             }
             XdpModeArg::Skb => {
-                let id = try_mode(program, XdpMode::Skb).map_err(|e| attach_error(link, "skb", e))?;
+                let id =
+                    try_mode(program, XdpMode::Skb).map_err(|e| attach_error(link, "skb", e))?;
                 (id, AttachMode::Skb, None)
             }
             XdpModeArg::Auto => match try_mode(program, XdpMode::Driver) {
@@ -173,7 +189,11 @@ impl Dataplane {
         };
         self.attached.insert(
             link.index,
-            AttachedPort { link: link.clone(), mode: used, link_id },
+            AttachedPort {
+                link: link.clone(),
+                mode: used,
+                link_id,
+            },
         );
         if let Err(e) = self.register_port(link.index, &link.name, used) {
             self.detach(link.index);
@@ -184,21 +204,38 @@ impl Dataplane {
 
     /// Enters a port in PORTS, PORT_STATS and FLOOD_PORTS (done by [`Self::attach`]; public
     /// so tests can register a port they run the program for without attaching).
-    pub fn register_port(&mut self, ifindex: u32, ifname: &str, mode: AttachMode) -> anyhow::Result<()> {
+    pub fn register_port(
+        &mut self,
+        ifindex: u32,
+        ifname: &str,
+        mode: AttachMode,
+    ) -> anyhow::Result<()> {
         let mut name = [0u8; 16];
         let n = ifname.len().min(15);
         name[..n].copy_from_slice(&ifname.as_bytes()[..n]);
         self.ports_map
-            .insert(ifindex, PortInfo { attach_mode: mode as u32, role: 0, name }, 0)
+            .insert(
+                ifindex,
+                PortInfo {
+                    attach_mode: mode as u32,
+                    role: 0,
+                    name,
+                },
+                0,
+            )
             .context("writing PORTS")?;
         let mut stats: PerCpuHashMap<_, u32, PortCounters> =
             PerCpuHashMap::try_from(map_mut(&mut self.ebpf, pins::PORT_STATS)?)?;
         let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
         let zero = PerCpuValues::try_from(vec![PortCounters::default(); cpus])?;
-        stats.insert(ifindex, zero, 0).context("creating PORT_STATS entry")?;
+        stats
+            .insert(ifindex, zero, 0)
+            .context("creating PORT_STATS entry")?;
         let mut flood: DevMapHash<_> =
             DevMapHash::try_from(map_mut(&mut self.ebpf, pins::FLOOD_PORTS)?)?;
-        flood.insert(ifindex, ifindex, None, 0).context("writing FLOOD_PORTS")?;
+        flood
+            .insert(ifindex, ifindex, None, 0)
+            .context("writing FLOOD_PORTS")?;
         Ok(())
     }
 
@@ -260,12 +297,17 @@ impl Dataplane {
             MAX_PORTS_PER_GROUP,
             0,
         );
-        let data = MapData::create(obj, "mcrelay_grp", None).context("creating a group port set")?;
+        let data =
+            MapData::create(obj, "mcrelay_grp", None).context("creating a group port set")?;
         let mut inner = DevMapHash::try_from(Map::DevMapHash(data))?;
         for &ifindex in ifindexes {
-            inner.insert(ifindex, ifindex, None, 0).context("filling a group port set")?;
+            inner
+                .insert(ifindex, ifindex, None, 0)
+                .context("filling a group port set")?;
         }
-        outer.insert(key, &inner, 0).context("writing GROUP_PORTS")?;
+        outer
+            .insert(key, &inner, 0)
+            .context("writing GROUP_PORTS")?;
         self.groups.insert(key, inner);
         Ok(())
     }
@@ -296,7 +338,8 @@ pub fn remove_pins(pin_dir: &Path) {
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Map> {
-    ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
+    ebpf.map_mut(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the object"))
 }
 
 fn attach_error(link: &Link, mode: &str, e: ProgramError) -> anyhow::Error {
@@ -304,7 +347,11 @@ fn attach_error(link: &Link, mode: &str, e: ProgramError) -> anyhow::Error {
         "cannot attach XDP to {} in {mode} mode: {}{}",
         link.name,
         error_chain(&e),
-        if mode == "native" { " (try --xdp-mode auto or skb)" } else { "" }
+        if mode == "native" {
+            " (try --xdp-mode auto or skb)"
+        } else {
+            ""
+        }
     )))
 }
 

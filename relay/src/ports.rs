@@ -42,7 +42,11 @@ pub fn connect() -> anyhow::Result<Handle> {
 pub async fn list(handle: &Handle) -> anyhow::Result<Vec<Link>> {
     let mut links = Vec::new();
     let mut stream = handle.link().get().execute();
-    while let Some(msg) = stream.try_next().await.context("listing interfaces over netlink")? {
+    while let Some(msg) = stream
+        .try_next()
+        .await
+        .context("listing interfaces over netlink")?
+    {
         if let Some(link) = from_message(&msg) {
             links.push(link);
         }
@@ -128,7 +132,9 @@ pub fn resolve(
         }
     }
     if out.is_empty() {
-        return Err(UsageError::new("no interface to attach to: every -i glob matched nothing"));
+        return Err(UsageError::new(
+            "no interface to attach to: every -i glob matched nothing",
+        ));
     }
     Ok(out)
 }
@@ -140,7 +146,12 @@ pub async fn set_allmulti(handle: &Handle, index: u32, on: bool) -> anyhow::Resu
         .set(LinkUnspec::new_with_index(index).allmulticast(on).build())
         .execute()
         .await
-        .with_context(|| format!("setting allmulticast {} on ifindex {index}", if on { "on" } else { "off" }))
+        .with_context(|| {
+            format!(
+                "setting allmulticast {} on ifindex {index}",
+                if on { "on" } else { "off" }
+            )
+        })
 }
 
 #[cfg(test)]
@@ -160,7 +171,12 @@ mod tests {
 
     #[test]
     fn resolves_names_and_globs_in_order_without_duplicates() {
-        let links = [link(1, "lo"), link(2, "eth0"), link(3, "tap0"), link(4, "tap1")];
+        let links = [
+            link(1, "lo"),
+            link(2, "eth0"),
+            link(3, "tap0"),
+            link(4, "tap1"),
+        ];
         let mut warnings = Vec::new();
         let got = resolve(
             &["eth0".into(), "tap*".into(), "tap0".into(), "vpn*".into()],
