@@ -112,10 +112,18 @@ impl UnknownPolicy {
 pub struct Config {
     /// An [`UnknownPolicy`] as `u32`.
     pub unknown_policy: u32,
-    /// Reserved for flags (L3 mode, ...); zero today.
+    /// `CONFIG_F_*` bits.
     pub flags: u32,
+    /// Number of entries in `ROUTER_PORTS` (0: unknown groups go to the local stack).
+    pub router_ports: u32,
+    /// Explicit padding; zero.
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+
+/// [`Config::flags`] bit: `GROUP_PORTS` holds (S,G) entries, so look up (S,G) before (*,G).
+/// Clear, the program saves that lookup.
+pub const CONFIG_F_SOURCE_ENTRIES: u32 = 1;
 
 /// Attach mode of a port, as stored in [`PortInfo::attach_mode`].
 #[repr(u32)]

@@ -17,8 +17,8 @@ use aya_ebpf::{
 };
 use relay_common::{
     parse::{classify, Class, Data, Frame},
-    Config, Counter, GroupKey, PortCounters, UnknownPolicy, MAX_GROUPS, MAX_PORTS,
-    MAX_PORTS_PER_GROUP,
+    Config, Counter, GroupKey, PortCounters, UnknownPolicy, CONFIG_F_SOURCE_ENTRIES, MAX_GROUPS,
+    MAX_PORTS, MAX_PORTS_PER_GROUP,
 };
 
 /// Per-group port sets. Key: [`GroupKey`] with a zero source ((*,G)). Value: an inner
@@ -35,6 +35,11 @@ static GROUP_PORTS: HashOfMaps<
 /// the daemon when it attaches or detaches a port.
 #[btf_map]
 static FLOOD_PORTS: DevMapHash<{ MAX_PORTS as usize }> = DevMapHash::new();
+
+/// Ports leading to multicast routers (key = value = ifindex): where data for groups without
+/// a port set goes under `--unknown router-ports`. Written by the daemon.
+#[btf_map]
+static ROUTER_PORTS: DevMapHash<{ MAX_PORTS as usize }> = DevMapHash::new();
 
 /// Index 0: the [`Config`] the daemon gives the dataplane (unknown-group policy, flags).
 #[btf_map]

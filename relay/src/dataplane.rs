@@ -17,7 +17,7 @@ use aya::{
 };
 use relay_common::{
     AttachMode, Config, GroupKey, PortCounters, PortInfo, UnknownPolicy, BPF_MAP_TYPE_DEVMAP_HASH,
-    DEVMAP_VALUE_SIZE, MAX_PORTS, MAX_PORTS_PER_GROUP,
+    CONFIG_F_SOURCE_ENTRIES, DEVMAP_VALUE_SIZE, MAX_PORTS, MAX_PORTS_PER_GROUP,
 };
 
 use crate::{cli::XdpModeArg, error::UsageError, paths::pins, ports::Link};
@@ -48,6 +48,10 @@ pub struct Dataplane {
     attached: BTreeMap<u32, AttachedPort>,
     /// Inner maps by group, kept so their fds stay open while referenced.
     groups: BTreeMap<GroupKey, DevMapHash<MapData>>,
+    /// What `CONFIG` holds.
+    config: Config,
+    /// Ports in `ROUTER_PORTS`.
+    router_ports: Vec<u32>,
 }
 
 impl Dataplane {
@@ -90,6 +94,7 @@ impl Dataplane {
             for name in [
                 pins::GROUP_PORTS,
                 pins::FLOOD_PORTS,
+                pins::ROUTER_PORTS,
                 pins::CONFIG,
                 pins::PORT_STATS,
             ] {
@@ -111,23 +116,69 @@ impl Dataplane {
             pin_dir: pin_dir.map(Path::to_owned),
             attached: BTreeMap::new(),
             groups: BTreeMap::new(),
+            config: Config::default(),
+            router_ports: Vec::new(),
         };
         dp.set_unknown_policy(unknown)?;
         Ok(dp)
     }
 
+    fn write_config(&mut self, config: Config) -> anyhow::Result<()> {
+        if config == self.config {
+            return Ok(());
+        }
+        let mut map: Array<_, Config> = Array::try_from(map_mut(&mut self.ebpf, pins::CONFIG)?)?;
+        map.set(0, config, 0).context("writing CONFIG")?;
+        self.config = config;
+        Ok(())
+    }
+
     /// Changes what happens to data for groups without a port set.
     pub fn set_unknown_policy(&mut self, unknown: UnknownPolicy) -> anyhow::Result<()> {
-        let mut config: Array<_, Config> = Array::try_from(map_mut(&mut self.ebpf, pins::CONFIG)?)?;
-        config.set(
-            0,
-            Config {
-                unknown_policy: unknown as u32,
-                flags: 0,
-            },
-            0,
-        )?;
-        Ok(())
+        let config = Config {
+            unknown_policy: unknown as u32,
+            ..self.config
+        };
+        // Force the write: the map starts zeroed, which equals the default config.
+        self.config.unknown_policy = u32::MAX;
+        self.write_config(config)
+    }
+
+    /// Sets the ports that lead to multicast routers (targets for unknown groups).
+    pub fn set_router_ports(&mut self, ifindexes: &[u32]) -> anyhow::Result<()> {
+        let mut map: DevMapHash<_> =
+            DevMapHash::try_from(map_mut(&mut self.ebpf, pins::ROUTER_PORTS)?)?;
+        for &old in &self.router_ports {
+            if !ifindexes.contains(&old) {
+                match map.remove(old) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e).context("writing ROUTER_PORTS"),
+                }
+            }
+        }
+        for &ifindex in ifindexes {
+            map.insert(ifindex, ifindex, None, 0)
+                .context("writing ROUTER_PORTS")?;
+        }
+        self.router_ports = ifindexes.to_vec();
+        self.write_config(Config {
+            router_ports: ifindexes.len() as u32,
+            ..self.config
+        })
+    }
+
+    /// Keeps `CONFIG_F_SOURCE_ENTRIES` in line with whether any (S,G) entry exists.
+    fn update_source_flag(&mut self) -> anyhow::Result<()> {
+        let any = self.groups.keys().any(|k| k.source != [0; 16]);
+        let flags = if any {
+            self.config.flags | CONFIG_F_SOURCE_ENTRIES
+        } else {
+            self.config.flags & !CONFIG_F_SOURCE_ENTRIES
+        };
+        self.write_config(Config {
+            flags,
+            ..self.config
+        })
     }
 
     /// The loaded XDP program (for BPF_PROG_TEST_RUN in tests and benchmarks).
@@ -271,18 +322,23 @@ impl Dataplane {
         self.attached.values()
     }
 
+    /// Keys currently in `GROUP_PORTS`.
+    pub fn group_keys(&self) -> impl Iterator<Item = &GroupKey> {
+        self.groups.keys()
+    }
+
     /// Sets a group's port set, replacing the previous one atomically (a new inner map is
     /// built and swapped in). An empty set removes the group.
     pub fn set_group(&mut self, key: GroupKey, ifindexes: &[u32]) -> anyhow::Result<()> {
-        let mut outer: HashOfMaps<_, GroupKey, DevMapHash<MapData>> =
-            HashOfMaps::try_from(map_mut(&mut self.ebpf, pins::GROUP_PORTS)?)?;
         if ifindexes.is_empty() {
+            let mut outer: HashOfMaps<_, GroupKey, DevMapHash<MapData>> =
+                HashOfMaps::try_from(map_mut(&mut self.ebpf, pins::GROUP_PORTS)?)?;
             match outer.remove(&key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(e).context("removing a group"),
             }
             self.groups.remove(&key);
-            return Ok(());
+            return self.update_source_flag();
         }
         if ifindexes.len() > MAX_PORTS_PER_GROUP as usize {
             return Err(anyhow!(
@@ -305,6 +361,16 @@ impl Dataplane {
                 .insert(ifindex, ifindex, None, 0)
                 .context("filling a group port set")?;
         }
+        if key.source != [0; 16] && self.config.flags & CONFIG_F_SOURCE_ENTRIES == 0 {
+            // Raise the flag first: the program must look (S,G) up once the entry exists.
+            let flags = self.config.flags | CONFIG_F_SOURCE_ENTRIES;
+            self.write_config(Config {
+                flags,
+                ..self.config
+            })?;
+        }
+        let mut outer: HashOfMaps<_, GroupKey, DevMapHash<MapData>> =
+            HashOfMaps::try_from(map_mut(&mut self.ebpf, pins::GROUP_PORTS)?)?;
         outer
             .insert(key, &inner, 0)
             .context("writing GROUP_PORTS")?;

@@ -25,6 +25,7 @@ pub const CONFIG_FILE: &str = "/etc/mcrelay/mcrelay.toml";
 pub mod pins {
     pub const GROUP_PORTS: &str = "GROUP_PORTS";
     pub const FLOOD_PORTS: &str = "FLOOD_PORTS";
+    pub const ROUTER_PORTS: &str = "ROUTER_PORTS";
     pub const CONFIG: &str = "CONFIG";
     pub const PORT_STATS: &str = "PORT_STATS";
     /// Created by the daemon (not part of the object): ifindex -> `PortInfo`.

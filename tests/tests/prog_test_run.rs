@@ -269,3 +269,35 @@ fn counters_accumulate_bytes_per_reason() {
     assert_eq!(c.packets.iter().sum::<u64>(), 4);
     assert_eq!(COUNTER_COUNT, Counter::ALL.len());
 }
+
+#[test]
+fn source_specific_entries_are_looked_up_first() {
+    let Some(mut h) = Harness::new() else { return };
+    let s1 = [10, 0, 0, 1];
+    let s2 = [10, 0, 0, 2];
+    let mut sg = group_key(v4(G4));
+    sg.source = relay_common::v4_mapped(s1);
+    h.dp.set_group(sg, &[INGRESS]).expect("set (S,G)");
+    h.expect(&udp4_frame(s1, G4, b"x").build(), XDP_REDIRECT, Some(Counter::Forwarded));
+    // Another source of the same group has no entry and no (*,G): unknown.
+    h.expect(&udp4_frame(s2, G4, b"x").build(), XDP_PASS, Some(Counter::PassedUnknown));
+    // Removing the last (S,G) entry leaves nothing for s1 either.
+    h.dp.set_group(sg, &[]).expect("remove (S,G)");
+    h.expect(&udp4_frame(s1, G4, b"x").build(), XDP_PASS, Some(Counter::PassedUnknown));
+    // IPv6 too.
+    let mut sg6 = group_key(v6(G6));
+    sg6.source = SRC6;
+    h.dp.set_group(sg6, &[INGRESS]).expect("set (S,G)");
+    h.expect(&udp6_frame(SRC6, G6, b"x").build(), XDP_REDIRECT, Some(Counter::Forwarded));
+}
+
+#[test]
+fn unknown_groups_go_to_router_ports_when_there_are_some() {
+    let Some(mut h) = Harness::new() else { return };
+    let f = udp4_frame(SRC4, OTHER4, b"x").build();
+    h.expect(&f, XDP_PASS, Some(Counter::PassedUnknown));
+    h.dp.set_router_ports(&[INGRESS]).expect("router ports");
+    h.expect(&f, XDP_REDIRECT, Some(Counter::Forwarded));
+    h.dp.set_router_ports(&[]).expect("router ports");
+    h.expect(&f, XDP_PASS, Some(Counter::PassedUnknown));
+}
