@@ -7,15 +7,9 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("relay crate has no parent directory"))?
         .join("relay-ebpf");
-    let root_dir = metadata_dir
-        .to_str()
-        .context("non-UTF-8 path to relay-ebpf")?;
+    let root_dir = metadata_dir.to_str().context("non-UTF-8 path to relay-ebpf")?;
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "relay-ebpf",
-            root_dir,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "relay-ebpf", root_dir, ..Default::default() }],
         aya_build::Toolchain::default(),
     )
     .context(

@@ -30,12 +30,7 @@ pub struct FrameBuilder {
 impl FrameBuilder {
     /// A frame to `dst` with the given ethertype and L3 payload.
     pub fn new(dst: [u8; 6], ethertype: u16, payload: Vec<u8>) -> Self {
-        Self {
-            dst,
-            vlans: Vec::new(),
-            ethertype,
-            payload,
-        }
+        Self { dst, vlans: Vec::new(), ethertype, payload }
     }
 
     /// Adds a VLAN tag (outermost first): `tpid` 0x8100 or 0x88a8.
@@ -140,20 +135,12 @@ pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
 
 /// A complete IPv4 UDP multicast frame from `src` to `group`.
 pub fn udp4_frame(src: [u8; 4], group: [u8; 4], payload: &[u8]) -> FrameBuilder {
-    FrameBuilder::new(
-        mac_v4(group),
-        0x0800,
-        ipv4(src, group, 17, 64, &udp(5000, 5001, payload)),
-    )
+    FrameBuilder::new(mac_v4(group), 0x0800, ipv4(src, group, 17, 64, &udp(5000, 5001, payload)))
 }
 
 /// A complete IPv6 UDP multicast frame from `src` to `group`.
 pub fn udp6_frame(src: [u8; 16], group: [u8; 16], payload: &[u8]) -> FrameBuilder {
-    FrameBuilder::new(
-        mac_v6(group),
-        0x86dd,
-        ipv6(src, group, &[], 17, &udp(5000, 5001, payload)),
-    )
+    FrameBuilder::new(mac_v6(group), 0x86dd, ipv6(src, group, &[], 17, &udp(5000, 5001, payload)))
 }
 
 /// An IGMPv2 membership report for `group`.
@@ -170,13 +157,7 @@ pub fn mldv2_report(src: [u8; 16]) -> FrameBuilder {
     FrameBuilder::new(
         mac_v6(dst),
         0x86dd,
-        ipv6(
-            src,
-            dst,
-            &[hop_by_hop_router_alert()],
-            58,
-            &[143, 0, 0, 0, 0, 0, 0, 0],
-        ),
+        ipv6(src, dst, &[hop_by_hop_router_alert()], 58, &[143, 0, 0, 0, 0, 0, 0, 0]),
     )
 }
 

@@ -49,19 +49,13 @@ impl GroupKey {
     /// A (*,G) key for an IPv4 group given as 4 bytes in network order.
     #[inline(always)]
     pub const fn any_source_v4(group: [u8; 4]) -> Self {
-        Self {
-            group: v4_mapped(group),
-            source: [0; 16],
-        }
+        Self { group: v4_mapped(group), source: [0; 16] }
     }
 
     /// A (*,G) key for an IPv6 group given as 16 bytes in network order.
     #[inline(always)]
     pub const fn any_source_v6(group: [u8; 16]) -> Self {
-        Self {
-            group,
-            source: [0; 16],
-        }
+        Self { group, source: [0; 16] }
     }
 
     /// Whether this key names an IPv4 group (IPv4-mapped form).
@@ -76,9 +70,7 @@ pub const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff
 /// Maps an IPv4 address (network order) into the 16-byte key space.
 #[inline(always)]
 pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
-    ]
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
 }
 
 /// What the dataplane does with multicast data for a group that has no port set.

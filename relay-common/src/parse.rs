@@ -8,10 +8,7 @@
 use crate::{v4_mapped, GroupKey};
 
 /// Reads from a frame. `read` returns `None` when `N` bytes at `offset` are not inside it.
-#[expect(
-    clippy::len_without_is_empty,
-    reason = "a frame is never asked whether it is empty"
-)]
+#[expect(clippy::len_without_is_empty, reason = "a frame is never asked whether it is empty")]
 pub trait Frame {
     /// Length of the frame in bytes.
     fn len(&self) -> usize;
@@ -224,11 +221,7 @@ fn classify_ipv6<F: Frame>(frame: &F, l3: usize) -> Class {
     }
     let mut source = [0u8; 16];
     source.copy_from_slice(&ip[8..24]);
-    Class::Data(Data {
-        key: GroupKey { group: dst, source },
-        l3_offset: l3,
-        ipv6: true,
-    })
+    Class::Data(Data { key: GroupKey { group: dst, source }, l3_offset: l3, ipv6: true })
 }
 
 #[cfg(test)]
@@ -306,43 +299,23 @@ mod tests {
         assert_eq!(class(&f), Class::LinkLocal);
         let mut ff02 = G6;
         ff02[1] = 0x02;
-        assert_eq!(
-            class(&udp6_frame(SRC6, ff02, b"x").build()),
-            Class::LinkLocal
-        );
+        assert_eq!(class(&udp6_frame(SRC6, ff02, b"x").build()), Class::LinkLocal);
         ff02[1] = 0x01;
-        assert_eq!(
-            class(&udp6_frame(SRC6, ff02, b"x").build()),
-            Class::LinkLocal
-        );
+        assert_eq!(class(&udp6_frame(SRC6, ff02, b"x").build()), Class::LinkLocal);
         // 224.0.1.x is not link-local.
-        assert!(matches!(
-            class(&udp4_frame(SRC4, [224, 0, 1, 1], b"x").build()),
-            Class::Data(_)
-        ));
+        assert!(matches!(class(&udp4_frame(SRC4, [224, 0, 1, 1], b"x").build()), Class::Data(_)));
     }
 
     #[test]
     fn vlan_and_qinq_tagged() {
         let f = udp4_frame(SRC4, G4, b"x").vlan(0x8100, 10).build();
-        let Class::Data(d) = class(&f) else {
-            panic!("expected data")
-        };
+        let Class::Data(d) = class(&f) else { panic!("expected data") };
         assert_eq!(d.l3_offset, ETH_HLEN + VLAN_HLEN);
-        let f = udp6_frame(SRC6, G6, b"x")
-            .vlan(0x88a8, 100)
-            .vlan(0x8100, 10)
-            .build();
-        let Class::Data(d) = class(&f) else {
-            panic!("expected data")
-        };
+        let f = udp6_frame(SRC6, G6, b"x").vlan(0x88a8, 100).vlan(0x8100, 10).build();
+        let Class::Data(d) = class(&f) else { panic!("expected data") };
         assert_eq!(d.l3_offset, ETH_HLEN + 2 * VLAN_HLEN);
         // A third tag is beyond what we parse: the inner ethertype is a tag, so "other".
-        let f = udp4_frame(SRC4, G4, b"x")
-            .vlan(0x88a8, 1)
-            .vlan(0x8100, 2)
-            .vlan(0x8100, 3)
-            .build();
+        let f = udp4_frame(SRC4, G4, b"x").vlan(0x88a8, 1).vlan(0x8100, 2).vlan(0x8100, 3).build();
         assert_eq!(class(&f), Class::Other);
     }
 
@@ -352,13 +325,7 @@ mod tests {
         let f = FrameBuilder::new(
             mac_v6(G6),
             0x86dd,
-            ipv6(
-                SRC6,
-                G6,
-                &[hop_by_hop_router_alert(), dest_opts(2), fragment(0)],
-                17,
-                &l4,
-            ),
+            ipv6(SRC6, G6, &[hop_by_hop_router_alert(), dest_opts(2), fragment(0)], 17, &l4),
         )
         .build();
         assert_eq!(data_key(class(&f)).group, G6);
@@ -388,15 +355,9 @@ mod tests {
 
     #[test]
     fn too_many_extension_headers_is_malformed() {
-        let ext: Vec<_> = (0..MAX_IPV6_EXT_HEADERS + 1)
-            .map(|_| dest_opts(0))
-            .collect();
-        let f = FrameBuilder::new(
-            mac_v6(G6),
-            0x86dd,
-            ipv6(SRC6, G6, &ext, 17, &udp(1, 2, b"x")),
-        )
-        .build();
+        let ext: Vec<_> = (0..MAX_IPV6_EXT_HEADERS + 1).map(|_| dest_opts(0)).collect();
+        let f = FrameBuilder::new(mac_v6(G6), 0x86dd, ipv6(SRC6, G6, &ext, 17, &udp(1, 2, b"x")))
+            .build();
         assert_eq!(class(&f), Class::Malformed);
     }
 
@@ -426,21 +387,12 @@ mod tests {
     fn truncated_frames_are_malformed_at_every_length() {
         let frames = [
             udp4_frame(SRC4, G4, b"0123456789").build(),
-            udp4_frame(SRC4, G4, b"x")
-                .vlan(0x88a8, 1)
-                .vlan(0x8100, 2)
-                .build(),
+            udp4_frame(SRC4, G4, b"x").vlan(0x88a8, 1).vlan(0x8100, 2).build(),
             udp6_frame(SRC6, G6, b"0123456789").build(),
             FrameBuilder::new(
                 mac_v6(G6),
                 0x86dd,
-                ipv6(
-                    SRC6,
-                    G6,
-                    &[hop_by_hop_router_alert(), dest_opts(1)],
-                    17,
-                    &udp(1, 2, b"abc"),
-                ),
+                ipv6(SRC6, G6, &[hop_by_hop_router_alert(), dest_opts(1)], 17, &udp(1, 2, b"abc")),
             )
             .build(),
             igmp_v2_report(SRC4, G4).build(),
@@ -448,11 +400,7 @@ mod tests {
         ];
         for f in &frames {
             for cut in 0..f.len() {
-                assert_eq!(
-                    class(&f[..cut]),
-                    Class::Malformed,
-                    "cut at {cut} of {f:02x?}"
-                );
+                assert_eq!(class(&f[..cut]), Class::Malformed, "cut at {cut} of {f:02x?}");
             }
         }
     }

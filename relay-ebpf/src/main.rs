@@ -55,10 +55,7 @@ const BROADCAST_FLAGS: u64 = (BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) as u64;
 
 #[xdp]
 pub fn mcrelay_xdp(ctx: XdpContext) -> u32 {
-    let frame = XdpFrame {
-        start: ctx.data(),
-        end: ctx.data_end(),
-    };
+    let frame = XdpFrame { start: ctx.data(), end: ctx.data_end() };
     let (counter, action) = match classify(&frame) {
         Class::NotMulticast => return xdp_action::XDP_PASS,
         Class::Other => (Counter::PassedOther, xdp_action::XDP_PASS),
@@ -67,27 +64,30 @@ pub fn mcrelay_xdp(ctx: XdpContext) -> u32 {
         Class::Malformed => (Counter::Malformed, xdp_action::XDP_PASS),
         Class::Data(data) => forward(&data),
     };
-    count(
-        ctx.ingress_ifindex() as u32,
-        counter,
-        frame.end - frame.start,
-    );
+    count(ctx.ingress_ifindex() as u32, counter, frame.end - frame.start);
     action
 }
 
 /// Decides what happens to multicast data and performs the redirect.
 #[inline(always)]
 fn forward(data: &Data) -> (Counter, u32) {
-    let key = GroupKey {
-        group: data.key.group,
-        source: [0; 16],
-    };
-    // SAFETY: the inner map reference is only used for the redirect helper call right here.
+    let config = CONFIG.get(0).copied().unwrap_or_default();
+    // (S,G) first, when any exist: its port set is complete for that source.
+    if config.flags & CONFIG_F_SOURCE_ENTRIES != 0 {
+        // SAFETY: the inner map reference is only used for the redirect helper call.
+        if let Some(ports) = unsafe { GROUP_PORTS.get(&data.key) } {
+            return redirect(ports.redirect(0, BROADCAST_FLAGS));
+        }
+    }
+    let key = GroupKey { group: data.key.group, source: [0; 16] };
+    // SAFETY: as above.
     if let Some(ports) = unsafe { GROUP_PORTS.get(&key) } {
         return redirect(ports.redirect(0, BROADCAST_FLAGS));
     }
-    let policy = CONFIG.get(0).map_or(0, |c| c.unknown_policy);
-    match UnknownPolicy::from_u32(policy) {
+    match UnknownPolicy::from_u32(config.unknown_policy) {
+        UnknownPolicy::RouterPorts if config.router_ports > 0 => {
+            redirect(ROUTER_PORTS.redirect(0, BROADCAST_FLAGS))
+        }
         UnknownPolicy::RouterPorts => (Counter::PassedUnknown, xdp_action::XDP_PASS),
         UnknownPolicy::Drop => (Counter::DropNoMembers, xdp_action::XDP_DROP),
         UnknownPolicy::Flood => redirect(FLOOD_PORTS.redirect(0, BROADCAST_FLAGS)),

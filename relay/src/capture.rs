@@ -84,10 +84,7 @@ impl ControlSocket {
             OwnedFd::from_raw_fd(raw)
         };
         let prog = filter();
-        let fprog = libc::sock_fprog {
-            len: prog.len() as u16,
-            filter: prog.as_ptr().cast_mut(),
-        };
+        let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr().cast_mut() };
         let one: libc::c_int = 1;
         // SAFETY: option values point at live, correctly sized values.
         unsafe {
@@ -147,10 +144,7 @@ impl ControlSocket {
                     if pkttype == libc::PACKET_OUTGOING as u8 {
                         continue;
                     }
-                    return Ok(Received {
-                        ifindex,
-                        frame: buf[..n].to_vec(),
-                    });
+                    return Ok(Received { ifindex, frame: buf[..n].to_vec() });
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,

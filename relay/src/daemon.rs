@@ -31,17 +31,12 @@ pub struct Plan {
 impl Plan {
     /// Checks the arguments against the interfaces that exist. Touches nothing.
     pub fn new(args: &RunArgs, links: &[Link]) -> Result<Self, UsageError> {
-        let statics = args
-            .static_groups
-            .iter()
-            .map(|s| parse_static(s))
-            .collect::<Result<Vec<_>, _>>()?;
+        let statics =
+            args.static_groups.iter().map(|s| parse_static(s)).collect::<Result<Vec<_>, _>>()?;
         let ports = ports::resolve(&args.ifaces, links, |w| tracing::warn!("{w}"))?;
         let mut groups: BTreeMap<GroupKey, (IpAddr, Vec<u32>)> = BTreeMap::new();
         for st in statics {
-            let entry = groups
-                .entry(group_key(st.group))
-                .or_insert_with(|| (st.group, Vec::new()));
+            let entry = groups.entry(group_key(st.group)).or_insert_with(|| (st.group, Vec::new()));
             for name in &st.ifaces {
                 let port = ports.iter().find(|p| p.name == *name).ok_or_else(|| {
                     UsageError::new(format!(
@@ -89,10 +84,8 @@ pub async fn run(args: RunArgs, pin_root: &Path) -> anyhow::Result<()> {
         return Err(e);
     }
 
-    let summary: Vec<String> = dp
-        .ports()
-        .map(|p| format!("{}({})", p.link.name, p.mode.as_str()))
-        .collect();
+    let summary: Vec<String> =
+        dp.ports().map(|p| format!("{}({})", p.link.name, p.mode.as_str())).collect();
     tracing::info!(
         "mcrelay ready: {} port(s) [{}], {} static group(s), pins in {}",
         summary.len(),
@@ -147,8 +140,7 @@ async fn attach_all(
         }
     }
     for (key, (addr, ifindexes)) in &plan.groups {
-        dp.set_group(*key, ifindexes)
-            .with_context(|| format!("adding static group {addr}"))?;
+        dp.set_group(*key, ifindexes).with_context(|| format!("adding static group {addr}"))?;
         tracing::info!(group = %addr, ports = ifindexes.len(), "static group");
     }
     Ok(())
@@ -183,9 +175,7 @@ async fn wait_for_shutdown() -> anyhow::Result<()> {
 fn lock_instance() -> anyhow::Result<Flock<std::fs::File>> {
     let path = paths::lock_file()?;
     let permission = |e: &std::io::Error| e.kind() == std::io::ErrorKind::PermissionDenied;
-    let dir = path
-        .parent()
-        .ok_or_else(|| anyhow!("lock path has no parent"))?;
+    let dir = path.parent().ok_or_else(|| anyhow!("lock path has no parent"))?;
     if let Err(e) = std::fs::create_dir_all(dir) {
         if permission(&e) {
             return Err(anyhow!(UsageError::new(format!(
@@ -197,12 +187,8 @@ fn lock_instance() -> anyhow::Result<Flock<std::fs::File>> {
         }
         return Err(e).with_context(|| format!("creating {}", dir.display()));
     }
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| {
+    let file =
+        OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| {
             if permission(&e) {
                 anyhow!(UsageError::new(format!(
                     "permission denied opening {}: mcrelay run needs root",
@@ -240,10 +226,6 @@ fn ensure_bpffs(pin_root: &Path) -> anyhow::Result<()> {
         None::<&str>,
     )
     .with_context(|| {
-        format!(
-            "mounting bpffs at {} (mount -t bpf bpf {})",
-            paths::BPFFS,
-            paths::BPFFS
-        )
+        format!("mounting bpffs at {} (mount -t bpf bpf {})", paths::BPFFS, paths::BPFFS)
     })
 }

@@ -72,9 +72,7 @@ impl Dataplane {
             .program_mut(XDP_PROGRAM)
             .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing from the object"))?
             .try_into()?;
-        program
-            .load()
-            .context("the kernel rejected the XDP program (verifier)")?;
+        program.load().context("the kernel rejected the XDP program (verifier)")?;
 
         let ports_data = MapData::create(
             aya_obj::Map::new_from_params(
@@ -98,15 +96,12 @@ impl Dataplane {
                 pins::CONFIG,
                 pins::PORT_STATS,
             ] {
-                let map = ebpf
-                    .map(name)
-                    .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+                let map =
+                    ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))?;
                 map.pin(pin_dir.join(name))
                     .with_context(|| format!("pinning {name} in {}", pin_dir.display()))?;
             }
-            ports_data
-                .pin(pin_dir.join(pins::PORTS))
-                .context("pinning the PORTS map")?;
+            ports_data.pin(pin_dir.join(pins::PORTS)).context("pinning the PORTS map")?;
         }
         let ports_map = HashMap::try_from(Map::HashMap(ports_data))?;
 
@@ -135,10 +130,7 @@ impl Dataplane {
 
     /// Changes what happens to data for groups without a port set.
     pub fn set_unknown_policy(&mut self, unknown: UnknownPolicy) -> anyhow::Result<()> {
-        let config = Config {
-            unknown_policy: unknown as u32,
-            ..self.config
-        };
+        let config = Config { unknown_policy: unknown as u32, ..self.config };
         // Force the write: the map starts zeroed, which equals the default config.
         self.config.unknown_policy = u32::MAX;
         self.write_config(config)
@@ -157,14 +149,10 @@ impl Dataplane {
             }
         }
         for &ifindex in ifindexes {
-            map.insert(ifindex, ifindex, None, 0)
-                .context("writing ROUTER_PORTS")?;
+            map.insert(ifindex, ifindex, None, 0).context("writing ROUTER_PORTS")?;
         }
         self.router_ports = ifindexes.to_vec();
-        self.write_config(Config {
-            router_ports: ifindexes.len() as u32,
-            ..self.config
-        })
+        self.write_config(Config { router_ports: ifindexes.len() as u32, ..self.config })
     }
 
     /// Keeps `CONFIG_F_SOURCE_ENTRIES` in line with whether any (S,G) entry exists.
@@ -175,10 +163,7 @@ impl Dataplane {
         } else {
             self.config.flags & !CONFIG_F_SOURCE_ENTRIES
         };
-        self.write_config(Config {
-            flags,
-            ..self.config
-        })
+        self.write_config(Config { flags, ..self.config })
     }
 
     /// The loaded XDP program (for BPF_PROG_TEST_RUN in tests and benchmarks).
@@ -192,10 +177,7 @@ impl Dataplane {
 
     /// A port's counters, summed over the CPUs.
     pub fn counters(&self, ifindex: u32) -> anyhow::Result<PortCounters> {
-        let map = self
-            .ebpf
-            .map(pins::PORT_STATS)
-            .ok_or_else(|| anyhow!("PORT_STATS missing"))?;
+        let map = self.ebpf.map(pins::PORT_STATS).ok_or_else(|| anyhow!("PORT_STATS missing"))?;
         let stats: PerCpuHashMap<_, u32, PortCounters> = PerCpuHashMap::try_from(map)?;
         let mut total = PortCounters::default();
         for c in stats.get(&ifindex, 0).context("reading PORT_STATS")?.iter() {
@@ -238,14 +220,7 @@ impl Dataplane {
                 }
             },
         };
-        self.attached.insert(
-            link.index,
-            AttachedPort {
-                link: link.clone(),
-                mode: used,
-                link_id,
-            },
-        );
+        self.attached.insert(link.index, AttachedPort { link: link.clone(), mode: used, link_id });
         if let Err(e) = self.register_port(link.index, &link.name, used) {
             self.detach(link.index);
             return Err(e);
@@ -265,28 +240,16 @@ impl Dataplane {
         let n = ifname.len().min(15);
         name[..n].copy_from_slice(&ifname.as_bytes()[..n]);
         self.ports_map
-            .insert(
-                ifindex,
-                PortInfo {
-                    attach_mode: mode as u32,
-                    role: 0,
-                    name,
-                },
-                0,
-            )
+            .insert(ifindex, PortInfo { attach_mode: mode as u32, role: 0, name }, 0)
             .context("writing PORTS")?;
         let mut stats: PerCpuHashMap<_, u32, PortCounters> =
             PerCpuHashMap::try_from(map_mut(&mut self.ebpf, pins::PORT_STATS)?)?;
         let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
         let zero = PerCpuValues::try_from(vec![PortCounters::default(); cpus])?;
-        stats
-            .insert(ifindex, zero, 0)
-            .context("creating PORT_STATS entry")?;
+        stats.insert(ifindex, zero, 0).context("creating PORT_STATS entry")?;
         let mut flood: DevMapHash<_> =
             DevMapHash::try_from(map_mut(&mut self.ebpf, pins::FLOOD_PORTS)?)?;
-        flood
-            .insert(ifindex, ifindex, None, 0)
-            .context("writing FLOOD_PORTS")?;
+        flood.insert(ifindex, ifindex, None, 0).context("writing FLOOD_PORTS")?;
         Ok(())
     }
 
@@ -357,23 +320,16 @@ impl Dataplane {
             MapData::create(obj, "mcrelay_grp", None).context("creating a group port set")?;
         let mut inner = DevMapHash::try_from(Map::DevMapHash(data))?;
         for &ifindex in ifindexes {
-            inner
-                .insert(ifindex, ifindex, None, 0)
-                .context("filling a group port set")?;
+            inner.insert(ifindex, ifindex, None, 0).context("filling a group port set")?;
         }
         if key.source != [0; 16] && self.config.flags & CONFIG_F_SOURCE_ENTRIES == 0 {
             // Raise the flag first: the program must look (S,G) up once the entry exists.
             let flags = self.config.flags | CONFIG_F_SOURCE_ENTRIES;
-            self.write_config(Config {
-                flags,
-                ..self.config
-            })?;
+            self.write_config(Config { flags, ..self.config })?;
         }
         let mut outer: HashOfMaps<_, GroupKey, DevMapHash<MapData>> =
             HashOfMaps::try_from(map_mut(&mut self.ebpf, pins::GROUP_PORTS)?)?;
-        outer
-            .insert(key, &inner, 0)
-            .context("writing GROUP_PORTS")?;
+        outer.insert(key, &inner, 0).context("writing GROUP_PORTS")?;
         self.groups.insert(key, inner);
         Ok(())
     }
@@ -404,8 +360,7 @@ pub fn remove_pins(pin_dir: &Path) {
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Map> {
-    ebpf.map_mut(name)
-        .ok_or_else(|| anyhow!("map {name} missing from the object"))
+    ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
 }
 
 fn attach_error(link: &Link, mode: &str, e: ProgramError) -> anyhow::Error {
@@ -413,11 +368,7 @@ fn attach_error(link: &Link, mode: &str, e: ProgramError) -> anyhow::Error {
         "cannot attach XDP to {} in {mode} mode: {}{}",
         link.name,
         error_chain(&e),
-        if mode == "native" {
-            " (try --xdp-mode auto or skb)"
-        } else {
-            ""
-        }
+        if mode == "native" { " (try --xdp-mode auto or skb)" } else { "" }
     )))
 }
 

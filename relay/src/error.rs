@@ -28,10 +28,7 @@ pub const EXIT_USAGE: i32 = 2;
 
 /// The exit status for an error returned by a command.
 pub fn exit_status(err: &anyhow::Error) -> i32 {
-    if err
-        .chain()
-        .any(|e| e.downcast_ref::<UsageError>().is_some())
-    {
+    if err.chain().any(|e| e.downcast_ref::<UsageError>().is_some()) {
         EXIT_USAGE
     } else {
         EXIT_RUNTIME

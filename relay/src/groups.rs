@@ -65,14 +65,8 @@ pub fn is_link_local_group(addr: IpAddr) -> bool {
 /// The (*,G) map key of a group.
 pub fn group_key(addr: IpAddr) -> GroupKey {
     match addr {
-        IpAddr::V4(a) => GroupKey {
-            group: v4_mapped(a.octets()),
-            source: [0; 16],
-        },
-        IpAddr::V6(a) => GroupKey {
-            group: a.octets(),
-            source: [0; 16],
-        },
+        IpAddr::V4(a) => GroupKey { group: v4_mapped(a.octets()), source: [0; 16] },
+        IpAddr::V6(a) => GroupKey { group: a.octets(), source: [0; 16] },
     }
 }
 

@@ -53,20 +53,12 @@ pub fn read_ports(pin_dir: &Path) -> anyhow::Result<Vec<PortRow>> {
                 counters.accumulate(c);
             }
         }
-        let name_len = info
-            .name
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(info.name.len());
+        let name_len = info.name.iter().position(|&b| b == 0).unwrap_or(info.name.len());
         rows.push(PortRow {
             iface: String::from_utf8_lossy(&info.name[..name_len]).into_owned(),
             ifindex,
             mode: AttachMode::from_u32(info.attach_mode).map_or("unknown", AttachMode::as_str),
-            role: if info.role & PORT_ROLE_ROUTER != 0 {
-                "router"
-            } else {
-                "member"
-            },
+            role: if info.role & PORT_ROLE_ROUTER != 0 { "router" } else { "member" },
             counters,
         });
     }
@@ -76,10 +68,8 @@ pub fn read_ports(pin_dir: &Path) -> anyhow::Result<Vec<PortRow>> {
 
 /// Reads every group and its ports.
 pub fn read_groups(pin_dir: &Path) -> anyhow::Result<Vec<GroupRow>> {
-    let names: BTreeMap<u32, String> = read_ports(pin_dir)?
-        .into_iter()
-        .map(|p| (p.ifindex, p.iface))
-        .collect();
+    let names: BTreeMap<u32, String> =
+        read_ports(pin_dir)?.into_iter().map(|p| (p.ifindex, p.iface)).collect();
     let outer: HashOfMaps<_, GroupKey, DevMapHash<MapData>> =
         HashOfMaps::try_from(Map::HashOfMaps(open(pin_dir, pins::GROUP_PORTS)?))?;
     let mut rows = Vec::new();
@@ -89,29 +79,19 @@ pub fn read_groups(pin_dir: &Path) -> anyhow::Result<Vec<GroupRow>> {
         let mut ports: Vec<String> = Vec::new();
         for ifindex in inner.keys() {
             let ifindex = ifindex.context("reading a group's port set")?;
-            ports.push(
-                names
-                    .get(&ifindex)
-                    .cloned()
-                    .unwrap_or_else(|| format!("ifindex {ifindex}")),
-            );
+            ports
+                .push(names.get(&ifindex).cloned().unwrap_or_else(|| format!("ifindex {ifindex}")));
         }
         ports.sort();
-        rows.push(GroupRow {
-            group: key_group(&key).to_string(),
-            ports,
-            kind: "static",
-        });
+        rows.push(GroupRow { group: key_group(&key).to_string(), ports, kind: "static" });
     }
     rows.sort_by(|a, b| a.group.cmp(&b.group));
     Ok(rows)
 }
 
 fn counters_json(values: &[u64; relay_common::COUNTER_COUNT]) -> Value {
-    let map: serde_json::Map<String, Value> = Counter::ALL
-        .iter()
-        .map(|c| (c.name().to_owned(), json!(values[*c as usize])))
-        .collect();
+    let map: serde_json::Map<String, Value> =
+        Counter::ALL.iter().map(|c| (c.name().to_owned(), json!(values[*c as usize]))).collect();
     Value::Object(map)
 }
 
@@ -206,9 +186,8 @@ pub fn stats(pin_root: &Path, as_json: bool, watch: Option<u64>) -> anyhow::Resu
                     let mut v = json!({"iface": r.iface, "ifindex": r.ifindex, "mode": r.mode,
                         "packets": counters_json(&r.counters.packets),
                         "bytes": counters_json(&r.counters.bytes)});
-                    if let Some(prev) = previous
-                        .as_ref()
-                        .and_then(|p| p.iter().find(|p| p.ifindex == r.ifindex))
+                    if let Some(prev) =
+                        previous.as_ref().and_then(|p| p.iter().find(|p| p.ifindex == r.ifindex))
                     {
                         let rates: [u64; relay_common::COUNTER_COUNT] = std::array::from_fn(|i| {
                             ((r.counters.packets[i].saturating_sub(prev.counters.packets[i]))
@@ -227,9 +206,8 @@ pub fn stats(pin_root: &Path, as_json: bool, watch: Option<u64>) -> anyhow::Resu
                 "IFACE", "COUNTER", "PACKETS", "BYTES", "PPS"
             );
             for r in &rows {
-                let prev = previous
-                    .as_ref()
-                    .and_then(|p| p.iter().find(|p| p.ifindex == r.ifindex));
+                let prev =
+                    previous.as_ref().and_then(|p| p.iter().find(|p| p.ifindex == r.ifindex));
                 for c in Counter::ALL {
                     let packets = r.counters.packets(c);
                     if packets == 0 && c != Counter::Forwarded {

@@ -10,14 +10,11 @@ use tracing_subscriber::EnvFilter;
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let result = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt.block_on(dispatch(cli)),
-        Err(e) => Err(anyhow::Error::new(e).context("starting the async runtime")),
-    };
+    let result =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(rt) => rt.block_on(dispatch(cli)),
+            Err(e) => Err(anyhow::Error::new(e).context("starting the async runtime")),
+        };
     if let Err(err) = result {
         eprintln!("mcrelay: error: {err:#}");
         std::process::exit(exit_status(&err));

@@ -42,11 +42,7 @@ pub fn connect() -> anyhow::Result<Handle> {
 pub async fn list(handle: &Handle) -> anyhow::Result<Vec<Link>> {
     let mut links = Vec::new();
     let mut stream = handle.link().get().execute();
-    while let Some(msg) = stream
-        .try_next()
-        .await
-        .context("listing interfaces over netlink")?
-    {
+    while let Some(msg) = stream.try_next().await.context("listing interfaces over netlink")? {
         if let Some(link) = from_message(&msg) {
             links.push(link);
         }
@@ -132,9 +128,7 @@ pub fn resolve(
         }
     }
     if out.is_empty() {
-        return Err(UsageError::new(
-            "no interface to attach to: every -i glob matched nothing",
-        ));
+        return Err(UsageError::new("no interface to attach to: every -i glob matched nothing"));
     }
     Ok(out)
 }
@@ -147,10 +141,7 @@ pub async fn set_allmulti(handle: &Handle, index: u32, on: bool) -> anyhow::Resu
         .execute()
         .await
         .with_context(|| {
-            format!(
-                "setting allmulticast {} on ifindex {index}",
-                if on { "on" } else { "off" }
-            )
+            format!("setting allmulticast {} on ifindex {index}", if on { "on" } else { "off" })
         })
 }
 
@@ -159,31 +150,18 @@ mod tests {
     use super::*;
 
     fn link(index: u32, name: &str) -> Link {
-        Link {
-            index,
-            name: name.into(),
-            kind: None,
-            allmulti: false,
-            multicast: true,
-            up: true,
-        }
+        Link { index, name: name.into(), kind: None, allmulti: false, multicast: true, up: true }
     }
 
     #[test]
     fn resolves_names_and_globs_in_order_without_duplicates() {
-        let links = [
-            link(1, "lo"),
-            link(2, "eth0"),
-            link(3, "tap0"),
-            link(4, "tap1"),
-        ];
+        let links = [link(1, "lo"), link(2, "eth0"), link(3, "tap0"), link(4, "tap1")];
         let mut warnings = Vec::new();
-        let got = resolve(
-            &["eth0".into(), "tap*".into(), "tap0".into(), "vpn*".into()],
-            &links,
-            |w| warnings.push(w),
-        )
-        .expect("resolves");
+        let got =
+            resolve(&["eth0".into(), "tap*".into(), "tap0".into(), "vpn*".into()], &links, |w| {
+                warnings.push(w)
+            })
+            .expect("resolves");
         let names: Vec<_> = got.iter().map(|l| l.name.as_str()).collect();
         assert_eq!(names, ["eth0", "tap0", "tap1"]);
         assert_eq!(warnings.len(), 1, "{warnings:?}");
