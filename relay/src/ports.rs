@@ -22,6 +22,8 @@ pub struct Link {
     pub allmulti: bool,
     pub multicast: bool,
     pub up: bool,
+    /// Hardware address (Ethernet MAC), when the device has one.
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Link {
@@ -53,9 +55,13 @@ pub async fn list(handle: &Handle) -> anyhow::Result<Vec<Link>> {
 fn from_message(msg: &LinkMessage) -> Option<Link> {
     let mut name = None;
     let mut kind = None;
+    let mut mac = None;
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::Address(a) if a.len() == 6 => {
+                mac = <[u8; 6]>::try_from(a.as_slice()).ok();
+            }
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     if let LinkInfo::Kind(k) = info {
@@ -74,7 +80,43 @@ fn from_message(msg: &LinkMessage) -> Option<Link> {
         allmulti: flags.contains(LinkFlags::Allmulti),
         multicast: flags.contains(LinkFlags::Multicast),
         up: flags.contains(LinkFlags::Up),
+        mac,
     })
+}
+
+/// Addresses of one interface that mcrelay uses as the source of its queries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortAddrs {
+    /// First IPv4 address.
+    pub v4: Option<std::net::Ipv4Addr>,
+    /// IPv6 link-local address (MLD queries must come from one).
+    pub v6_link_local: Option<std::net::Ipv6Addr>,
+}
+
+/// IPv4 and IPv6 link-local addresses of every interface, by ifindex.
+pub async fn addresses(
+    handle: &Handle,
+) -> anyhow::Result<std::collections::BTreeMap<u32, PortAddrs>> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let mut out: std::collections::BTreeMap<u32, PortAddrs> = Default::default();
+    let mut stream = handle.address().get().execute();
+    while let Some(msg) = stream.try_next().await.context("listing addresses over netlink")? {
+        let entry = out.entry(msg.header.index).or_default();
+        for attr in &msg.attributes {
+            match attr {
+                AddressAttribute::Address(std::net::IpAddr::V6(a))
+                    if a.segments()[0] & 0xffc0 == 0xfe80 =>
+                {
+                    entry.v6_link_local.get_or_insert(*a);
+                }
+                AddressAttribute::Local(std::net::IpAddr::V4(a)) => {
+                    entry.v4.get_or_insert(*a);
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn kind_name(kind: &InfoKind) -> String {
