@@ -13,6 +13,7 @@
 
 pub mod cmd;
 pub mod daemon;
+pub mod interrupt;
 pub mod mcast;
 pub mod netns;
 pub mod topology;
@@ -25,6 +26,8 @@ pub use daemon::{
 };
 pub use mcast::{McastReceiver, McastSender, WireObserver};
 pub use netns::{veth_pair, NetNs};
+/// Re-exported so that users of the JSON helpers (the lab) need no dependency of their own.
+pub use serde_json;
 
 /// Programs every test bed needs.
 const REQUIRED_PROGRAMS: [&str; 2] = ["ip", "ethtool"];
