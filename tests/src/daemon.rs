@@ -271,10 +271,13 @@ impl Drop for Mcrelay {
 
 /// Where mcrelay pins for the instance of a network namespace (`/sys/fs/bpf/mcrelay/ns-<inode>`).
 pub fn pin_root_of(ns: &NetNs) -> PathBuf {
-    let inode = std::fs::metadata(ns.path())
-        .unwrap_or_else(|e| panic!("stat {}: {e}", ns.path().display()))
-        .ino();
-    Path::new(PIN_ROOT).join(format!("ns-{inode}"))
+    pin_root_of_path(ns.path()).unwrap_or_else(|| panic!("cannot stat {}", ns.path().display()))
+}
+
+/// [`pin_root_of`] for a namespace file (`/run/netns/NAME`); `None` if it cannot be read.
+pub fn pin_root_of_path(netns_path: &Path) -> Option<PathBuf> {
+    let inode = std::fs::metadata(netns_path).ok()?.ino();
+    Some(Path::new(PIN_ROOT).join(format!("ns-{inode}")))
 }
 
 /// Every file (pin) under [`pin_root_of`] `ns`; empty when the instance left nothing behind.

@@ -10,8 +10,8 @@ extern "C" fn raise_flag(_signal: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-/// Installs handlers so that SIGINT (Ctrl-C), SIGTERM and SIGHUP only raise a flag, and returns the flag:
-/// the caller polls it and tears everything down through its guards.
+/// Installs handlers so that SIGINT (Ctrl-C), SIGTERM and SIGHUP only raise a flag, and returns
+/// the flag: the caller polls it and tears everything down through its guards.
 pub fn install_interrupt_flag() -> anyhow::Result<&'static AtomicBool> {
     let action =
         SigAction::new(SigHandler::Handler(raise_flag), SaFlags::SA_RESTART, SigSet::empty());

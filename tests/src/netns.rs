@@ -71,6 +71,9 @@ impl NetNs {
         }
         cmd::run(&["ip", "netns", "add", &name]);
         let ns = Self { name, path };
+        // Nothing can have pinned for this brand-new namespace: whatever is there belongs to a
+        // killed daemon of an earlier namespace with the same (recycled) inode number.
+        remove_pins_of(&ns.path);
         ns.ip(&["link", "set", "lo", "up"]);
         for (key, value) in NETNS_SYSCTLS {
             ns.sysctl(key, value);
@@ -313,9 +316,21 @@ fn remove_netns(name: &str) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
+    // A daemon that was killed leaves its pins; the namespace's inode number will be reused.
+    remove_pins_of(&Path::new(NETNS_DIR).join(name));
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "del", name]);
     let _ = output_with_timeout(cmd, COMMAND_TIMEOUT);
+}
+
+/// Removes mcrelay's pin directory of the namespace at `netns_path` (see
+/// [`crate::daemon::pin_root_of`]); ignores errors.
+fn remove_pins_of(netns_path: &Path) {
+    if let Some(dir) = crate::daemon::pin_root_of_path(netns_path) {
+        if dir.exists() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
 }
 
 /// Creates a veth pair with `name_a` in `a` and `name_b` in `b` (each end created directly in its
