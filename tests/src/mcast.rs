@@ -153,7 +153,32 @@ fn join_socket(group: IpAddr, port: u16, iface: &str) -> io::Result<UdpSocket> {
         }
     };
     socket.set_read_timeout(Some(RECV_POLL))?;
+    set_large_receive_buffer(socket.as_raw_fd());
     Ok(socket.into())
+}
+
+/// Receive buffer of every test socket: room for thousands of datagrams, so that a counting
+/// thread starved by a busy machine loses nothing.
+const RECV_BUFFER: libc::c_int = 8 << 20;
+
+/// `SO_RCVBUFFORCE` (root may exceed net.core.rmem_max), else `SO_RCVBUF`; best effort.
+fn set_large_receive_buffer(fd: std::os::fd::RawFd) {
+    let size = RECV_BUFFER;
+    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt(2) with a valid c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                std::ptr::addr_of!(size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
 }
 
 fn receive_loop(socket: &UdpSocket, group: &str, state: &RxState, stop: &AtomicBool) {
@@ -394,6 +419,7 @@ fn packet_socket(iface: &str) -> io::Result<OwnedFd> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    set_large_receive_buffer(fd.as_raw_fd());
     Ok(fd)
 }
 
