@@ -1,0 +1,18 @@
+//! Membership learning: IGMP/MLD parsing and building ([`packet`]) and the router-side state
+//! machines ([`engine`]) of RFC 3376 / RFC 3810, with querier election and router-port
+//! learning. Pure logic: no sockets, no BPF; time is passed in as a monotonic `Duration`.
+
+pub mod engine;
+pub mod packet;
+
+pub use engine::{
+    Action, CompatMode, Config, Engine, FilterMode, Forwarding, GroupSnapshot, IgmpVersion,
+    MldVersion, PortOptions, PortSnapshot, QuerierStatus, SourceSnapshot,
+};
+pub use packet::{
+    build, build_query, parse, parse_ip, BuildError, Family, GroupRecord, Message, MessageKind,
+    ParseError, Query, QueryVersion, RecordType,
+};
+
+/// What the engine asks the daemon to send (see [`packet::build_query`]).
+pub type QuerySpec = Query;

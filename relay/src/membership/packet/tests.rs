@@ -1,0 +1,423 @@
+use super::*;
+
+const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
+
+fn a4(s: &str) -> IpAddr {
+    IpAddr::V4(s.parse().expect("ipv4"))
+}
+
+fn a6(s: &str) -> IpAddr {
+    IpAddr::V6(s.parse().expect("ipv6"))
+}
+
+fn q(version: QueryVersion, group: Option<IpAddr>, max_resp_ms: u64) -> Query {
+    Query {
+        version,
+        group,
+        max_resp: Duration::from_millis(max_resp_ms),
+        suppress: false,
+        qrv: 0,
+        qqi: Duration::ZERO,
+        sources: Vec::new(),
+    }
+}
+
+fn v3(version: QueryVersion, group: Option<IpAddr>, sources: Vec<IpAddr>, suppress: bool) -> Query {
+    Query {
+        version,
+        group,
+        max_resp: Duration::from_secs(10),
+        suppress,
+        qrv: 2,
+        qqi: Duration::from_secs(125),
+        sources,
+    }
+}
+
+/// Every message kind, both families where they exist.
+fn samples() -> Vec<Message> {
+    let s4 = a4("192.0.2.1");
+    let s6 = a6("fe80::1");
+    let g4 = a4("239.1.2.3");
+    let g6 = a6("ff3e::8000:1");
+    let recs4 = vec![
+        GroupRecord { kind: RecordType::IsInclude, group: g4, sources: vec![a4("10.0.0.1")] },
+        GroupRecord { kind: RecordType::IsExclude, group: a4("239.1.1.1"), sources: vec![] },
+        GroupRecord {
+            kind: RecordType::ToInclude,
+            group: a4("239.1.1.2"),
+            sources: vec![a4("10.0.0.1"), a4("10.0.0.2")],
+        },
+        GroupRecord { kind: RecordType::ToExclude, group: a4("239.1.1.3"), sources: vec![] },
+        GroupRecord {
+            kind: RecordType::AllowNew,
+            group: a4("239.1.1.4"),
+            sources: vec![a4("10.0.0.3")],
+        },
+        GroupRecord {
+            kind: RecordType::BlockOld,
+            group: a4("239.1.1.5"),
+            sources: vec![a4("10.0.0.4")],
+        },
+    ];
+    let recs6 = vec![
+        GroupRecord { kind: RecordType::IsInclude, group: g6, sources: vec![a6("2001:db8::1")] },
+        GroupRecord { kind: RecordType::ToExclude, group: a6("ff15::1"), sources: vec![] },
+        GroupRecord {
+            kind: RecordType::BlockOld,
+            group: a6("ff15::2"),
+            sources: vec![a6("2001:db8::1"), a6("2001:db8::2")],
+        },
+    ];
+    let kinds4 = vec![
+        MessageKind::Query(q(QueryVersion::IgmpV1, None, 0)),
+        MessageKind::Query(q(QueryVersion::IgmpV2, None, 10_000)),
+        MessageKind::Query(q(QueryVersion::IgmpV2, Some(g4), 1000)),
+        MessageKind::Query(v3(QueryVersion::IgmpV3, None, vec![], false)),
+        MessageKind::Query(v3(QueryVersion::IgmpV3, Some(g4), vec![], true)),
+        MessageKind::Query(v3(
+            QueryVersion::IgmpV3,
+            Some(g4),
+            vec![a4("10.0.0.1"), a4("10.0.0.2")],
+            false,
+        )),
+        MessageKind::V1Report { group: g4 },
+        MessageKind::V2Report { group: g4 },
+        MessageKind::Leave { group: g4 },
+        MessageKind::V3Report { records: recs4 },
+        MessageKind::V3Report { records: vec![] },
+        MessageKind::PimHello,
+        MessageKind::RouterAdvertisement,
+    ];
+    let kinds6 = vec![
+        MessageKind::Query(q(QueryVersion::MldV1, None, 10_000)),
+        MessageKind::Query(q(QueryVersion::MldV1, Some(g6), 1000)),
+        MessageKind::Query(v3(QueryVersion::MldV2, None, vec![], false)),
+        MessageKind::Query(v3(QueryVersion::MldV2, Some(g6), vec![], true)),
+        MessageKind::Query(v3(QueryVersion::MldV2, Some(g6), vec![a6("2001:db8::1")], false)),
+        MessageKind::V2Report { group: g6 },
+        MessageKind::Leave { group: g6 },
+        MessageKind::V3Report { records: recs6 },
+        MessageKind::PimHello,
+        MessageKind::RouterAdvertisement,
+    ];
+    kinds4
+        .into_iter()
+        .map(|kind| Message { source: s4, kind })
+        .chain(kinds6.into_iter().map(|kind| Message { source: s6, kind }))
+        .collect()
+}
+
+#[test]
+fn round_trip_every_message() {
+    for m in samples() {
+        let frame = build(MAC, &m).expect("build");
+        assert_eq!(parse(&frame), Ok(m.clone()), "{m:?}");
+        // Ethernet padding after the IP packet is ignored.
+        let mut padded = frame.clone();
+        padded.resize(frame.len().max(60) + 4, 0);
+        assert_eq!(parse(&padded), Ok(m.clone()), "padded {m:?}");
+        // One 802.1Q tag.
+        let mut tagged = frame[..12].to_vec();
+        tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x05]);
+        tagged.extend_from_slice(&frame[12..]);
+        assert_eq!(parse(&tagged), Ok(m.clone()), "tagged {m:?}");
+    }
+}
+
+#[test]
+fn query_frames_have_router_alert_ttl_and_destinations() {
+    let g = a4("239.1.2.3");
+    let general = build_query(MAC, a4("192.0.2.1"), &v3(QueryVersion::IgmpV3, None, vec![], false))
+        .expect("build");
+    assert_eq!(&general[..6], &[0x01, 0x00, 0x5e, 0, 0, 1]);
+    assert_eq!(&general[6..12], &MAC);
+    assert_eq!(general[14], 0x46, "IHL 6: router alert option");
+    assert_eq!(general[22], 1, "TTL 1");
+    assert_eq!(&general[30..34], &[224, 0, 0, 1]);
+    assert_eq!(&general[34..38], &[0x94, 0x04, 0, 0]);
+    let specific =
+        build_query(MAC, a4("192.0.2.1"), &q(QueryVersion::IgmpV2, Some(g), 1000)).expect("build");
+    assert_eq!(&specific[30..34], &[239, 1, 2, 3]);
+    assert_eq!(&specific[..6], &[0x01, 0x00, 0x5e, 1, 2, 3]);
+
+    let m = build_query(MAC, a6("fe80::1"), &v3(QueryVersion::MldV2, None, vec![], false))
+        .expect("build");
+    assert_eq!(&m[..6], &[0x33, 0x33, 0, 0, 0, 1]);
+    assert_eq!(m[14 + 6], 0, "hop-by-hop first");
+    assert_eq!(m[14 + 7], 1, "hop limit 1");
+    assert_eq!(&m[14 + 24..14 + 40], &ALL_NODES.octets());
+    assert_eq!(&m[54..58], &[58, 0, 5, 2], "router alert option");
+    let g6 = a6("ff1e::5");
+    let m = build_query(MAC, a6("fe80::1"), &q(QueryVersion::MldV1, Some(g6), 1000)).expect("b");
+    assert_eq!(&m[..6], &[0x33, 0x33, 0, 0, 0, 5]);
+    assert_eq!(m.len(), 14 + 40 + 8 + 24);
+}
+
+#[test]
+fn build_rejects_inconsistent_queries() {
+    let s4 = a4("192.0.2.1");
+    let mut bad = q(QueryVersion::IgmpV2, Some(a4("239.1.1.1")), 1000);
+    bad.sources.push(a4("10.0.0.1"));
+    assert_eq!(build_query(MAC, s4, &bad), Err(BuildError::Unrepresentable));
+    let mld = q(QueryVersion::MldV1, None, 1000);
+    assert_eq!(build_query(MAC, s4, &mld), Err(BuildError::FamilyMismatch));
+    let many = v3(QueryVersion::IgmpV3, Some(a4("239.1.1.1")), vec![s4; 400], false);
+    assert_eq!(build_query(MAC, s4, &many), Err(BuildError::TooLarge));
+    let max = max_query_sources(Family::V4);
+    let fits = v3(QueryVersion::IgmpV3, Some(a4("239.1.1.1")), vec![s4; max], false);
+    assert!(build_query(MAC, s4, &fits).expect("fits").len() <= 14 + 1500);
+    let max6 = max_query_sources(Family::V6);
+    let s6 = a6("fe80::1");
+    let fits6 = v3(QueryVersion::MldV2, Some(a6("ff1e::1")), vec![s6; max6], false);
+    assert!(build_query(MAC, s6, &fits6).expect("fits").len() <= 14 + 1500);
+    let over6 = v3(QueryVersion::MldV2, Some(a6("ff1e::1")), vec![s6; max6 + 1], false);
+    assert_eq!(build_query(MAC, s6, &over6), Err(BuildError::TooLarge));
+}
+
+#[test]
+fn exponential_codes_round_trip() {
+    for code in 0..=255u8 {
+        assert_eq!(encode_code8(decode_code8(code)), code);
+    }
+    for code in 0..=u16::MAX {
+        assert_eq!(encode_code16(decode_code16(code)), code);
+    }
+    assert_eq!(decode_code8(0x80), 128);
+    assert_eq!(decode_code8(0xff), 31744);
+    assert_eq!(decode_code16(0x8000), 32768);
+    assert_eq!(decode_code16(0xffff), 8_387_584);
+    // Values between codes round down; huge values saturate.
+    for v in (0..40_000u32).step_by(7) {
+        let d = decode_code8(encode_code8(v));
+        assert!(d <= v || v > 31744, "{v} -> {d}");
+        assert!(v.min(31744) - d < (v.min(31744) / 16).max(1), "{v} -> {d}");
+    }
+    for v in (0..9_000_000u32).step_by(997) {
+        let d = decode_code16(encode_code16(v));
+        assert!(d <= v || v > 8_387_584, "{v} -> {d}");
+        assert!(v.min(8_387_584) - d < (v.min(8_387_584) / 4096).max(1) * 2, "{v} -> {d}");
+    }
+    assert_eq!(encode_code8(u32::MAX), 0xff);
+    assert_eq!(encode_code16(u32::MAX), 0xffff);
+    // Non-representable query times are rounded down, on the wire and back.
+    let mut query = v3(QueryVersion::IgmpV3, None, vec![], false);
+    query.max_resp = Duration::from_millis(20_050); // 200.5 ds -> 200 ds -> code 0x89 = 200
+    query.qqi = Duration::from_secs(300); // 300 -> code 0x92 = 288? check below
+    let frame = build_query(MAC, a4("192.0.2.1"), &query).expect("build");
+    let Ok(Message { kind: MessageKind::Query(back), .. }) = parse(&frame) else {
+        panic!("query expected")
+    };
+    assert_eq!(back.max_resp, Duration::from_secs(20));
+    assert_eq!(back.qqi, Duration::from_secs(u64::from(decode_code8(encode_code8(300)))));
+    assert!(back.qqi <= Duration::from_secs(300) && back.qqi >= Duration::from_secs(280));
+}
+
+#[test]
+fn query_versions_by_length() {
+    // IGMP: 8 bytes & code 0 = v1, 8 bytes = v2, >= 12 = v3, 9..11 = bad.
+    let frame = build_query(MAC, a4("192.0.2.1"), &q(QueryVersion::IgmpV2, None, 100)).expect("b");
+    let mut bad = frame.clone();
+    // Append 2 bytes to the IGMP message, fix IP total length and both checksums.
+    bad.extend_from_slice(&[0, 0]);
+    bad[16..18].copy_from_slice(&(24u16 + 10).to_be_bytes());
+    refix_v4(&mut bad);
+    assert_eq!(parse(&bad), Err(ParseError::BadLength));
+    // MLD: 24 = v1, 25..27 bad.
+    let frame = build_query(MAC, a6("fe80::1"), &q(QueryVersion::MldV1, None, 100)).expect("b");
+    let mut bad = frame.clone();
+    bad.push(0);
+    bad[18..20].copy_from_slice(&(8u16 + 25).to_be_bytes());
+    refix_v6(&mut bad);
+    assert_eq!(parse(&bad), Err(ParseError::BadLength));
+}
+
+fn refix_v4(frame: &mut [u8]) {
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = fold(sum16(&frame[14..38], 0));
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+    frame[40..42].copy_from_slice(&[0, 0]);
+    let c = fold(sum16(&frame[38..], 0));
+    frame[40..42].copy_from_slice(&c.to_be_bytes());
+}
+
+fn refix_v6(frame: &mut [u8]) {
+    let src = v6(frame, 22).expect("src");
+    let dst = v6(frame, 38).expect("dst");
+    let body = 14 + 48;
+    frame[body + 2..body + 4].copy_from_slice(&[0, 0]);
+    let len = frame.len() - body;
+    let c = fold(sum16(&frame[body..], pseudo_v6(&src, &dst, len, 58)));
+    frame[body + 2..body + 4].copy_from_slice(&c.to_be_bytes());
+}
+
+#[test]
+fn checksums_are_verified() {
+    let m =
+        Message { source: a4("192.0.2.1"), kind: MessageKind::V2Report { group: a4("239.1.1.1") } };
+    let mut f = build(MAC, &m).expect("build");
+    let last = f.len() - 1;
+    f[last] ^= 1;
+    assert_eq!(parse(&f), Err(ParseError::BadChecksum));
+    let mut f = build(MAC, &m).expect("build");
+    f[22] = 2; // TTL changes, IP header checksum no longer matches
+    assert_eq!(parse(&f), Err(ParseError::BadIpChecksum));
+    let m6 =
+        Message { source: a6("fe80::1"), kind: MessageKind::V2Report { group: a6("ff1e::1") } };
+    let mut f = build(MAC, &m6).expect("build");
+    f[22 + 15] ^= 1; // source address is in the pseudo-header
+    assert_eq!(parse(&f), Err(ParseError::BadChecksum));
+    let pim = Message { source: a6("fe80::1"), kind: MessageKind::PimHello };
+    let mut f = build(MAC, &pim).expect("build");
+    f[22 + 15] ^= 1;
+    assert_eq!(parse(&f), Err(ParseError::BadChecksum));
+}
+
+#[test]
+fn other_traffic_is_rejected_with_reasons() {
+    let mut arp = vec![0xffu8; 12];
+    arp.extend_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0; 28]);
+    assert_eq!(parse(&arp), Err(ParseError::NotIp));
+    let m =
+        Message { source: a4("192.0.2.1"), kind: MessageKind::V2Report { group: a4("239.1.1.1") } };
+    let mut f = build(MAC, &m).expect("build");
+    f[23] = 17; // UDP
+    refix_v4_header(&mut f);
+    assert_eq!(parse(&f), Err(ParseError::NotMembership));
+    let mut f = build(MAC, &m).expect("build");
+    f[20] = 0x20; // more fragments
+    refix_v4_header(&mut f);
+    assert_eq!(parse(&f), Err(ParseError::Fragment));
+    let mut f = build(MAC, &m).expect("build");
+    f[38] = 0x13; // DVMRP
+    refix_v4(&mut f);
+    assert_eq!(parse(&f), Err(ParseError::UnknownType));
+    // ICMPv6 echo request is not MLD.
+    let m6 =
+        Message { source: a6("fe80::1"), kind: MessageKind::V2Report { group: a6("ff1e::1") } };
+    let mut f = build(MAC, &m6).expect("build");
+    f[62] = 128;
+    assert_eq!(parse(&f), Err(ParseError::NotMembership));
+    // A long chain of destination-options headers is bounded.
+    let mut chain = build(MAC, &m6).expect("build")[..54].to_vec();
+    chain[20] = 60;
+    for _ in 0..12 {
+        chain.extend_from_slice(&[60, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    let plen = (chain.len() - 54) as u16;
+    chain[18..20].copy_from_slice(&plen.to_be_bytes());
+    assert_eq!(parse(&chain), Err(ParseError::TooManyExtensionHeaders));
+    for e in ParseError::ALL {
+        assert!(!e.name().is_empty());
+    }
+}
+
+fn refix_v4_header(frame: &mut [u8]) {
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let c = fold(sum16(&frame[14..38], 0));
+    frame[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
+#[test]
+fn v3_report_aux_data_and_unknown_records_are_skipped() {
+    // IGMPv3 report: record type 7 (unknown, skipped) with aux data, then an ALLOW record with
+    // one word of aux data.
+    let mut body = vec![IGMP_V3_REPORT, 0, 0, 0, 0, 0, 0, 2];
+    body.extend_from_slice(&[7, 1, 0, 0, 239, 0, 0, 9, 0xaa, 0xbb, 0xcc, 0xdd]);
+    body.extend_from_slice(&[5, 1, 0, 1, 239, 1, 1, 1, 10, 0, 0, 1, 1, 2, 3, 4]);
+    let ip = ipv4_packet(Ipv4Addr::new(192, 0, 2, 9), IGMPV3_ROUTERS, PROTO_IGMP, true, body)
+        .expect("ip");
+    let mut frame = vec![1, 0, 0x5e, 0, 0, 22, 2, 0, 0, 0, 0, 1, 8, 0];
+    frame.extend_from_slice(&ip);
+    let m = parse(&frame).expect("parse");
+    assert_eq!(
+        m.kind,
+        MessageKind::V3Report {
+            records: vec![GroupRecord {
+                kind: RecordType::AllowNew,
+                group: a4("239.1.1.1"),
+                sources: vec![a4("10.0.0.1")],
+            }]
+        }
+    );
+    // MLDv2 with aux data.
+    let mut body = vec![MLD_V2_REPORT, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0];
+    body.extend_from_slice(&Ipv6Addr::new(0xff1e, 0, 0, 0, 0, 0, 0, 1).octets());
+    body.extend_from_slice(&[9, 9, 9, 9]);
+    let src = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+    let ip = ipv6_packet(src, MLDV2_ROUTERS, PROTO_ICMPV6, true, body).expect("ip");
+    let mut frame = vec![0x33, 0x33, 0, 0, 0, 0x16, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
+    frame.extend_from_slice(&ip);
+    let m = parse(&frame).expect("parse");
+    assert_eq!(
+        m.kind,
+        MessageKind::V3Report {
+            records: vec![GroupRecord {
+                kind: RecordType::IsInclude,
+                group: a6("ff1e::1"),
+                sources: vec![],
+            }]
+        }
+    );
+    // A record whose source count runs past the message is a length error.
+    let mut bad = frame.clone();
+    bad[62 + 10..62 + 12].copy_from_slice(&[0, 9]);
+    refix_v6(&mut bad);
+    assert_eq!(parse(&bad), Err(ParseError::BadLength));
+}
+
+#[test]
+fn every_truncation_fails_cleanly() {
+    for m in samples() {
+        let frame = build(MAC, &m).expect("build");
+        for len in 0..frame.len() {
+            assert!(parse(&frame[..len]).is_err(), "{m:?} truncated to {len} parsed");
+        }
+    }
+}
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn random_bytes_and_mutations_never_panic() {
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..20_000 {
+        let len = (rng.next() % 200) as usize;
+        let mut f: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        if len > 14 && rng.next() & 1 == 0 {
+            // Make it look like IP so the deeper parsers run too.
+            let v6 = rng.next() & 1 == 0;
+            f[12..14].copy_from_slice(if v6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
+            f[14] = if v6 { 0x60 } else { 0x45 };
+        }
+        let _ = parse(&f);
+        let _ = parse_ip(&f);
+    }
+    let frames: Vec<Vec<u8>> = samples().iter().map(|m| build(MAC, m).expect("build")).collect();
+    for _ in 0..50_000 {
+        let mut f = frames[(rng.next() as usize) % frames.len()].clone();
+        for _ in 0..1 + rng.next() % 4 {
+            let i = (rng.next() as usize) % f.len();
+            f[i] = rng.next() as u8;
+        }
+        let _ = parse(&f);
+    }
+}
+
+#[test]
+fn parse_ip_without_ethernet() {
+    for m in samples() {
+        let frame = build(MAC, &m).expect("build");
+        assert_eq!(parse_ip(&frame[14..]), Ok(m));
+    }
+}
