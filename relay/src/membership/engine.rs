@@ -934,14 +934,14 @@ impl Engine {
     }
 }
 
-/// Election: `a` beats `b` when lower; the unspecified address loses to every other address, and
-/// our own unspecified address loses even to another unspecified one (handled by the caller
-/// comparing with `ours`).
+/// Election: `a` beats `b` when numerically lower. A query from the unspecified address never
+/// wins (it cannot be told apart from our own looped-back query when we have no address), and
+/// any specified address beats an unspecified one.
 fn beats(a: &IpAddr, b: &IpAddr) -> bool {
-    if b.is_unspecified() {
-        return true;
+    if a.is_unspecified() {
+        return false;
     }
-    !a.is_unspecified() && a < b
+    b.is_unspecified() || a < b
 }
 
 /// Handles "Send Q(G)" / "Send Q(G,S)" table actions (RFC 3376 6.6.3): with fast leave the

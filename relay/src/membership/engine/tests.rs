@@ -740,6 +740,10 @@ fn port_without_address_loses_every_election() {
         h.e.querier(1, Family::V4),
         Some(QuerierStatus { address: a("192.0.2.200"), is_self: false })
     );
+    // Our own address-less query, looped back, does not make us give up.
+    let mut h = H::with_port(PortOptions::default());
+    h.msg(t(1), 1, "0.0.0.0", MessageKind::Query(general_v3()));
+    assert!(h.e.querier(1, Family::V4).is_some_and(|q| q.is_self));
     // A querier without an address does not displace one that has an address.
     let mut h = H::new();
     h.msg(t(1), 1, "0.0.0.0", MessageKind::Query(general_v3()));
