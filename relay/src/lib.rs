@@ -8,6 +8,7 @@ pub mod dataplane;
 pub mod error;
 pub mod groups;
 pub mod inspect;
+pub mod membership;
 pub mod paths;
 pub mod ports;
 

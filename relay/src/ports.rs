@@ -192,7 +192,15 @@ mod tests {
     use super::*;
 
     fn link(index: u32, name: &str) -> Link {
-        Link { index, name: name.into(), kind: None, allmulti: false, multicast: true, up: true }
+        Link {
+            index,
+            name: name.into(),
+            kind: None,
+            allmulti: false,
+            multicast: true,
+            up: true,
+            mac: None,
+        }
     }
 
     #[test]
