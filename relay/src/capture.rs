@@ -141,7 +141,7 @@ impl ControlSocket {
                 Ok((n as usize, addr.sll_ifindex as u32, addr.sll_pkttype))
             }) {
                 Ok(Ok((n, ifindex, pkttype))) => {
-                    if pkttype == libc::PACKET_OUTGOING as u8 {
+                    if pkttype == libc::PACKET_OUTGOING {
                         continue;
                     }
                     return Ok(Received { ifindex, frame: buf[..n].to_vec() });

@@ -53,6 +53,49 @@ pub struct RunArgs {
     /// What to do with multicast data for groups nobody joined.
     #[arg(long, value_enum, default_value_t = UnknownArg::RouterPorts)]
     pub unknown: UnknownArg,
+
+    #[command(flatten)]
+    pub membership: MembershipArgs,
+}
+
+/// IGMP/MLD timers and querier settings (RFC 3376 / RFC 3810 defaults).
+#[derive(Debug, Args, Clone)]
+pub struct MembershipArgs {
+    /// Query interval in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 125.0)]
+    pub query_interval: f64,
+
+    /// Query response interval (max response time of general queries) in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub query_response_interval: f64,
+
+    /// Last member query interval in seconds (group-specific queries after a leave).
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    pub last_member_interval: f64,
+
+    /// Robustness variable (also the last member query count).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub robustness: u32,
+
+    /// IGMP version mcrelay queries with (2 or 3).
+    #[arg(long, value_name = "2|3", default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=3))]
+    pub igmp_version: u8,
+
+    /// MLD version mcrelay queries with (1 or 2).
+    #[arg(long, value_name = "1|2", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub mld_version: u8,
+
+    /// Never act as querier (another router queries on every port).
+    #[arg(long)]
+    pub no_querier: bool,
+
+    /// Port with a single host behind it: leaves take effect at once (repeatable).
+    #[arg(long = "fast-leave", value_name = "IFACE")]
+    pub fast_leave: Vec<String>,
+
+    /// Port that leads to a multicast router: gets all multicast (repeatable).
+    #[arg(long = "router-port", value_name = "IFACE")]
+    pub router_ports: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -3,7 +3,13 @@
 //! Everything the user asked for is validated before any BPF work. Everything done to the
 //! system is undone when a later step fails (rollback) and on SIGINT/SIGTERM.
 
-use std::{collections::BTreeMap, fs::OpenOptions, net::IpAddr, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::OpenOptions,
+    net::IpAddr,
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{anyhow, Context as _};
 use nix::fcntl::{Flock, FlockArg};
@@ -12,12 +18,16 @@ use rtnetlink::Handle;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    cli::RunArgs,
+    capture::ControlSocket,
+    cli::{MembershipArgs, RunArgs},
+    control::{Control, ControlCounters, GroupTable},
     dataplane::{remove_pins, Dataplane},
     error::UsageError,
     groups::{group_key, parse_static},
+    membership::{self, Engine, IgmpVersion, MldVersion, PortOptions},
     paths,
     ports::{self, Link},
+    state,
 };
 
 /// A validated `run` request.
@@ -26,6 +36,40 @@ pub struct Plan {
     pub ports: Vec<Link>,
     /// Static groups: key, address and member ifindexes (deduplicated, sorted).
     pub groups: BTreeMap<GroupKey, (IpAddr, Vec<u32>)>,
+    /// Membership engine settings.
+    pub membership: membership::Config,
+    /// Per-port engine options, by ifindex.
+    pub port_options: BTreeMap<u32, PortOptions>,
+}
+
+fn seconds(name: &str, value: f64) -> Result<Duration, UsageError> {
+    if !(value.is_finite() && value > 0.0 && value < 86_400.0) {
+        return Err(UsageError::new(format!(
+            "--{name} {value}: expected a number of seconds greater than 0"
+        )));
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+fn membership_config(m: &MembershipArgs) -> Result<membership::Config, UsageError> {
+    if m.robustness == 0 || m.robustness > 7 {
+        return Err(UsageError::new(format!("--robustness {}: expected 1 to 7", m.robustness)));
+    }
+    let qi = seconds("query-interval", m.query_interval)?;
+    let qri = seconds("query-response-interval", m.query_response_interval)?;
+    if qri >= qi {
+        return Err(UsageError::new(format!(
+            "--query-response-interval ({}s) must be shorter than --query-interval ({}s)",
+            m.query_response_interval, m.query_interval
+        )));
+    }
+    Ok(membership::Config {
+        robustness: m.robustness,
+        query_interval: qi,
+        query_response_interval: qri,
+        last_member_query_interval: seconds("last-member-interval", m.last_member_interval)?,
+        ..membership::Config::default()
+    })
 }
 
 impl Plan {
@@ -50,7 +94,40 @@ impl Plan {
             }
             entry.1.sort_unstable();
         }
-        Ok(Self { ports, groups })
+        let m = &args.membership;
+        let membership = membership_config(m)?;
+        let port_named = |flag: &str, name: &String| -> Result<(), UsageError> {
+            if ports.iter().any(|p| p.name == *name) {
+                Ok(())
+            } else {
+                Err(UsageError::new(format!("--{flag} {name}: not one of the -i interfaces")))
+            }
+        };
+        for name in &m.fast_leave {
+            port_named("fast-leave", name)?;
+        }
+        for name in &m.router_ports {
+            port_named("router-port", name)?;
+        }
+        let port_options = ports
+            .iter()
+            .map(|p| {
+                let opts = PortOptions {
+                    fast_leave: m.fast_leave.contains(&p.name),
+                    querier: !m.no_querier,
+                    igmp_version: if m.igmp_version == 2 {
+                        IgmpVersion::V2
+                    } else {
+                        IgmpVersion::V3
+                    },
+                    mld_version: if m.mld_version == 1 { MldVersion::V1 } else { MldVersion::V2 },
+                    router_port: m.router_ports.contains(&p.name),
+                    ..PortOptions::default()
+                };
+                (p.index, opts)
+            })
+            .collect();
+        Ok(Self { ports, groups, membership, port_options })
     }
 }
 
@@ -78,11 +155,18 @@ pub async fn run(args: RunArgs, pin_root: &Path) -> anyhow::Result<()> {
 
     let mut allmulti_set = Vec::new();
     let setup = attach_all(&handle, &mut dp, &plan, &args, &mut allmulti_set).await;
-    if let Err(e) = setup {
-        tracing::error!("setup failed, rolling back: {e:#}");
-        teardown(&handle, dp, &allmulti_set).await;
-        return Err(e);
-    }
+    let control = match setup {
+        Ok(()) => start_control(&handle, &mut dp, &plan).await,
+        Err(e) => Err(e),
+    };
+    let mut control = match control {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("setup failed, rolling back: {e:#}");
+            teardown(&handle, dp, &allmulti_set).await;
+            return Err(e);
+        }
+    };
 
     let summary: Vec<String> =
         dp.ports().map(|p| format!("{}({})", p.link.name, p.mode.as_str())).collect();
@@ -94,10 +178,99 @@ pub async fn run(args: RunArgs, pin_root: &Path) -> anyhow::Result<()> {
         pin_dir.display()
     );
 
-    wait_for_shutdown().await?;
+    let result = control_loop(&mut control, &mut dp).await;
     tracing::info!("shutting down: detaching from every port");
     teardown(&handle, dp, &allmulti_set).await;
-    Ok(())
+    if let Ok(path) = paths::state_file() {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+/// Opens the control socket and starts the membership engine on every port.
+async fn start_control(
+    handle: &Handle,
+    dp: &mut Dataplane,
+    plan: &Plan,
+) -> anyhow::Result<Control> {
+    let socket = ControlSocket::open().map_err(|e| {
+        if e.to_string().contains("Operation not permitted") {
+            anyhow!(UsageError::new(format!("{e:#}: mcrelay run needs CAP_NET_RAW")))
+        } else {
+            e.context("opening the IGMP/MLD packet socket")
+        }
+    })?;
+    let addrs = ports::addresses(handle).await?;
+    let mut engine = Engine::new(plan.membership.clone());
+    let mut macs = BTreeMap::new();
+    let mut names = BTreeMap::new();
+    let statics: BTreeMap<IpAddr, BTreeSet<u32>> = plan
+        .groups
+        .values()
+        .map(|(addr, ports)| (*addr, ports.iter().copied().collect()))
+        .collect();
+    let mut table = GroupTable::new(statics);
+    table.install_statics(dp)?;
+    for (addr, ports) in plan.groups.values() {
+        tracing::info!(group = %addr, ports = ports.len(), "static group");
+    }
+    for port in &plan.ports {
+        let mut opts = plan.port_options.get(&port.index).cloned().unwrap_or_default();
+        let a = addrs.get(&port.index).copied().unwrap_or_default();
+        opts.ipv4 = a.v4;
+        opts.ipv6 = a.v6_link_local;
+        if let Some(mac) = port.mac {
+            macs.insert(port.index, mac);
+        }
+        names.insert(port.index, port.name.clone());
+        engine.add_port(Duration::ZERO, port.index, opts);
+    }
+    let mut control = Control {
+        engine,
+        table,
+        socket,
+        macs,
+        names,
+        counters: ControlCounters::default(),
+        dirty: true,
+    };
+    control.process_actions(dp)?;
+    Ok(control)
+}
+
+/// Receives control frames, runs timers and keeps the maps current until a signal arrives.
+async fn control_loop(control: &mut Control, dp: &mut Dataplane) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let start = tokio::time::Instant::now();
+    let state_path = paths::state_file()?;
+    let mut flush = tokio::time::interval(Duration::from_millis(250));
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let deadline =
+            control.engine.next_deadline().map_or(start + Duration::from_secs(3600), |d| start + d);
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM"); return Ok(()); }
+            _ = int.recv() => { tracing::info!("SIGINT"); return Ok(()); }
+            received = control.socket.recv() => {
+                let r = received.context("receiving on the packet socket")?;
+                control.on_frame(start.elapsed(), r.ifindex, &r.frame);
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                control.engine.tick(start.elapsed());
+                control.dirty = true;
+            }
+            _ = flush.tick() => {
+                if control.dirty {
+                    control.dirty = false;
+                    if let Err(e) = state::write(&state_path, &control.snapshot(start.elapsed())) {
+                        tracing::warn!("{e:#}");
+                    }
+                }
+            }
+        }
+        control.process_actions(dp)?;
+    }
 }
 
 async fn attach_all(
@@ -139,10 +312,6 @@ async fn attach_all(
             );
         }
     }
-    for (key, (addr, ifindexes)) in &plan.groups {
-        dp.set_group(*key, ifindexes).with_context(|| format!("adding static group {addr}"))?;
-        tracing::info!(group = %addr, ports = ifindexes.len(), "static group");
-    }
     Ok(())
 }
 
@@ -159,16 +328,6 @@ async fn teardown(handle: &Handle, mut dp: Dataplane, allmulti_set: &[u32]) {
             tracing::warn!("restoring allmulticast on ifindex {ifindex}: {e:#}");
         }
     }
-}
-
-async fn wait_for_shutdown() -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-    }
-    Ok(())
 }
 
 /// One daemon per network namespace: an exclusive lock on a file named after the namespace.

@@ -154,20 +154,83 @@ fn passed_dropped(c: &PortCounters) -> (u64, u64) {
     (passed, dropped)
 }
 
-/// `mcrelay groups`.
+/// Whether a daemon holds this namespace's lock.
+fn daemon_running() -> bool {
+    let Ok(lock) = paths::lock_file() else { return false };
+    let Ok(file) = std::fs::File::open(lock) else { return false };
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
+}
+
+/// `mcrelay groups`: the running daemon's state file (learned and static groups, timers,
+/// queriers); without one, the static view from the pinned maps.
 pub fn groups(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
-    let rows = read_groups(&paths::pin_dir(pin_root)?)?;
+    let state_path = paths::state_file()?;
+    let state = if daemon_running() && state_path.exists() {
+        Some(crate::state::read(&state_path)?)
+    } else {
+        None
+    };
+    let Some(state) = state else {
+        let rows = read_groups(&paths::pin_dir(pin_root)?)?;
+        if as_json {
+            let groups: Vec<Value> = rows
+                .iter()
+                .map(|r| json!({"group": r.group, "ports": r.ports, "kind": r.kind}))
+                .collect();
+            println!("{}", json!({ "groups": groups }));
+        } else {
+            println!("{:<40} {:<8} PORTS", "GROUP", "KIND");
+            for r in &rows {
+                println!("{:<40} {:<8} {}", r.group, r.kind, r.ports.join(" "));
+            }
+        }
+        return Ok(());
+    };
     if as_json {
-        let groups: Vec<Value> = rows
-            .iter()
-            .map(|r| json!({"group": r.group, "ports": r.ports, "kind": r.kind}))
-            .collect();
-        println!("{}", json!({ "groups": groups }));
+        println!(
+            "{}",
+            json!({"groups": state.groups, "queriers": state.queriers,
+                   "router_ports": state.router_ports, "control": state.control})
+        );
         return Ok(());
     }
     println!("{:<40} {:<8} PORTS", "GROUP", "KIND");
-    for r in &rows {
-        println!("{:<40} {:<8} {}", r.group, r.kind, r.ports.join(" "));
+    for g in &state.groups {
+        println!("{:<40} {:<8} {}", g.group, g.kind, g.ports.join(" "));
+        for s in &g.sources {
+            println!("  source {:<32} {}", s.source, s.ports.join(" "));
+        }
+        for m in &g.members {
+            let timer =
+                m.timer_ms.map_or(String::from("-"), |t| format!("{:.1}s", t as f64 / 1000.0));
+            let sources: Vec<String> = m
+                .sources
+                .iter()
+                .map(|s| match s.timer_ms {
+                    Some(t) => format!("{}({:.1}s)", s.source, t as f64 / 1000.0),
+                    None => format!("{}(blocked)", s.source),
+                })
+                .collect();
+            println!(
+                "  member {:<16} {:<8} timer {:<8} {:<7} {}",
+                m.port,
+                m.mode,
+                timer,
+                m.compat,
+                sources.join(" ")
+            );
+        }
+    }
+    if !state.queriers.is_empty() {
+        println!();
+        println!("{:<16} {:<6} QUERIER", "PORT", "FAMILY");
+        for q in &state.queriers {
+            let me = if q.is_self { " (mcrelay)" } else { "" };
+            println!("{:<16} {:<6} {}{me}", q.port, q.family, q.address);
+        }
+    }
+    if !state.router_ports.is_empty() {
+        println!("router ports: {}", state.router_ports.join(" "));
     }
     Ok(())
 }

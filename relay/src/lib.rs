@@ -3,6 +3,7 @@
 
 pub mod capture;
 pub mod cli;
+pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod error;
@@ -11,5 +12,6 @@ pub mod inspect;
 pub mod membership;
 pub mod paths;
 pub mod ports;
+pub mod state;
 
 pub use dataplane::EBPF_OBJECT;

@@ -35,8 +35,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "info",
-        1 => "debug",
-        _ => "trace",
+        1 => "info,relay=debug,mcrelay=debug",
+        _ => "debug,relay=trace,mcrelay=trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()

@@ -52,3 +52,8 @@ pub fn pin_dir(root: &Path) -> anyhow::Result<PathBuf> {
 pub fn lock_file() -> anyhow::Result<PathBuf> {
     Ok(Path::new(RUN_DIR).join(format!("ns-{}.lock", netns_id()?)))
 }
+
+/// State file the daemon of this network namespace writes for `mcrelay groups`.
+pub fn state_file() -> anyhow::Result<PathBuf> {
+    Ok(Path::new(RUN_DIR).join(format!("ns-{}.state.json", netns_id()?)))
+}

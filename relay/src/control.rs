@@ -1,0 +1,257 @@
+//! The control loop: IGMP/MLD frames in, membership engine, group maps out.
+//!
+//! `GroupTable` turns the engine's per-group [`Forwarding`] (plus static members and router
+//! ports) into `GROUP_PORTS` entries: one (*,G) entry with the ports that take every source,
+//! and one (S,G) entry per source some port named. Only keys whose port set changed are
+//! rewritten, each by an atomic inner-map swap.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use relay_common::GroupKey;
+
+use crate::{
+    capture::ControlSocket,
+    dataplane::Dataplane,
+    groups::{group_key, is_link_local_group},
+    membership::{packet, Action, Engine, Family, Forwarding, ParseError},
+    state::{self, DaemonState},
+};
+
+/// What is installed for one group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Installed {
+    /// Ports for sources without their own entry: the (*,G) entry.
+    pub any_source: BTreeSet<u32>,
+    /// (S,G) entries.
+    pub per_source: BTreeMap<IpAddr, BTreeSet<u32>>,
+}
+
+/// Desired and installed group port sets.
+#[derive(Debug, Default)]
+pub struct GroupTable {
+    statics: BTreeMap<IpAddr, BTreeSet<u32>>,
+    routers: BTreeSet<u32>,
+    installed: BTreeMap<IpAddr, Installed>,
+}
+
+/// The (S,G) map key.
+pub fn source_key(group: IpAddr, source: IpAddr) -> GroupKey {
+    let mut key = group_key(group);
+    key.source = group_key(source).group;
+    key
+}
+
+impl GroupTable {
+    pub fn new(statics: BTreeMap<IpAddr, BTreeSet<u32>>) -> Self {
+        Self { statics, ..Self::default() }
+    }
+
+    /// What should be installed for `group` given the engine's view.
+    pub fn desired(&self, group: IpAddr, learned: &Forwarding) -> Installed {
+        let statics = self.statics.get(&group);
+        if learned.is_empty() && statics.is_none() {
+            return Installed::default();
+        }
+        let extra: BTreeSet<u32> =
+            statics.into_iter().flatten().chain(self.routers.iter()).copied().collect();
+        let mut any_source: BTreeSet<u32> = learned.any_source.union(&extra).copied().collect();
+        if learned.any_source.is_empty() && statics.is_none() {
+            // Nobody wants "all sources": sources without an entry are an unknown flow.
+            any_source.clear();
+        }
+        let per_source = learned
+            .per_source
+            .iter()
+            .map(|(s, ports)| (*s, ports.union(&extra).copied().collect()))
+            .collect();
+        Installed { any_source, per_source }
+    }
+
+    /// Brings `group`'s map entries in line with `learned`. Returns whether anything changed.
+    pub fn apply(
+        &mut self,
+        dp: &mut Dataplane,
+        group: IpAddr,
+        learned: &Forwarding,
+    ) -> anyhow::Result<bool> {
+        let want = self.desired(group, learned);
+        let have = self.installed.get(&group).cloned().unwrap_or_default();
+        if want == have {
+            return Ok(false);
+        }
+        if want.any_source != have.any_source {
+            let ports: Vec<u32> = want.any_source.iter().copied().collect();
+            dp.set_group(group_key(group), &ports)?;
+        }
+        for (source, ports) in &want.per_source {
+            if have.per_source.get(source) != Some(ports) {
+                let ports: Vec<u32> = ports.iter().copied().collect();
+                dp.set_group(source_key(group, *source), &ports)?;
+            }
+        }
+        for source in have.per_source.keys() {
+            if !want.per_source.contains_key(source) {
+                dp.set_group(source_key(group, *source), &[])?;
+            }
+        }
+        if want == Installed::default() {
+            self.installed.remove(&group);
+        } else {
+            self.installed.insert(group, want);
+        }
+        Ok(true)
+    }
+
+    /// Changes the router ports; every installed group gets them too.
+    pub fn set_routers(
+        &mut self,
+        dp: &mut Dataplane,
+        engine: &Engine,
+        routers: BTreeSet<u32>,
+    ) -> anyhow::Result<()> {
+        if routers == self.routers {
+            return Ok(());
+        }
+        self.routers = routers;
+        let ports: Vec<u32> = self.routers.iter().copied().collect();
+        dp.set_router_ports(&ports)?;
+        let groups: Vec<IpAddr> = self.installed.keys().copied().collect();
+        for g in groups {
+            self.apply(dp, g, &engine.forwarding(&g))?;
+        }
+        Ok(())
+    }
+
+    /// Installs the static groups (at start).
+    pub fn install_statics(&mut self, dp: &mut Dataplane) -> anyhow::Result<()> {
+        let groups: Vec<IpAddr> = self.statics.keys().copied().collect();
+        for g in groups {
+            self.apply(dp, g, &Forwarding::default())?;
+        }
+        Ok(())
+    }
+
+    pub fn installed(&self) -> &BTreeMap<IpAddr, Installed> {
+        &self.installed
+    }
+
+    pub fn is_static(&self, group: &IpAddr) -> bool {
+        self.statics.contains_key(group)
+    }
+}
+
+/// Counters of the control plane, shown by `mcrelay groups` / `stats`.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ControlCounters {
+    pub received: u64,
+    pub ignored_other_port: u64,
+    /// Frames the filter let through that are not IGMP/MLD/PIM (ICMPv6 neighbour discovery).
+    pub ignored_not_membership: u64,
+    pub malformed: BTreeMap<String, u64>,
+    pub queries_sent: u64,
+    pub send_errors: u64,
+    pub group_updates: u64,
+}
+
+/// Everything the control loop works on.
+pub struct Control {
+    pub engine: Engine,
+    pub table: GroupTable,
+    pub socket: ControlSocket,
+    /// MAC of every port (query source).
+    pub macs: BTreeMap<u32, [u8; 6]>,
+    pub names: BTreeMap<u32, String>,
+    pub counters: ControlCounters,
+    pub dirty: bool,
+}
+
+impl Control {
+    /// Handles one received frame.
+    pub fn on_frame(&mut self, now: Duration, ifindex: u32, frame: &[u8]) {
+        if !self.names.contains_key(&ifindex) {
+            self.counters.ignored_other_port += 1;
+            return;
+        }
+        self.counters.received += 1;
+        match packet::parse(frame) {
+            Ok(msg) => {
+                tracing::trace!(port = ifindex, ?msg, "control message");
+                self.engine.handle(now, ifindex, &msg);
+                self.dirty = true;
+            }
+            Err(e) => self.count_malformed(e),
+        }
+    }
+
+    fn count_malformed(&mut self, e: ParseError) {
+        if e == ParseError::NotMembership {
+            self.counters.ignored_not_membership += 1;
+            return;
+        }
+        *self.counters.malformed.entry(e.name().to_owned()).or_default() += 1;
+    }
+
+    /// Carries out what the engine asked for.
+    pub fn process_actions(&mut self, dp: &mut Dataplane) -> anyhow::Result<()> {
+        let mut changed: BTreeSet<IpAddr> = BTreeSet::new();
+        let mut routers_changed = false;
+        for action in self.engine.take_actions() {
+            match action {
+                Action::SendQuery { port, source, query } => self.send_query(port, source, &query),
+                Action::GroupChanged(g) => {
+                    changed.insert(g);
+                }
+                Action::RouterPortsChanged(_) => routers_changed = true,
+            }
+        }
+        if routers_changed {
+            let mut routers = self.engine.router_ports(Family::V4);
+            routers.extend(self.engine.router_ports(Family::V6));
+            tracing::info!(ports = ?routers.iter().map(|p| self.name(*p)).collect::<Vec<_>>(), "router ports");
+            self.table.set_routers(dp, &self.engine, routers)?;
+            self.dirty = true;
+        }
+        for g in changed {
+            if is_link_local_group(g) {
+                continue;
+            }
+            let fwd = self.engine.forwarding(&g);
+            if self.table.apply(dp, g, &fwd).with_context(|| format!("updating group {g}"))? {
+                self.counters.group_updates += 1;
+                tracing::debug!(group = %g, ?fwd, "group updated");
+            }
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    fn send_query(&mut self, port: u32, source: IpAddr, query: &packet::Query) {
+        let Some(mac) = self.macs.get(&port).copied() else {
+            return;
+        };
+        match packet::build_query(mac, source, query) {
+            Ok(frame) => match self.socket.send(port, &frame) {
+                Ok(()) => self.counters.queries_sent += 1,
+                Err(e) => {
+                    self.counters.send_errors += 1;
+                    tracing::debug!(port = self.name(port), "sending a query: {e}");
+                }
+            },
+            Err(e) => tracing::warn!("building a query: {e:?}"),
+        }
+    }
+
+    pub fn name(&self, port: u32) -> String {
+        self.names.get(&port).cloned().unwrap_or_else(|| format!("ifindex {port}"))
+    }
+
+    /// The state `mcrelay groups` shows.
+    pub fn snapshot(&self, now: Duration) -> DaemonState {
+        state::snapshot(self, now)
+    }
+}
