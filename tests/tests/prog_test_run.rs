@@ -75,7 +75,12 @@ impl Harness {
             let i = c as usize;
             let (dp, db) = (after.packets[i] - before.packets[i], after.bytes[i] - before.bytes[i]);
             if Some(c) == counter {
-                assert_eq!((dp, db), (1, frame.len() as u64), "counter {} for {frame:02x?}", c.name());
+                assert_eq!(
+                    (dp, db),
+                    (1, frame.len() as u64),
+                    "counter {} for {frame:02x?}",
+                    c.name()
+                );
             } else {
                 assert_eq!((dp, db), (0, 0), "counter {} moved for {frame:02x?}", c.name());
             }
@@ -110,7 +115,8 @@ fn multicast_without_port_set_follows_unknown_policy() {
     let Some(h) = Harness::new() else { return };
     let mut h = h.with_group(v4(G4));
     let other = udp4_frame(SRC4, OTHER4, b"data").build();
-    let other6 = udp6_frame(SRC6, [0xff, 0x3e, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 2], b"d").build();
+    let other6 =
+        udp6_frame(SRC6, [0xff, 0x3e, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 2], b"d").build();
     // Default: router ports; none known yet, so the stack gets it.
     h.expect(&other, XDP_PASS, Some(Counter::PassedUnknown));
     h.expect(&other6, XDP_PASS, Some(Counter::PassedUnknown));
@@ -164,7 +170,11 @@ fn igmp_and_mld_go_to_the_stack_even_for_groups_with_ports() {
 #[test]
 fn link_local_groups_go_to_the_stack() {
     let Some(mut h) = Harness::new() else { return };
-    h.expect(&udp4_frame(SRC4, [224, 0, 0, 251], b"mdns").build(), XDP_PASS, Some(Counter::PassedLinkLocal));
+    h.expect(
+        &udp4_frame(SRC4, [224, 0, 0, 251], b"mdns").build(),
+        XDP_PASS,
+        Some(Counter::PassedLinkLocal),
+    );
     let mut ff02 = [0u8; 16];
     ff02[0] = 0xff;
     ff02[1] = 0x02;
@@ -176,7 +186,11 @@ fn link_local_groups_go_to_the_stack() {
 fn vlan_and_qinq_tagged_multicast_is_redirected() {
     let Some(h) = Harness::new() else { return };
     let mut h = h.with_group(v4(G4)).with_group(v6(G6));
-    h.expect(&udp4_frame(SRC4, G4, b"d").vlan(0x8100, 10).build(), XDP_REDIRECT, Some(Counter::Forwarded));
+    h.expect(
+        &udp4_frame(SRC4, G4, b"d").vlan(0x8100, 10).build(),
+        XDP_REDIRECT,
+        Some(Counter::Forwarded),
+    );
     h.expect(
         &udp4_frame(SRC4, G4, b"d").vlan(0x88a8, 100).vlan(0x8100, 10).build(),
         XDP_REDIRECT,
@@ -187,7 +201,11 @@ fn vlan_and_qinq_tagged_multicast_is_redirected() {
         XDP_REDIRECT,
         Some(Counter::Forwarded),
     );
-    h.expect(&igmp_v2_report(SRC4, G4).vlan(0x8100, 10).build(), XDP_PASS, Some(Counter::PassedControl));
+    h.expect(
+        &igmp_v2_report(SRC4, G4).vlan(0x8100, 10).build(),
+        XDP_PASS,
+        Some(Counter::PassedControl),
+    );
 }
 
 #[test]
@@ -197,7 +215,13 @@ fn ipv6_with_extension_headers() {
     let data = FrameBuilder::new(
         mac_v6(G6),
         0x86dd,
-        ipv6(SRC6, G6, &[hop_by_hop_router_alert(), dest_opts(3), fragment(0)], 17, &udp(1, 2, b"x")),
+        ipv6(
+            SRC6,
+            G6,
+            &[hop_by_hop_router_alert(), dest_opts(3), fragment(0)],
+            17,
+            &udp(1, 2, b"x"),
+        ),
     )
     .build();
     h.expect(&data, XDP_REDIRECT, Some(Counter::Forwarded));
@@ -208,8 +232,10 @@ fn ipv6_with_extension_headers() {
     )
     .build();
     h.expect(&mld, XDP_PASS, Some(Counter::PassedControl));
-    let ext: Vec<_> = (0..relay_common::parse::MAX_IPV6_EXT_HEADERS + 1).map(|_| dest_opts(0)).collect();
-    let too_deep = FrameBuilder::new(mac_v6(G6), 0x86dd, ipv6(SRC6, G6, &ext, 17, &udp(1, 2, b"x"))).build();
+    let ext: Vec<_> =
+        (0..relay_common::parse::MAX_IPV6_EXT_HEADERS + 1).map(|_| dest_opts(0)).collect();
+    let too_deep =
+        FrameBuilder::new(mac_v6(G6), 0x86dd, ipv6(SRC6, G6, &ext, 17, &udp(1, 2, b"x"))).build();
     h.expect(&too_deep, XDP_PASS, Some(Counter::Malformed));
 }
 
@@ -228,18 +254,44 @@ fn truncated_frames_are_passed_as_malformed() {
     let cases: Vec<(Vec<u8>, Vec<usize>)> = vec![
         // Ethernet | IPv4 | UDP | payload. (The kernel refuses test frames shorter than an
         // Ethernet header with EINVAL, as drivers never hand XDP less.)
-        (udp4_frame(SRC4, G4, b"abcdefgh").build(), vec![ETH_HLEN, ETH_HLEN + 19, ETH_HLEN + 20, ETH_HLEN + 28]),
+        (
+            udp4_frame(SRC4, G4, b"abcdefgh").build(),
+            vec![ETH_HLEN, ETH_HLEN + 19, ETH_HLEN + 20, ETH_HLEN + 28],
+        ),
         // Ethernet | 802.1ad | 802.1Q | IPv4
         (
             udp4_frame(SRC4, G4, b"abcdefgh").vlan(0x88a8, 1).vlan(0x8100, 2).build(),
-            vec![ETH_HLEN, ETH_HLEN + 2, ETH_HLEN + 4, ETH_HLEN + 6, ETH_HLEN + 8, ETH_HLEN + 27, ETH_HLEN + 28],
+            vec![
+                ETH_HLEN,
+                ETH_HLEN + 2,
+                ETH_HLEN + 4,
+                ETH_HLEN + 6,
+                ETH_HLEN + 8,
+                ETH_HLEN + 27,
+                ETH_HLEN + 28,
+            ],
         ),
         // Ethernet | IPv6 | UDP
-        (udp6_frame(SRC6, G6, b"abcdefgh").build(), vec![ETH_HLEN, ETH_HLEN + 39, ETH_HLEN + IPV6_HLEN, ETH_HLEN + IPV6_HLEN + 8]),
+        (
+            udp6_frame(SRC6, G6, b"abcdefgh").build(),
+            vec![ETH_HLEN, ETH_HLEN + 39, ETH_HLEN + IPV6_HLEN, ETH_HLEN + IPV6_HLEN + 8],
+        ),
         // Ethernet | IPv6 | hop-by-hop | dest opts | UDP
-        (ext6.clone(), vec![ETH_HLEN + IPV6_HLEN, ETH_HLEN + IPV6_HLEN + 1, ETH_HLEN + IPV6_HLEN + 8, ETH_HLEN + IPV6_HLEN + 20, ETH_HLEN + IPV6_HLEN + 24]),
+        (
+            ext6.clone(),
+            vec![
+                ETH_HLEN + IPV6_HLEN,
+                ETH_HLEN + IPV6_HLEN + 1,
+                ETH_HLEN + IPV6_HLEN + 8,
+                ETH_HLEN + IPV6_HLEN + 20,
+                ETH_HLEN + IPV6_HLEN + 24,
+            ],
+        ),
         (igmp_v2_report(SRC4, G4).build(), vec![ETH_HLEN + 20, ETH_HLEN + 24]),
-        (mldv2_report(SRC6).build(), vec![ETH_HLEN + IPV6_HLEN, ETH_HLEN + IPV6_HLEN + 8, ETH_HLEN + IPV6_HLEN + 9]),
+        (
+            mldv2_report(SRC6).build(),
+            vec![ETH_HLEN + IPV6_HLEN, ETH_HLEN + IPV6_HLEN + 8, ETH_HLEN + IPV6_HLEN + 9],
+        ),
     ];
     for (frame, cuts) in cases {
         for cut in cuts {

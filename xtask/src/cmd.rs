@@ -11,9 +11,7 @@ use anyhow::{bail, Context as _};
 
 /// Runs `cmd` with inherited stdio; fails when it cannot start or exits unsuccessfully.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
+    let status = cmd.status().with_context(|| format!("could not start `{}`", describe(cmd)))?;
     if !status.success() {
         bail!("`{}` failed ({status})", describe(cmd));
     }
@@ -23,15 +21,8 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 /// Runs `cmd` and returns its standard output, or `None` when it cannot start or fails.
 /// Standard error is discarded: this is for questions ("is it installed?"), not for work.
 pub fn probe(cmd: &mut Command) -> Option<String> {
-    let output = cmd
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    output
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    let output = cmd.stdin(Stdio::null()).stderr(Stdio::null()).output().ok()?;
+    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Runs `cmd` and returns its standard output; fails, naming the command, when it does.
@@ -61,9 +52,7 @@ pub fn describe(cmd: &Command) -> String {
 fn quote(word: &OsStr) -> String {
     let word = word.to_string_lossy();
     let plain = !word.is_empty()
-        && word
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+        && word.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
     if plain {
         word.into_owned()
     } else {
@@ -74,12 +63,9 @@ fn quote(word: &OsStr) -> String {
 /// Finds an executable by name in `PATH`, like `command -v`.
 pub fn which(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt as _;
-    env::split_paths(&env::var_os("PATH")?)
-        .map(|dir| dir.join(name))
-        .find(|path| {
-            path.metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+    env::split_paths(&env::var_os("PATH")?).map(|dir| dir.join(name)).find(|path| {
+        path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
 }
 
 /// The cargo that runs this xtask (cargo sets `CARGO`), so nested builds use the same toolchain.
@@ -94,8 +80,7 @@ mod tests {
     #[test]
     fn describe_quotes_only_what_needs_it() {
         let mut cmd = Command::new("dpkg-query");
-        cmd.args(["-W", "-f=${Status}", "it's"])
-            .env("DEBIAN_FRONTEND", "noninteractive");
+        cmd.args(["-W", "-f=${Status}", "it's"]).env("DEBIAN_FRONTEND", "noninteractive");
         assert_eq!(
             describe(&cmd),
             r"DEBIAN_FRONTEND=noninteractive dpkg-query -W '-f=${Status}' 'it'\''s'"

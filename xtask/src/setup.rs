@@ -78,9 +78,7 @@ pub fn run(scope: Scope) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let reason = host
-        .why_not_privileged()
-        .unwrap_or("some steps could not be done");
+    let reason = host.why_not_privileged().unwrap_or("some steps could not be done");
     eprintln!("[setup] {reason}: run these yourself, then `cargo xtask setup` again:");
     for step in &manual_steps {
         eprintln!("    {step}");
@@ -135,24 +133,18 @@ fn check_nightly() -> anyhow::Result<String> {
         );
     }
     let version = cmd::output(Command::new("rustc").args(["+nightly", "-vV"]))?;
-    println!(
-        "[setup] nightly toolchain: {}",
-        version.lines().next().unwrap_or("(no version)")
-    );
+    println!("[setup] nightly toolchain: {}", version.lines().next().unwrap_or("(no version)"));
     Ok(version)
 }
 
 /// Whether `rustup toolchain list` shows the floating nightly (not only dated ones).
 fn has_nightly(toolchains: &str) -> bool {
-    toolchains
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .any(|name| {
-            name == "nightly"
-                || name
-                    .strip_prefix("nightly-")
-                    .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
-        })
+    toolchains.lines().filter_map(|line| line.split_whitespace().next()).any(|name| {
+        name == "nightly"
+            || name
+                .strip_prefix("nightly-")
+                .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_digit()))
+    })
 }
 
 /// `-Z build-std=core` needs the standard library's source for the nightly toolchain.
@@ -170,10 +162,7 @@ fn ensure_rust_src() -> anyhow::Result<()> {
     }
     let mut add = Command::new("rustup");
     add.args(["component", "add", "rust-src", "--toolchain", "nightly"]);
-    println!(
-        "[setup] rust-src (nightly): installing: {}",
-        cmd::describe(&add)
-    );
+    println!("[setup] rust-src (nightly): installing: {}", cmd::describe(&add));
     cmd::run(&mut add)
 }
 
@@ -209,10 +198,7 @@ fn ensure_bpf_linker(rustc_version: &str) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", llvm_dir.display()))?
         .filter_map(|entry| Some(entry.ok()?.file_name().to_string_lossy().into_owned()));
     let soname = pick_libllvm(names).with_context(|| {
-        format!(
-            "finding the nightly toolchain's libLLVM in {}",
-            llvm_dir.display()
-        )
+        format!("finding the nightly toolchain's libLLVM in {}", llvm_dir.display())
     })?;
     let libllvm = llvm_dir.join(&soname);
     let major = llvm_major(rustc_version)
@@ -298,10 +284,7 @@ fn pick_libllvm(names: impl IntoIterator<Item = String>) -> anyhow::Result<Strin
     match candidates.len() {
         0 => bail!("no libLLVM.so.<version>-rust-<release> file"),
         1 => Ok(candidates.remove(0)),
-        _ => bail!(
-            "several libLLVM files, cannot choose: {}",
-            candidates.join(", ")
-        ),
+        _ => bail!("several libLLVM files, cannot choose: {}", candidates.join(", ")),
     }
 }
 
@@ -363,10 +346,7 @@ fn ensure_packages(host: &Host, manual_steps: &mut Vec<String>) -> anyhow::Resul
                 "[setup] packages: not Debian, cannot install; missing commands: {}",
                 missing.join(", ")
             );
-            manual_steps.push(format!(
-                "install the packages that provide: {}",
-                missing.join(", ")
-            ));
+            manual_steps.push(format!("install the packages that provide: {}", missing.join(", ")));
         }
         return Ok(());
     }
@@ -377,24 +357,16 @@ fn ensure_packages(host: &Host, manual_steps: &mut Vec<String>) -> anyhow::Resul
         .filter(|package| !dpkg_installed(package))
         .collect();
     if missing.is_empty() {
-        println!(
-            "[setup] Debian packages: all {} installed",
-            DEBIAN_PACKAGES.len()
-        );
+        println!("[setup] Debian packages: all {} installed", DEBIAN_PACKAGES.len());
         return Ok(());
     }
 
     let mut update = apt_get();
     update.arg("update");
     let mut install = apt_get();
-    install
-        .args(["install", "--yes", "--no-install-recommends"])
-        .args(&missing);
+    install.args(["install", "--yes", "--no-install-recommends"]).args(&missing);
     if !host.root {
-        println!(
-            "[setup] Debian packages: missing {} (needs root)",
-            missing.join(" ")
-        );
+        println!("[setup] Debian packages: missing {} (needs root)", missing.join(" "));
         manual_steps.push(host.as_root(&update));
         manual_steps.push(host.as_root(&install));
         return Ok(());
@@ -402,10 +374,8 @@ fn ensure_packages(host: &Host, manual_steps: &mut Vec<String>) -> anyhow::Resul
     println!("[setup] Debian packages: installing {}", missing.join(" "));
     cmd::run(&mut update)?;
     cmd::run(&mut install)?;
-    let still_missing: Vec<&str> = missing
-        .into_iter()
-        .filter(|package| !dpkg_installed(package))
-        .collect();
+    let still_missing: Vec<&str> =
+        missing.into_iter().filter(|package| !dpkg_installed(package)).collect();
     if !still_missing.is_empty() {
         bail!(
             "apt-get succeeded but these packages are still not installed: {}",
@@ -418,9 +388,7 @@ fn ensure_packages(host: &Host, manual_steps: &mut Vec<String>) -> anyhow::Resul
 /// `apt-get` that never asks questions.
 fn apt_get() -> Command {
     let mut command = Command::new("apt-get");
-    command
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null());
+    command.env("DEBIAN_FRONTEND", "noninteractive").stdin(Stdio::null());
     command
 }
 

@@ -24,9 +24,7 @@ pub fn target_dir() -> anyhow::Result<PathBuf> {
             if dir.is_absolute() {
                 Ok(dir)
             } else {
-                Ok(env::current_dir()
-                    .context("reading the current directory")?
-                    .join(dir))
+                Ok(env::current_dir().context("reading the current directory")?.join(dir))
             }
         }
         None => Ok(root().join("target")),
@@ -62,9 +60,7 @@ impl Profile {
 /// absolute path of the `mcrelay` binary.
 pub fn build_mcrelay(profile: Profile) -> anyhow::Result<PathBuf> {
     let mut build = cmd::cargo();
-    build
-        .current_dir(root())
-        .args(["build", "--package", "relay"]);
+    build.current_dir(root()).args(["build", "--package", "relay"]);
     if profile == Profile::Release {
         build.arg("--release");
     }
@@ -72,11 +68,7 @@ pub fn build_mcrelay(profile: Profile) -> anyhow::Result<PathBuf> {
     cmd::run(&mut build)?;
 
     let binary = target_dir()?.join(profile.dir_name()).join("mcrelay");
-    ensure!(
-        binary.is_file(),
-        "cargo build succeeded but {} does not exist",
-        binary.display()
-    );
+    ensure!(binary.is_file(), "cargo build succeeded but {} does not exist", binary.display());
     println!("[build] built {}", binary.display());
     Ok(binary)
 }
