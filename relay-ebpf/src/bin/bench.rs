@@ -1,0 +1,97 @@
+//! Programs of `cargo xtask bench` (not part of the product): the traffic generator, the
+//! receivers' counter, the bare reference forwarder and an empty program.
+//!
+//! - `bench_gen`: run with BPF_PROG_TEST_RUN + BPF_F_TEST_XDP_LIVE_FRAMES on the sender's
+//!   interface; restores the frame's Ethernet/IPv4/UDP headers from `GEN_HEADER` (pages are
+//!   recycled with whatever the stack wrote into them, e.g. a decremented TTL) and returns
+//!   `XDP_TX`, so every run puts one frame on the wire.
+//! - `bench_count`: attached to the receiving veths; counts frames per ingress ifindex per CPU in
+//!   `RX_PACKETS` and drops them (it also gives the veth the NAPI that redirected frames need).
+//! - `bench_bare`: the limit mcrelay is measured against: the IPv4 destination at a fixed offset
+//!   looked up in `BARE_GROUPS` (HASH_OF_MAPS of DEVMAP_HASH, like mcrelay's GROUP_PORTS), then a
+//!   broadcast redirect excluding the ingress port. No other parsing, no counters.
+//! - `bench_empty`: `XDP_PASS`, the floor of a BPF_PROG_TEST_RUN per-packet cost.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{xdp_action, BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS},
+    btf_maps::{Array, DevMapHash, HashOfMaps, PerCpuArray},
+    macros::{btf_map, xdp},
+    programs::XdpContext,
+};
+
+/// Bytes of Ethernet + IPv4 + UDP headers that `bench_gen` restores on every frame.
+const HEADER_LEN: usize = 42;
+/// Offset of the IPv4 destination address in an untagged frame.
+const IPV4_DST_OFFSET: usize = 30;
+/// Counter slots: ingress ifindexes below this are counted.
+const MAX_IFINDEX: usize = 4096;
+
+/// Index 0: the header template of the generated frames (written by the bench before a run).
+#[btf_map]
+static GEN_HEADER: Array<[u8; HEADER_LEN], 1> = Array::new();
+
+/// Frames received, per CPU, indexed by ingress ifindex.
+#[btf_map]
+static RX_PACKETS: PerCpuArray<u64, MAX_IFINDEX> = PerCpuArray::new();
+
+/// The bare forwarder's port sets: IPv4 group (network byte order as read from the frame) to
+/// an inner DEVMAP_HASH of egress ifindexes.
+#[btf_map]
+static BARE_GROUPS: HashOfMaps<u32, DevMapHash<128>, 1024> = HashOfMaps::new();
+
+const BROADCAST_FLAGS: u64 = (BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) as u64;
+
+#[xdp]
+pub fn bench_gen(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + HEADER_LEN > end {
+        return xdp_action::XDP_ABORTED;
+    }
+    if let Some(header) = GEN_HEADER.get(0) {
+        // SAFETY: `start..start + HEADER_LEN` lies inside the packet, checked above.
+        unsafe { core::ptr::write_unaligned(start as *mut [u8; HEADER_LEN], *header) };
+    }
+    xdp_action::XDP_TX
+}
+
+#[xdp]
+pub fn bench_count(ctx: XdpContext) -> u32 {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    if let Some(count) = RX_PACKETS.get_ptr_mut(ifindex) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *count += 1 };
+    }
+    xdp_action::XDP_DROP
+}
+
+#[xdp]
+pub fn bench_bare(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + IPV4_DST_OFFSET + 4 > end {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: the four bytes lie inside the packet, checked above.
+    let group = unsafe { core::ptr::read_unaligned((start + IPV4_DST_OFFSET) as *const u32) };
+    // SAFETY: the inner map reference is only used for the redirect helper call.
+    match unsafe { BARE_GROUPS.get(&group) } {
+        Some(ports) => ports.redirect(0, BROADCAST_FLAGS).unwrap_or(xdp_action::XDP_PASS),
+        None => xdp_action::XDP_PASS,
+    }
+}
+
+#[xdp]
+pub fn bench_empty(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
