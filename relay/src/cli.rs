@@ -33,6 +33,19 @@ pub enum Command {
     Stats(StatsArgs),
     /// Remove every map pin mcrelay made in this network namespace (the daemon must be stopped).
     Detach,
+    /// Diagnose this host's multicast set-up (routes, rp_filter, firewall, XDP, veth pitfalls);
+    /// works without the daemon. Exit status 3 when problems were found.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print JSON (`{"checks":[...]}`) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Interface that should carry multicast (e.g. the VPN's tap0); checks focus on it.
+    #[arg(long, value_name = "IFACE")]
+    pub iface: Option<String>,
 }
 
 #[derive(Debug, Args)]
