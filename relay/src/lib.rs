@@ -6,6 +6,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod doctor;
 pub mod error;
 pub mod groups;
 pub mod inspect;
