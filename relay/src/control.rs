@@ -18,7 +18,7 @@ use crate::{
     capture::ControlSocket,
     dataplane::Dataplane,
     groups::{group_key, is_link_local_group},
-    membership::{packet, Action, Engine, Family, Forwarding, ParseError},
+    membership::{packet, Action, Engine, Family, Forwarding, Message, MessageKind, ParseError},
     state::{self, DaemonState},
 };
 
@@ -136,6 +136,11 @@ impl GroupTable {
         Ok(())
     }
 
+    /// Router ports (learned and configured, both families).
+    pub fn routers(&self) -> &BTreeSet<u32> {
+        &self.routers
+    }
+
     pub fn installed(&self) -> &BTreeMap<IpAddr, Installed> {
         &self.installed
     }
@@ -156,6 +161,17 @@ pub struct ControlCounters {
     pub queries_sent: u64,
     pub send_errors: u64,
     pub group_updates: u64,
+    /// Reports and leaves relayed to router ports, queries of other queriers relayed to all
+    /// other ports (RFC 4541 2.1.1).
+    pub relayed: u64,
+    /// Time from receiving a report to the moment the map update it caused was issued (the
+    /// entry is visible to the XDP program from then on): last and worst, in microseconds.
+    /// This is the join-to-forwarding latency on the gateway.
+    pub last_update_us: u64,
+    pub max_update_us: u64,
+    /// Same, until the update syscalls returned (includes the kernel's RCU grace period that
+    /// map-in-map updates wait for after publishing).
+    pub last_update_done_us: u64,
 }
 
 /// Everything the control loop works on.
@@ -182,9 +198,37 @@ impl Control {
             Ok(msg) => {
                 tracing::trace!(port = ifindex, ?msg, "control message");
                 self.engine.handle(now, ifindex, &msg);
+                self.relay_control(ifindex, frame, &msg);
                 self.dirty = true;
             }
             Err(e) => self.count_malformed(e),
+        }
+    }
+
+    /// RFC 4541 2.1.1: reports and leaves go on towards router ports (so upstream routers learn
+    /// what hosts behind the relay want); queries of another querier go to every other port
+    /// (so hosts there answer). The frame is sent unchanged.
+    fn relay_control(&mut self, ingress: u32, frame: &[u8], msg: &Message) {
+        let targets: Vec<u32> = match &msg.kind {
+            MessageKind::V1Report { .. }
+            | MessageKind::V2Report { .. }
+            | MessageKind::Leave { .. }
+            | MessageKind::V3Report { .. } => {
+                self.table.routers().iter().copied().filter(|p| *p != ingress).collect()
+            }
+            MessageKind::Query(_) if !msg.source.is_unspecified() => {
+                self.names.keys().copied().filter(|p| *p != ingress).collect()
+            }
+            _ => Vec::new(),
+        };
+        for port in targets {
+            match self.socket.send(port, frame) {
+                Ok(()) => self.counters.relayed += 1,
+                Err(e) => {
+                    self.counters.send_errors += 1;
+                    tracing::debug!(port = self.name(port), "relaying a control frame: {e}");
+                }
+            }
         }
     }
 

@@ -246,6 +246,7 @@ async fn control_loop(control: &mut Control, dp: &mut Dataplane) -> anyhow::Resu
     let state_path = paths::state_file()?;
     let mut flush = tokio::time::interval(Duration::from_millis(250));
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut received_at = None;
     loop {
         let deadline =
             control.engine.next_deadline().map_or(start + Duration::from_secs(3600), |d| start + d);
@@ -254,6 +255,7 @@ async fn control_loop(control: &mut Control, dp: &mut Dataplane) -> anyhow::Resu
             _ = int.recv() => { tracing::info!("SIGINT"); return Ok(()); }
             received = control.socket.recv() => {
                 let r = received.context("receiving on the packet socket")?;
+                received_at = Some(tokio::time::Instant::now());
                 control.on_frame(start.elapsed(), r.ifindex, &r.frame);
             }
             () = tokio::time::sleep_until(deadline) => {
@@ -269,7 +271,21 @@ async fn control_loop(control: &mut Control, dp: &mut Dataplane) -> anyhow::Resu
                 }
             }
         }
+        let updates = control.counters.group_updates;
         control.process_actions(dp)?;
+        if let Some(at) = received_at.take() {
+            if control.counters.group_updates != updates {
+                let done = at.elapsed().as_micros() as u64;
+                let visible = dp.last_publish().map_or(done, |p| {
+                    p.saturating_duration_since(at.into_std()).as_micros() as u64
+                });
+                let c = &mut control.counters;
+                c.last_update_us = visible;
+                c.max_update_us = c.max_update_us.max(visible);
+                c.last_update_done_us = done;
+                tracing::debug!(visible_us = visible, done_us = done, "report applied to the maps");
+            }
+        }
     }
 }
 

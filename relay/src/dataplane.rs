@@ -52,6 +52,10 @@ pub struct Dataplane {
     config: Config,
     /// Ports in `ROUTER_PORTS`.
     router_ports: Vec<u32>,
+    /// When the last `GROUP_PORTS` update was issued. The kernel makes the new entry visible
+    /// to the program at once, then waits for an RCU grace period before the syscall returns
+    /// (map-in-map updates do, ~10 ms here); this marks the moment forwarding changes.
+    last_publish: Option<std::time::Instant>,
 }
 
 impl Dataplane {
@@ -113,6 +117,7 @@ impl Dataplane {
             groups: BTreeMap::new(),
             config: Config::default(),
             router_ports: Vec::new(),
+            last_publish: None,
         };
         dp.set_unknown_policy(unknown)?;
         Ok(dp)
@@ -285,6 +290,11 @@ impl Dataplane {
         self.attached.values()
     }
 
+    /// When the last `GROUP_PORTS` change was issued (see the field's documentation).
+    pub fn last_publish(&self) -> Option<std::time::Instant> {
+        self.last_publish
+    }
+
     /// Keys currently in `GROUP_PORTS`.
     pub fn group_keys(&self) -> impl Iterator<Item = &GroupKey> {
         self.groups.keys()
@@ -296,6 +306,7 @@ impl Dataplane {
         if ifindexes.is_empty() {
             let mut outer: HashOfMaps<_, GroupKey, DevMapHash<MapData>> =
                 HashOfMaps::try_from(map_mut(&mut self.ebpf, pins::GROUP_PORTS)?)?;
+            self.last_publish = Some(std::time::Instant::now());
             match outer.remove(&key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(e).context("removing a group"),
@@ -329,6 +340,7 @@ impl Dataplane {
         }
         let mut outer: HashOfMaps<_, GroupKey, DevMapHash<MapData>> =
             HashOfMaps::try_from(map_mut(&mut self.ebpf, pins::GROUP_PORTS)?)?;
+        self.last_publish = Some(std::time::Instant::now());
         outer.insert(key, &inner, 0).context("writing GROUP_PORTS")?;
         self.groups.insert(key, inner);
         Ok(())

@@ -188,7 +188,12 @@ fn join_and_leave(tag: &str, group: IpAddr, sysctl: &str, version: &str) {
     let (wire1, wire2) = (observe(r1), observe(r2));
     let rx1 = join(r1, group);
     let learned = wait_member(&star.gw, group, &r1.gw_port);
-    eprintln!("{tag}: join learned after {learned:?}");
+    let doc = groups(&star.gw);
+    eprintln!(
+        "{tag}: join visible in `groups` after {learned:?}; report-to-map latency on the gateway \
+         {} us (worst {} us)",
+        doc["control"]["last_update_us"], doc["control"]["max_update_us"]
+    );
 
     send(s, group);
     let got = rx1.wait_for(COUNT, DELIVERY_TIMEOUT);
@@ -522,4 +527,155 @@ fn source_socket(src: Ipv4Addr, iface: &str) -> io::Result<std::net::UdpSocket> 
     sock.set_multicast_if_v4(&src)?;
     let _ = iface;
     Ok(sock.into())
+}
+
+/// Counts IGMP frames of a given type arriving on an interface (a packet socket in the host's
+/// namespace), until dropped.
+struct IgmpCapture {
+    fd: OwnedFd,
+}
+
+impl IgmpCapture {
+    fn new(host: &Host) -> Self {
+        let iface = host.iface.clone();
+        let fd = host
+            .ns
+            .in_netns(|| -> io::Result<OwnedFd> {
+                let ifindex =
+                    nix::net::if_::if_nametoindex(iface.as_str()).map_err(io::Error::from)?;
+                let proto = (libc::ETH_P_IP as u16).to_be();
+                // SAFETY: plain socket(2), owned at once.
+                let raw = unsafe {
+                    libc::socket(
+                        libc::AF_PACKET,
+                        libc::SOCK_DGRAM | libc::SOCK_NONBLOCK,
+                        i32::from(proto),
+                    )
+                };
+                if raw < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: fresh descriptor.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                // SAFETY: all-zero sockaddr_ll is valid.
+                let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_protocol = proto;
+                sll.sll_ifindex = ifindex as i32;
+                // SAFETY: valid sockaddr_ll and size.
+                let rc = unsafe {
+                    libc::bind(
+                        fd.as_raw_fd(),
+                        std::ptr::addr_of!(sll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                    )
+                };
+                if rc != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(fd)
+            })
+            .unwrap_or_else(|e| panic!("IGMP capture on {}: {e}", host.ns));
+        Self { fd }
+    }
+
+    /// Waits up to `timeout` for an incoming IGMP message of `igmp_type` (0x11 query,
+    /// 0x16 v2 report, 0x22 v3 report); true when one arrived.
+    fn wait_for(&self, igmp_type: u8, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            // SAFETY: all-zero sockaddr_ll is valid; buffers valid for their sizes.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    std::ptr::addr_of_mut!(sll).cast(),
+                    &mut len,
+                )
+            };
+            if n <= 0 {
+                thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            let p = &buf[..n as usize];
+            if sll.sll_pkttype == libc::PACKET_OUTGOING || p.len() < 24 || p[9] != 2 {
+                continue;
+            }
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            if p.get(ihl) == Some(&igmp_type) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// RFC 4541: a host's report is relayed towards the router port; a query from the router side
+/// is relayed to the other segments, where hosts answer it.
+#[test]
+fn reports_go_to_router_ports_and_queries_to_all_ports() {
+    require_testbed!();
+    let group = addr("239.10.6.1");
+    let star = Star::new("rl", 3);
+    let [router, r1, r2] = &star.hosts[..] else { unreachable!() };
+    let router_port = router.gw_port.clone();
+    let _relay = start_relay(
+        &star,
+        &[
+            "--router-port",
+            &router_port,
+            "--query-interval",
+            "20",
+            "--query-response-interval",
+            "1",
+        ],
+    );
+    let at_router = IgmpCapture::new(router);
+    let _rx = join(r1, group);
+    assert!(
+        at_router.wait_for(0x22, Duration::from_secs(10))
+            || at_router.wait_for(0x16, Duration::from_secs(1)),
+        "the host's report for {group} never reached the router port"
+    );
+    // The router side queries (from a lower address than anything else): hosts on the other
+    // segments see the query.
+    let at_r2 = IgmpCapture::new(r2);
+    let q = Query {
+        version: QueryVersion::IgmpV3,
+        group: None,
+        max_resp: Duration::from_secs(1),
+        suppress: false,
+        qrv: 2,
+        qqi: Duration::from_secs(20),
+        sources: vec![],
+    };
+    let frame = packet::build(
+        mac(7),
+        &Message { source: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)), kind: MessageKind::Query(q) },
+    )
+    .unwrap_or_else(|e| panic!("building a query: {e:?}"));
+    inject(router, &frame);
+    assert!(
+        at_r2.wait_for(0x11, Duration::from_secs(5)),
+        "the router's query never reached another segment"
+    );
+    // The state file is rewritten a few times a second: poll it.
+    wait_groups(&star.gw, "relayed counter and router port", Duration::from_secs(5), |d| {
+        d["control"]["relayed"].as_u64().unwrap_or(0) >= 2
+            && d["router_ports"].as_array().into_iter().flatten().any(|p| p == router_port.as_str())
+    });
+    // Unknown groups go to the router port: a group nobody joined, sent from r2.
+    let unknown = addr("239.10.6.99");
+    let wire = observe(router);
+    send(r2, unknown);
+    assert_eq!(
+        wire.wait_for(unknown, COUNT, DELIVERY_TIMEOUT),
+        COUNT,
+        "{wire}: unknown group towards the router port"
+    );
 }
