@@ -127,11 +127,26 @@ impl GroupTable {
         Ok(())
     }
 
-    /// Installs the static groups (at start).
-    pub fn install_statics(&mut self, dp: &mut Dataplane) -> anyhow::Result<()> {
-        let groups: Vec<IpAddr> = self.statics.keys().copied().collect();
-        for g in groups {
-            self.apply(dp, g, &Forwarding::default())?;
+    /// Replaces the static memberships (ifindexes per group) and rewrites the groups whose
+    /// static ports changed.
+    pub fn set_statics(
+        &mut self,
+        dp: &mut Dataplane,
+        engine: &Engine,
+        statics: BTreeMap<IpAddr, BTreeSet<u32>>,
+    ) -> anyhow::Result<()> {
+        let statics: BTreeMap<IpAddr, BTreeSet<u32>> =
+            statics.into_iter().filter(|(_, ports)| !ports.is_empty()).collect();
+        let mut changed: BTreeSet<IpAddr> = BTreeSet::new();
+        for (g, ports) in &statics {
+            if self.statics.get(g) != Some(ports) {
+                changed.insert(*g);
+            }
+        }
+        changed.extend(self.statics.keys().filter(|g| !statics.contains_key(g)).copied());
+        self.statics = statics;
+        for g in changed {
+            self.apply(dp, g, &engine.forwarding(&g))?;
         }
         Ok(())
     }

@@ -1,7 +1,9 @@
-//! `mcrelay run`: validate, attach, write the maps, wait for a signal, clean up.
+//! `mcrelay run`: validate, attach, write the maps, run the control loop, clean up.
 //!
 //! Everything the user asked for is validated before any BPF work. Everything done to the
-//! system is undone when a later step fails (rollback) and on SIGINT/SIGTERM.
+//! system is undone when a start-up step fails (rollback, exit status 2) and on SIGINT/SIGTERM.
+//! Interfaces matching an `-i` glob (or name) that appear later are attached on the fly, and
+//! ports that vanish are forgotten (netlink link notifications).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,33 +15,39 @@ use std::{
 
 use anyhow::{anyhow, Context as _};
 use nix::fcntl::{Flock, FlockArg};
-use relay_common::GroupKey;
 use rtnetlink::Handle;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc::UnboundedReceiver,
+};
 
 use crate::{
     capture::ControlSocket,
-    cli::{MembershipArgs, RunArgs},
+    cli::{MembershipArgs, RunArgs, XdpModeArg},
     control::{Control, ControlCounters, GroupTable},
     dataplane::{remove_pins, Dataplane},
     error::UsageError,
-    groups::{group_key, parse_static},
+    groups::parse_static,
     membership::{self, Engine, IgmpVersion, MldVersion, PortOptions},
     paths,
-    ports::{self, Link},
+    ports::{self, Link, LinkEvent},
     state,
 };
 
 /// A validated `run` request.
 #[derive(Debug)]
 pub struct Plan {
+    /// The `-i` arguments (names and globs): interfaces that appear later and match are
+    /// attached too.
+    pub patterns: Vec<String>,
+    /// Interfaces that exist now and match.
     pub ports: Vec<Link>,
-    /// Static groups: key, address and member ifindexes (deduplicated, sorted).
-    pub groups: BTreeMap<GroupKey, (IpAddr, Vec<u32>)>,
+    /// Static groups: interface names per group (all sources).
+    pub statics: BTreeMap<IpAddr, BTreeSet<String>>,
+    pub xdp_mode: XdpModeArg,
     /// Membership engine settings.
     pub membership: membership::Config,
-    /// Per-port engine options, by ifindex.
-    pub port_options: BTreeMap<u32, PortOptions>,
+    membership_args: MembershipArgs,
 }
 
 fn seconds(name: &str, value: f64) -> Result<Duration, UsageError> {
@@ -75,64 +83,73 @@ fn membership_config(m: &MembershipArgs) -> Result<membership::Config, UsageErro
 impl Plan {
     /// Checks the arguments against the interfaces that exist. Touches nothing.
     pub fn new(args: &RunArgs, links: &[Link]) -> Result<Self, UsageError> {
-        let statics =
+        let parsed =
             args.static_groups.iter().map(|s| parse_static(s)).collect::<Result<Vec<_>, _>>()?;
         let ports = ports::resolve(&args.ifaces, links, |w| tracing::warn!("{w}"))?;
-        let mut groups: BTreeMap<GroupKey, (IpAddr, Vec<u32>)> = BTreeMap::new();
-        for st in statics {
-            let entry = groups.entry(group_key(st.group)).or_insert_with(|| (st.group, Vec::new()));
+        // A name given to --static, --fast-leave or --router-port must be one of the ports, or
+        // match an -i glob (an interface that may appear later).
+        let known = |name: &String| {
+            ports.iter().any(|p| p.name == *name) || ports::matches_any(&args.ifaces, name)
+        };
+        let mut statics: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
+        for st in parsed {
             for name in &st.ifaces {
-                let port = ports.iter().find(|p| p.name == *name).ok_or_else(|| {
-                    UsageError::new(format!(
+                if !known(name) {
+                    return Err(UsageError::new(format!(
                         "--static {}@...: interface {name} is not one of the -i interfaces",
                         st.group
-                    ))
-                })?;
-                if !entry.1.contains(&port.index) {
-                    entry.1.push(port.index);
+                    )));
                 }
             }
-            entry.1.sort_unstable();
+            statics.entry(st.group).or_default().extend(st.ifaces.iter().cloned());
         }
         let m = &args.membership;
         let membership = membership_config(m)?;
-        let port_named = |flag: &str, name: &String| -> Result<(), UsageError> {
-            if ports.iter().any(|p| p.name == *name) {
-                Ok(())
-            } else {
-                Err(UsageError::new(format!("--{flag} {name}: not one of the -i interfaces")))
+        for (flag, names) in [("fast-leave", &m.fast_leave), ("router-port", &m.router_ports)] {
+            if let Some(name) = names.iter().find(|n| !known(n)) {
+                return Err(UsageError::new(format!(
+                    "--{flag} {name}: not one of the -i interfaces"
+                )));
             }
-        };
-        for name in &m.fast_leave {
-            port_named("fast-leave", name)?;
         }
-        for name in &m.router_ports {
-            port_named("router-port", name)?;
-        }
-        let port_options = ports
-            .iter()
-            .map(|p| {
-                let opts = PortOptions {
-                    fast_leave: m.fast_leave.contains(&p.name),
-                    querier: !m.no_querier,
-                    igmp_version: if m.igmp_version == 2 {
-                        IgmpVersion::V2
-                    } else {
-                        IgmpVersion::V3
-                    },
-                    mld_version: if m.mld_version == 1 { MldVersion::V1 } else { MldVersion::V2 },
-                    router_port: m.router_ports.contains(&p.name),
-                    ..PortOptions::default()
-                };
-                (p.index, opts)
-            })
-            .collect();
-        Ok(Self { ports, groups, membership, port_options })
+        Ok(Self {
+            patterns: args.ifaces.clone(),
+            ports,
+            statics,
+            xdp_mode: args.xdp_mode,
+            membership,
+            membership_args: m.clone(),
+        })
     }
+
+    /// Engine options of a port (its addresses are filled in by the caller).
+    pub fn port_options(&self, link: &Link) -> PortOptions {
+        let m = &self.membership_args;
+        PortOptions {
+            fast_leave: m.fast_leave.contains(&link.name),
+            querier: !m.no_querier,
+            igmp_version: if m.igmp_version == 2 { IgmpVersion::V2 } else { IgmpVersion::V3 },
+            mld_version: if m.mld_version == 1 { MldVersion::V1 } else { MldVersion::V2 },
+            router_port: m.router_ports.contains(&link.name),
+            ..PortOptions::default()
+        }
+    }
+}
+
+/// Everything a running daemon holds.
+struct Daemon {
+    handle: Handle,
+    dp: Dataplane,
+    plan: Plan,
+    /// Ports on which mcrelay turned allmulticast on (turned off again at exit).
+    allmulti_set: Vec<u32>,
+    start: tokio::time::Instant,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(args: RunArgs, pin_root: &Path) -> anyhow::Result<()> {
+    // Subscribe before listing, so no interface can appear unseen in between.
+    let links_rx = ports::monitor()?;
     let handle = ports::connect()?;
     let links = ports::list(&handle).await?;
     let plan = Plan::new(&args, &links)?;
@@ -145,158 +162,81 @@ pub async fn run(args: RunArgs, pin_root: &Path) -> anyhow::Result<()> {
         tracing::info!("removing stale pins in {}", pin_dir.display());
         remove_pins(&pin_dir);
     }
-    let mut dp = match Dataplane::load(Some(&pin_dir), args.unknown.into()) {
+    let dp = match Dataplane::load(Some(&pin_dir), args.unknown.into()) {
         Ok(dp) => dp,
         Err(e) => {
             remove_pins(&pin_dir);
             return Err(e);
         }
     };
+    let mut daemon =
+        Daemon { handle, dp, plan, allmulti_set: Vec::new(), start: tokio::time::Instant::now() };
 
-    let mut allmulti_set = Vec::new();
-    let setup = attach_all(&handle, &mut dp, &plan, &args, &mut allmulti_set).await;
-    let control = match setup {
-        Ok(()) => start_control(&handle, &mut dp, &plan).await,
-        Err(e) => Err(e),
-    };
-    let mut control = match control {
+    let mut control = match daemon.start_up().await {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("setup failed, rolling back: {e:#}");
-            teardown(&handle, dp, &allmulti_set).await;
+            teardown(&daemon.handle, daemon.dp, &daemon.allmulti_set).await;
             return Err(e);
         }
     };
 
     let summary: Vec<String> =
-        dp.ports().map(|p| format!("{}({})", p.link.name, p.mode.as_str())).collect();
+        daemon.dp.ports().map(|p| format!("{}({})", p.link.name, p.mode.as_str())).collect();
     tracing::info!(
         "mcrelay ready: {} port(s) [{}], {} static group(s), pins in {}",
         summary.len(),
         summary.join(", "),
-        plan.groups.len(),
+        daemon.plan.statics.len(),
         pin_dir.display()
     );
 
-    let result = control_loop(&mut control, &mut dp).await;
+    let result = daemon.control_loop(&mut control, links_rx).await;
     tracing::info!("shutting down: detaching from every port");
-    teardown(&handle, dp, &allmulti_set).await;
+    teardown(&daemon.handle, daemon.dp, &daemon.allmulti_set).await;
     if let Ok(path) = paths::state_file() {
         let _ = std::fs::remove_file(path);
     }
     result
 }
 
-/// Opens the control socket and starts the membership engine on every port.
-async fn start_control(
-    handle: &Handle,
-    dp: &mut Dataplane,
-    plan: &Plan,
-) -> anyhow::Result<Control> {
-    let socket = ControlSocket::open().map_err(|e| {
-        if e.to_string().contains("Operation not permitted") {
-            anyhow!(UsageError::new(format!("{e:#}: mcrelay run needs CAP_NET_RAW")))
-        } else {
-            e.context("opening the IGMP/MLD packet socket")
+impl Daemon {
+    /// Attaches to the ports that exist now and starts the control plane. Any error here is
+    /// rolled back by the caller.
+    async fn start_up(&mut self) -> anyhow::Result<Control> {
+        let ports = self.plan.ports.clone();
+        for port in &ports {
+            self.attach(port).await?;
         }
-    })?;
-    let addrs = ports::addresses(handle).await?;
-    let mut engine = Engine::new(plan.membership.clone());
-    let mut macs = BTreeMap::new();
-    let mut names = BTreeMap::new();
-    let statics: BTreeMap<IpAddr, BTreeSet<u32>> = plan
-        .groups
-        .values()
-        .map(|(addr, ports)| (*addr, ports.iter().copied().collect()))
-        .collect();
-    let mut table = GroupTable::new(statics);
-    table.install_statics(dp)?;
-    for (addr, ports) in plan.groups.values() {
-        tracing::info!(group = %addr, ports = ports.len(), "static group");
-    }
-    for port in &plan.ports {
-        let mut opts = plan.port_options.get(&port.index).cloned().unwrap_or_default();
-        let a = addrs.get(&port.index).copied().unwrap_or_default();
-        opts.ipv4 = a.v4;
-        opts.ipv6 = a.v6_link_local;
-        if let Some(mac) = port.mac {
-            macs.insert(port.index, mac);
+        let socket = ControlSocket::open().map_err(|e| {
+            if e.to_string().contains("Operation not permitted") {
+                anyhow!(UsageError::new(format!("{e:#}: mcrelay run needs CAP_NET_RAW")))
+            } else {
+                e.context("opening the IGMP/MLD packet socket")
+            }
+        })?;
+        let mut control = Control {
+            engine: Engine::new(self.plan.membership.clone()),
+            table: GroupTable::new(BTreeMap::new()),
+            socket,
+            macs: BTreeMap::new(),
+            names: BTreeMap::new(),
+            counters: ControlCounters::default(),
+            dirty: true,
+        };
+        for port in &ports {
+            self.add_to_control(&mut control, port).await?;
         }
-        names.insert(port.index, port.name.clone());
-        engine.add_port(Duration::ZERO, port.index, opts);
+        self.sync_statics(&mut control)?;
+        for (group, names) in &self.plan.statics {
+            tracing::info!(group = %group, ports = ?names, "static group");
+        }
+        control.process_actions(&mut self.dp)?;
+        Ok(control)
     }
-    let mut control = Control {
-        engine,
-        table,
-        socket,
-        macs,
-        names,
-        counters: ControlCounters::default(),
-        dirty: true,
-    };
-    control.process_actions(dp)?;
-    Ok(control)
-}
 
-/// Receives control frames, runs timers and keeps the maps current until a signal arrives.
-async fn control_loop(control: &mut Control, dp: &mut Dataplane) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-    let start = tokio::time::Instant::now();
-    let state_path = paths::state_file()?;
-    let mut flush = tokio::time::interval(Duration::from_millis(250));
-    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut received_at = None;
-    loop {
-        let deadline =
-            control.engine.next_deadline().map_or(start + Duration::from_secs(3600), |d| start + d);
-        tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM"); return Ok(()); }
-            _ = int.recv() => { tracing::info!("SIGINT"); return Ok(()); }
-            received = control.socket.recv() => {
-                let r = received.context("receiving on the packet socket")?;
-                received_at = Some(tokio::time::Instant::now());
-                control.on_frame(start.elapsed(), r.ifindex, &r.frame);
-            }
-            () = tokio::time::sleep_until(deadline) => {
-                control.engine.tick(start.elapsed());
-                control.dirty = true;
-            }
-            _ = flush.tick() => {
-                if control.dirty {
-                    control.dirty = false;
-                    if let Err(e) = state::write(&state_path, &control.snapshot(start.elapsed())) {
-                        tracing::warn!("{e:#}");
-                    }
-                }
-            }
-        }
-        let updates = control.counters.group_updates;
-        control.process_actions(dp)?;
-        if let Some(at) = received_at.take() {
-            if control.counters.group_updates != updates {
-                let done = at.elapsed().as_micros() as u64;
-                let visible = dp.last_publish().map_or(done, |p| {
-                    p.saturating_duration_since(at.into_std()).as_micros() as u64
-                });
-                let c = &mut control.counters;
-                c.last_update_us = visible;
-                c.max_update_us = c.max_update_us.max(visible);
-                c.last_update_done_us = done;
-                tracing::debug!(visible_us = visible, done_us = done, "report applied to the maps");
-            }
-        }
-    }
-}
-
-async fn attach_all(
-    handle: &Handle,
-    dp: &mut Dataplane,
-    plan: &Plan,
-    args: &RunArgs,
-    allmulti_set: &mut Vec<u32>,
-) -> anyhow::Result<()> {
-    for port in &plan.ports {
+    /// Prepares a port (allmulticast) and attaches the program.
+    async fn attach(&mut self, port: &Link) -> anyhow::Result<()> {
         if !port.multicast {
             tracing::warn!(
                 iface = %port.name,
@@ -306,10 +246,10 @@ async fn attach_all(
             );
         }
         if !port.allmulti {
-            ports::set_allmulti(handle, port.index, true).await?;
-            allmulti_set.push(port.index);
+            ports::set_allmulti(&self.handle, port.index, true).await?;
+            self.allmulti_set.push(port.index);
         }
-        let (mode, fallback) = dp.attach(port, args.xdp_mode)?;
+        let (mode, fallback) = self.dp.attach(port, self.plan.xdp_mode)?;
         match fallback {
             Some(reason) => tracing::warn!(
                 iface = %port.name,
@@ -327,8 +267,139 @@ async fn attach_all(
                  checksums (ethtool -K IF tx off) - see docs/architecture.md"
             );
         }
+        Ok(())
     }
-    Ok(())
+
+    /// Registers an attached port with the membership engine.
+    async fn add_to_control(&self, control: &mut Control, port: &Link) -> anyhow::Result<()> {
+        let addrs = ports::addresses(&self.handle).await?;
+        let mut opts = self.plan.port_options(port);
+        let a = addrs.get(&port.index).copied().unwrap_or_default();
+        opts.ipv4 = a.v4;
+        opts.ipv6 = a.v6_link_local;
+        if let Some(mac) = port.mac {
+            control.macs.insert(port.index, mac);
+        }
+        control.names.insert(port.index, port.name.clone());
+        control.engine.add_port(self.start.elapsed(), port.index, opts);
+        Ok(())
+    }
+
+    /// Recomputes static port sets from interface names (ifindexes change when an interface
+    /// is re-created).
+    fn sync_statics(&mut self, control: &mut Control) -> anyhow::Result<()> {
+        let by_name: BTreeMap<&String, u32> = control.names.iter().map(|(i, n)| (n, *i)).collect();
+        let statics: BTreeMap<IpAddr, BTreeSet<u32>> = self
+            .plan
+            .statics
+            .iter()
+            .map(|(g, names)| (*g, names.iter().filter_map(|n| by_name.get(n).copied()).collect()))
+            .collect();
+        control.table.set_statics(&mut self.dp, &control.engine, statics)
+    }
+
+    /// An interface appeared (or changed): attach when it matches and is new.
+    async fn on_link_new(&mut self, control: &mut Control, link: Link) {
+        if control.names.contains_key(&link.index)
+            || !ports::matches_any(&self.plan.patterns, &link.name)
+        {
+            return;
+        }
+        tracing::info!(iface = %link.name, ifindex = link.index, "interface appeared");
+        let result = async {
+            self.attach(&link).await?;
+            self.add_to_control(control, &link).await?;
+            self.sync_statics(control)
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(iface = %link.name, "could not attach to a new interface: {e:#}");
+            self.dp.detach(link.index);
+            control.engine.remove_port(link.index);
+            control.names.remove(&link.index);
+        }
+        control.dirty = true;
+    }
+
+    /// An interface vanished: forget the port and what was learned on it.
+    fn on_link_removed(&mut self, control: &mut Control, ifindex: u32) {
+        let Some(name) = control.names.remove(&ifindex) else { return };
+        tracing::info!(iface = %name, ifindex, "interface vanished; dropping its port state");
+        self.dp.detach(ifindex);
+        control.engine.remove_port(ifindex);
+        control.macs.remove(&ifindex);
+        self.allmulti_set.retain(|i| *i != ifindex);
+        if let Err(e) = self.sync_statics(control) {
+            tracing::warn!("updating static groups: {e:#}");
+        }
+        control.dirty = true;
+    }
+
+    /// Receives control frames and link events, runs timers and keeps the maps current until
+    /// a signal arrives.
+    async fn control_loop(
+        &mut self,
+        control: &mut Control,
+        mut links: UnboundedReceiver<LinkEvent>,
+    ) -> anyhow::Result<()> {
+        let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+        let start = self.start;
+        let state_path = paths::state_file()?;
+        let mut flush = tokio::time::interval(Duration::from_millis(250));
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut received_at = None;
+        loop {
+            let deadline = control
+                .engine
+                .next_deadline()
+                .map_or(start + Duration::from_secs(3600), |d| start + d);
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM"); return Ok(()); }
+                _ = int.recv() => { tracing::info!("SIGINT"); return Ok(()); }
+                received = control.socket.recv() => {
+                    let r = received.context("receiving on the packet socket")?;
+                    received_at = Some(tokio::time::Instant::now());
+                    control.on_frame(start.elapsed(), r.ifindex, &r.frame);
+                }
+                Some(event) = links.recv() => match event {
+                    LinkEvent::New(link) => self.on_link_new(control, link).await,
+                    LinkEvent::Removed(ifindex) => self.on_link_removed(control, ifindex),
+                },
+                () = tokio::time::sleep_until(deadline) => {
+                    control.engine.tick(start.elapsed());
+                    control.dirty = true;
+                }
+                _ = flush.tick() => {
+                    if control.dirty {
+                        control.dirty = false;
+                        if let Err(e) = state::write(&state_path, &control.snapshot(start.elapsed())) {
+                            tracing::warn!("{e:#}");
+                        }
+                    }
+                }
+            }
+            let updates = control.counters.group_updates;
+            control.process_actions(&mut self.dp)?;
+            if let Some(at) = received_at.take() {
+                if control.counters.group_updates != updates {
+                    let done = at.elapsed().as_micros() as u64;
+                    let visible = self.dp.last_publish().map_or(done, |p| {
+                        p.saturating_duration_since(at.into_std()).as_micros() as u64
+                    });
+                    let c = &mut control.counters;
+                    c.last_update_us = visible;
+                    c.max_update_us = c.max_update_us.max(visible);
+                    c.last_update_done_us = done;
+                    tracing::debug!(
+                        visible_us = visible,
+                        done_us = done,
+                        "report applied to the maps"
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Detaches everything, restores allmulticast, removes the pins.

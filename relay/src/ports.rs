@@ -169,8 +169,9 @@ pub fn resolve(
             }
         }
     }
-    if out.is_empty() {
-        return Err(UsageError::new("no interface to attach to: every -i glob matched nothing"));
+    // With globs, interfaces may appear later (hot plug): starting with none is fine then.
+    if out.is_empty() && !patterns.iter().any(|p| is_glob(p)) {
+        return Err(UsageError::new("no interface to attach to"));
     }
     Ok(out)
 }
@@ -224,7 +225,69 @@ mod tests {
     }
 
     #[test]
-    fn nothing_matched_is_an_error() {
-        assert!(resolve(&["tap*".into()], &[link(1, "lo")], |_| {}).is_err());
+    fn a_glob_that_matches_nothing_yet_is_fine() {
+        let mut warnings = Vec::new();
+        let got = resolve(&["tap*".into()], &[link(1, "lo")], |w| warnings.push(w)).expect("ok");
+        assert!(got.is_empty());
+        assert_eq!(warnings.len(), 1);
+        assert!(matches_any(&["tap*".into()], "tap7"));
+        assert!(!matches_any(&["tap*".into(), "eth0".into()], "eth1"));
     }
+}
+
+/// A change of the interface list, from the kernel's RTNLGRP_LINK notifications.
+#[derive(Debug, Clone)]
+pub enum LinkEvent {
+    /// An interface appeared or changed (flags, name, ...).
+    New(Link),
+    /// An interface is gone.
+    Removed(u32),
+}
+
+/// Subscribes to link notifications. The receiver yields events until the connection closes.
+pub fn monitor() -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<LinkEvent>> {
+    use futures::StreamExt as _;
+    use rtnetlink::{
+        packet_core::NetlinkPayload,
+        packet_route::RouteNetlinkMessage,
+        sys::{AsyncSocket as _, SocketAddr},
+    };
+    let (mut conn, _handle, mut messages) =
+        rtnetlink::new_connection().context("opening a netlink socket for link events")?;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK))
+        .context("subscribing to link notifications")?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((msg, _)) = messages.next().await {
+            let event = match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                    from_message(&link).map(LinkEvent::New)
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                    Some(LinkEvent::Removed(link.header.index))
+                }
+                _ => None,
+            };
+            if let Some(event) = event {
+                if tx.send(event).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Whether `name` matches any `-i` argument (plain names exactly, globs as globs).
+pub fn matches_any(patterns: &[String], name: &str) -> bool {
+    patterns.iter().any(|p| {
+        if is_glob(p) {
+            glob::Pattern::new(p).is_ok_and(|g| g.matches(name))
+        } else {
+            p == name
+        }
+    })
 }

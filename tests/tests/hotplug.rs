@@ -1,0 +1,170 @@
+//! Interfaces that come and go: `-i` globs attach to interfaces that appear after start-up,
+//! and a port that vanishes (its namespace deleted, an OpenVPN restart destroying its tap)
+//! is forgotten with its learned state, then picked up again when it comes back.
+
+use std::{
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use mcrelay_tests::{
+    mcrelay_json, require_testbed, topology::Star, veth_pair, McastReceiver, McastSender, Mcrelay,
+    NetNs,
+};
+use serde_json::Value;
+
+const PORT: u16 = 5000;
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn ports(gw: &NetNs) -> Value {
+    mcrelay_json(gw, &["ports", "--json"])
+}
+
+fn port_names(doc: &Value) -> Vec<String> {
+    doc["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["iface"].as_str().map(String::from))
+        .collect()
+}
+
+fn wait_until(what: &str, mut pred: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !pred() {
+        assert!(start.elapsed() < DEADLINE, "waited {DEADLINE:?} for {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+/// A receiver host on a new veth segment `port` of the gateway.
+struct Segment {
+    ns: NetNs,
+}
+
+impl Segment {
+    fn new(gw: &NetNs, port: &str, tag: &str) -> Self {
+        let ns = NetNs::new(&format!("mcrhp{tag}"));
+        veth_pair(gw, port, &ns, "eth0");
+        ns.add_addr("eth0", "198.18.200.2/24");
+        ns.gro_on("eth0");
+        ns.tx_off("eth0");
+        Self { ns }
+    }
+}
+
+/// Sends numbered datagrams to `group` every millisecond until dropped.
+struct Stream {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Stream {
+    fn start(ns: &NetNs, iface: &str, group: IpAddr) -> Self {
+        let sender = McastSender::new(ns, iface);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let mut seq = 0;
+            while !flag.load(Ordering::SeqCst) {
+                let _ = sender.send(group, PORT, seq);
+                seq += 1;
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+        Self { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn glob_ports_come_and_go_and_forwarding_resumes() {
+    require_testbed!();
+    let group: IpAddr = "239.20.0.1".parse().expect("group");
+    let star = Star::new("hp", 1);
+    let sender_host = &star.hosts[0];
+    // gw0 exists; hp* does not yet.
+    let mut relay = Mcrelay::start(
+        &star.gw,
+        &[
+            "run",
+            "-i",
+            "gw0",
+            "-i",
+            "hp*",
+            "--query-interval",
+            "20",
+            "--query-response-interval",
+            "1",
+        ],
+    );
+    relay.wait_ready();
+    assert_eq!(port_names(&ports(&star.gw)), ["gw0"]);
+    let _stream = Stream::start(&sender_host.ns, &sender_host.iface, group);
+
+    for round in 0..2 {
+        let created = Instant::now();
+        let segment = Segment::new(&star.gw, "hp0", &format!("{round}"));
+        wait_until("hp0 to be attached", || port_names(&ports(&star.gw)).contains(&"hp0".into()));
+        let rx = McastReceiver::join(&segment.ns, group, PORT, "eth0");
+        wait_until("the stream to reach the new port", || rx.count() > 0);
+        eprintln!(
+            "round {round}: first datagram {:?} after the interface was created",
+            created.elapsed()
+        );
+        let doc = ports(&star.gw);
+        let hp0 = doc["ports"].as_array().into_iter().flatten().find(|p| p["iface"] == "hp0");
+        assert!(hp0.is_some_and(|p| p["mode"] == "native"), "{doc:#}");
+        drop(rx);
+        drop(segment); // deletes the namespace and with it the veth pair
+        wait_until("hp0 to be forgotten", || !port_names(&ports(&star.gw)).contains(&"hp0".into()));
+        // The state file is rewritten a few times a second: poll it.
+        wait_until("the vanished port's learned state to be dropped", || {
+            let groups = mcrelay_json(&star.gw, &["groups", "--json"]);
+            !groups["groups"].as_array().into_iter().flatten().any(|g| {
+                g["ports"].as_array().into_iter().flatten().any(|p| p == "hp0")
+                    || g["members"].as_array().into_iter().flatten().any(|m| m["port"] == "hp0")
+            })
+        });
+    }
+    let status = relay.stop();
+    assert!(status.success(), "{status}; stderr:\n{}", relay.stderr());
+}
+
+#[test]
+fn static_members_follow_the_interface_name() {
+    require_testbed!();
+    let group: IpAddr = "239.20.0.2".parse().expect("group");
+    let star = Star::new("hs", 1);
+    let sender_host = &star.hosts[0];
+    let members = format!("{group}@hp1");
+    let mut relay =
+        Mcrelay::start(&star.gw, &["run", "-i", "gw0", "-i", "hp*", "--static", &members]);
+    relay.wait_ready();
+    let _stream = Stream::start(&sender_host.ns, &sender_host.iface, group);
+    for round in 0..2 {
+        let segment = Segment::new(&star.gw, "hp1", &format!("s{round}"));
+        // A wire observer would do as well; a joined socket also proves the checksum path.
+        let rx = McastReceiver::join(&segment.ns, group, PORT, "eth0");
+        wait_until("the static group to reach hp1", || rx.count() > 0);
+        drop(rx);
+        drop(segment);
+        wait_until("hp1 to be forgotten", || !port_names(&ports(&star.gw)).contains(&"hp1".into()));
+    }
+    let status = relay.stop();
+    assert!(status.success(), "{status}; stderr:\n{}", relay.stderr());
+}
