@@ -33,6 +33,20 @@ pub enum Command {
     Stats(StatsArgs),
     /// Remove every map pin mcrelay made in this network namespace (the daemon must be stopped).
     Detach,
+    /// Validate a configuration file without touching the system (exit 2 on errors).
+    CheckConfig {
+        /// The file to check (e.g. /etc/mcrelay/mcrelay.toml).
+        file: PathBuf,
+    },
+    /// Print the man page (roff) to standard output.
+    #[command(hide = true)]
+    Man,
+    /// Print shell completions to standard output.
+    #[command(hide = true)]
+    Completions {
+        /// Shell to generate completions for.
+        shell: clap_complete::Shell,
+    },
     /// Diagnose this host's multicast set-up (routes, rp_filter, firewall, XDP, veth pitfalls);
     /// works without the daemon. Exit status 3 when problems were found.
     Doctor(DoctorArgs),
@@ -50,8 +64,13 @@ pub struct DoctorArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// Configuration file (TOML); command-line options override it. Without this option,
+    /// /etc/mcrelay/mcrelay.toml is read when it exists.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Interface to relay between (repeatable); names or globs such as `tap*`.
-    #[arg(short = 'i', long = "iface", value_name = "IFACE", required = true)]
+    #[arg(short = 'i', long = "iface", value_name = "IFACE")]
     pub ifaces: Vec<String>,
 
     /// Static group membership: GROUP@IFACE[,IFACE...], e.g. 239.1.1.1@b0,c0 or ff3e::1@b0

@@ -3,6 +3,7 @@
 
 pub mod capture;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
@@ -10,6 +11,7 @@ pub mod doctor;
 pub mod error;
 pub mod groups;
 pub mod inspect;
+pub mod manpage;
 pub mod membership;
 pub mod paths;
 pub mod ports;

@@ -29,6 +29,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Ports(o) => relay::inspect::ports(&pin_root, o.json),
         Command::Stats(s) => relay::inspect::stats(&pin_root, s.json, s.watch),
         Command::Detach => relay::inspect::detach(&pin_root),
+        Command::CheckConfig { file } => relay::config::check_config(&file),
+        Command::Man => relay::manpage::man(),
+        Command::Completions { shell } => relay::manpage::completions(shell),
         Command::Doctor(args) => {
             let status = relay::doctor::run(&args).await?;
             if status != 0 {

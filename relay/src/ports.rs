@@ -171,7 +171,9 @@ pub fn resolve(
     }
     // With globs, interfaces may appear later (hot plug): starting with none is fine then.
     if out.is_empty() && !patterns.iter().any(|p| is_glob(p)) {
-        return Err(UsageError::new("no interface to attach to"));
+        return Err(UsageError::new(
+            "no interface to attach to: give -i IFACE (names or globs) or ports in the config file",
+        ));
     }
     Ok(out)
 }
