@@ -2,6 +2,7 @@
 //!
 //! `cargo xtask` is an alias (.cargo/config.toml) for `cargo run --package xtask --`.
 
+mod bench;
 mod cmd;
 mod lab;
 mod setup;
@@ -67,6 +68,23 @@ enum Commands {
         #[arg(long, value_name = "SECONDS")]
         duration: Option<u64>,
     },
+    /// Benchmark mcrelay against its peers (bare XDP, bridge, MFC, userspace relay).
+    ///
+    /// Runs setup and a release build first (`--quick`: debug build), builds namespaces, pushes
+    /// live-frames traffic through each middle box and prints a table; writes JSON and an SVG
+    /// chart. Needs root. See docs/performance.md.
+    Bench {
+        /// CI smoke mode: one short repetition, fan-out 1 and 2; checks that every middle box
+        /// moved traffic (times nothing).
+        #[arg(long)]
+        quick: bool,
+        /// Write the results as JSON here (default: target/bench/bench.json).
+        #[arg(long, value_name = "FILE")]
+        json: Option<std::path::PathBuf>,
+        /// Write the chart (Mpps against fan-out) here (default: target/bench/bench.svg).
+        #[arg(long, value_name = "FILE")]
+        svg: Option<std::path::PathBuf>,
+    },
     /// Run every test: setup, a debug build of mcrelay, then `cargo test` on the workspace.
     ///
     /// The tests get MCRELAY_BIN (absolute path of target/debug/mcrelay) and RUST_BACKTRACE=1
@@ -88,6 +106,7 @@ fn main() -> anyhow::Result<()> {
         Commands::Run { release, args } => run(Profile::from_release_flag(release), &args),
         Commands::Lab { duration } => lab(duration.map(Duration::from_secs)),
         Commands::Test { args } => test(&args),
+        Commands::Bench { quick, json, svg } => bench(quick, json, svg),
     }
 }
 
@@ -138,6 +157,22 @@ fn lab(duration: Option<Duration>) -> anyhow::Result<()> {
     };
     println!("[lab] starting with {} {until}", options.mcrelay.display());
     lab::run(options)
+}
+
+/// `cargo xtask bench`: set up, build mcrelay (release; debug for `--quick`), benchmark.
+fn bench(
+    quick: bool,
+    json: Option<std::path::PathBuf>,
+    svg: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmark needs root (network namespaces, eBPF): run `cargo xtask bench` as root");
+    }
+    setup::run(Scope::Full)?;
+    let profile = if quick { Profile::Debug } else { Profile::Release };
+    let mcrelay = build_mcrelay(profile)?;
+    let object = bench::find_object(&mcrelay)?;
+    bench::run(&bench::Options { quick, json, svg, mcrelay, object })
 }
 
 /// `cargo xtask test`: set up, build mcrelay, run the workspace tests; prints the wall time.
