@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod interrupt;
 pub mod mcast;
 pub mod netns;
+pub mod openvpn;
 pub mod topology;
 
 use std::path::{Path, PathBuf};
