@@ -180,13 +180,21 @@ impl Check {
             if !show {
                 continue;
             }
-            let subject = finding.subject.as_deref().map(|s| format!("{s}: ")).unwrap_or_default();
-            let tag = if finding.status >= Status::Warn {
-                format!("[{}] ", finding.status.label().to_lowercase())
-            } else {
-                String::new()
-            };
-            out.push_str(&format!("    {tag}{subject}{}\n", finding.message));
+            // The summary already says it when it is this finding's message alone.
+            if finding.message != self.summary {
+                let subject = finding
+                    .subject
+                    .as_deref()
+                    .filter(|s| !finding.message.contains(s))
+                    .map(|s| format!("{s}: "))
+                    .unwrap_or_default();
+                let tag = if finding.status >= Status::Warn && self.findings.len() > 1 {
+                    format!("[{}] ", finding.status.label().to_lowercase())
+                } else {
+                    String::new()
+                };
+                out.push_str(&format!("    {tag}{subject}{}\n", finding.message));
+            }
             for command in &finding.fix {
                 out.push_str(&format!("      fix: {command}\n"));
             }

@@ -61,6 +61,8 @@ pub struct Drop {
     pub policy: bool,
     /// The rule as written (iptables) or its handle (nft).
     pub rule: String,
+    /// The nft rule as `nft list ruleset` writes it, when known.
+    pub text: Option<String>,
 }
 
 impl Drop {
@@ -79,7 +81,12 @@ impl Drop {
         } else {
             let mut finding = Finding::new(
                 Status::Problem,
-                format!("{}: rule `{}` drops {what}", self.place, self.rule),
+                match &self.text {
+                    Some(text) => {
+                        format!("{}: rule `{text}` ({}) drops {what}", self.place, self.rule)
+                    }
+                    None => format!("{}: rule `{}` drops {what}", self.place, self.rule),
+                },
             )
             .subject(&self.place)
             .note("or insert an accept rule for IGMP/MLD and the relayed groups before it");
@@ -129,7 +136,18 @@ pub fn check(_ctx: &Context) -> Check {
         match run_tool(&nft, &["-j", "list", "ruleset"]) {
             Ok(text) => match serde_json::from_str::<Value>(&text) {
                 Ok(doc) => {
-                    drops.extend(nft_drops(&doc));
+                    let mut found = nft_drops(&doc);
+                    // The rules as nft writes them, for the report (best effort).
+                    if let Ok(listing) = run_tool(&nft, &["-a", "list", "ruleset"]) {
+                        let texts = nft_rule_texts(&listing);
+                        for drop in found.iter_mut().filter(|d| !d.policy) {
+                            if let Some(text) = texts.get(&(drop.place.clone(), drop.rule.clone()))
+                            {
+                                drop.text = Some(text.clone());
+                            }
+                        }
+                    }
+                    drops.extend(found);
                     sources.push("nft");
                     nft_ok = true;
                 }
@@ -331,6 +349,7 @@ pub fn nft_drops(doc: &Value) -> Vec<Drop> {
                     place,
                     classes,
                     policy: false,
+                    text: None,
                 });
             }
             Some(false) => accepting.push(key),
@@ -345,9 +364,41 @@ pub fn nft_drops(doc: &Value) -> Vec<Drop> {
         } else {
             format!("nft insert rule {place} ip protocol igmp accept")
         };
-        drops.push(Drop { place, classes: vec![Class::Multicast], fix: None, policy: true, rule });
+        drops.push(Drop {
+            place,
+            classes: vec![Class::Multicast],
+            fix: None,
+            policy: true,
+            rule,
+            text: None,
+        });
     }
     drops
+}
+
+/// The rules of `nft -a list ruleset`, keyed by (`FAMILY TABLE CHAIN`, `handle N`).
+pub fn nft_rule_texts(listing: &str) -> std::collections::HashMap<(String, String), String> {
+    let mut out = std::collections::HashMap::new();
+    let mut table = String::new();
+    let mut chain = String::new();
+    for line in listing.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["table", family, name, ..] => table = format!("{family} {name}"),
+            ["chain", name, ..] => chain = (*name).to_owned(),
+            _ => {
+                if let Some((rule, handle)) = line.rsplit_once(" # handle ") {
+                    if !rule.starts_with("type ") && !table.is_empty() && !chain.is_empty() {
+                        out.insert(
+                            (format!("{table} {chain}"), format!("handle {}", handle.trim())),
+                            rule.trim().to_owned(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Drop rules and suspicious policies in `iptables-save` output; `cmd` is the matching
@@ -422,6 +473,7 @@ pub fn iptables_drops(text: &str, cmd: &str) -> Vec<Drop> {
                 classes,
                 fix: Some(format!("{cmd} -t {table} -D {rest}")),
                 policy: false,
+                text: None,
                 rule: format!("-A {rest}"),
             }),
             Some(false) => accepting.push((table.clone(), (*chain).to_owned())),
@@ -440,6 +492,7 @@ pub fn iptables_drops(text: &str, cmd: &str) -> Vec<Drop> {
             fix: None,
             policy: true,
             rule,
+            text: None,
         });
     }
     drops
@@ -477,6 +530,19 @@ mod tests {
         assert_eq!(drops[0].fix.as_deref(), Some("nft delete rule inet t input handle 2"));
         assert_eq!(drops[1].classes, vec![Class::Multicast4]);
         assert_eq!(drops[2].classes, vec![Class::Mld]);
+    }
+
+    #[test]
+    fn nft_listing_texts() {
+        let listing = "table inet t { # handle 1\n\tchain input { # handle 1\n\t\ttype filter \
+                       hook input priority filter; policy accept;\n\t\tip protocol igmp drop \
+                       # handle 2\n\t}\n}\n";
+        let texts = nft_rule_texts(listing);
+        assert_eq!(
+            texts.get(&("inet t input".to_owned(), "handle 2".to_owned())).map(String::as_str),
+            Some("ip protocol igmp drop")
+        );
+        assert_eq!(texts.len(), 1);
     }
 
     #[test]

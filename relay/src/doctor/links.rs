@@ -285,8 +285,8 @@ pub fn check_bridge_querier(ctx: &Context) -> Check {
                 .subject(name)
                 .fix(format!("ip link set dev {name} type bridge mcast_querier 1"))
                 .note(format!(
-                    "or run a querier on the segment (mcrelay run -i {name} queries as the \
-                     querier), or turn snooping off: ip link set dev {name} type bridge \
+                    "or run a querier on the segment (mcrelay's daemon sends queries on its \
+                     ports), or turn snooping off: ip link set dev {name} type bridge \
                      mcast_snooping 0"
                 )),
             );

@@ -70,7 +70,11 @@ pub async fn lookup(handle: &Handle, dst: IpAddr) -> anyhow::Result<Lookup> {
             Ok(Lookup::Route { oif, gateway })
         }
         Ok(None) => Ok(Lookup::NoRoute("no answer from the kernel".into())),
-        Err(rtnetlink::Error::NetlinkError(e)) => Ok(Lookup::NoRoute(e.to_io().to_string())),
+        Err(rtnetlink::Error::NetlinkError(e)) => {
+            let text = e.to_io().to_string();
+            let text = text.split(" (os error").next().unwrap_or(&text).to_owned();
+            Ok(Lookup::NoRoute(text))
+        }
         Err(e) => Err(anyhow::Error::new(e).context(format!("looking up the route to {dst}"))),
     }
 }
