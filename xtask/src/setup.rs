@@ -37,7 +37,10 @@ const BPFFS: &str = "/sys/fs/bpf";
 /// - smcroute: a real multicast routing daemon (and `smcroutectl join`) as a peer;
 /// - kmod: `modprobe` for veth, tun and bridge when they are modules;
 /// - util-linux: `nsenter` and `mount`;
-/// - procps: `sysctl`, `ps`.
+/// - procps: `sysctl`, `ps`;
+/// - nftables, iptables: `mcrelay doctor`'s firewall check is tested against real rules;
+/// - openssl: certificates for the OpenVPN test bed;
+/// - systemd: `systemd-analyze verify` of the unit file.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("ethtool", "ethtool"),
@@ -50,6 +53,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("kmod", "modprobe"),
     ("util-linux", "nsenter"),
     ("procps", "sysctl"),
+    ("nftables", "nft"),
+    ("iptables", "iptables"),
+    ("openssl", "openssl"),
+    ("systemd", "systemd-analyze"),
 ];
 
 /// How much of the set-up to do.
