@@ -13,6 +13,7 @@ pub mod groups;
 pub mod inspect;
 pub mod manpage;
 pub mod membership;
+pub mod metrics;
 pub mod paths;
 pub mod ports;
 pub mod state;

@@ -1,0 +1,514 @@
+//! Prometheus endpoint: `GET /metrics` in the OpenMetrics text format (which Prometheus
+//! scrapes natively), gathered at scrape time from the same sources the CLI reads: the pinned
+//! maps (per-port counters, attach mode) and the daemon's state file (groups, queriers,
+//! control-plane counters). Nothing is cached between scrapes, so the endpoint shows the
+//! kernel's counters even while the daemon restarts.
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `mcrelay_build_info` | info | `version` |
+//! | `mcrelay_dataplane_up` | gauge | - (1: the pinned maps were readable) |
+//! | `mcrelay_control_up` | gauge | - (1: the daemon's state file was readable) |
+//! | `mcrelay_port_info` | gauge (1) | `iface`, `ifindex`, `mode` (native/skb/tc), `role` |
+//! | `mcrelay_port_packets_total` | counter | `iface`, `reason` (the `Counter` names) |
+//! | `mcrelay_port_bytes_total` | counter | `iface`, `reason` |
+//! | `mcrelay_groups` | gauge | `kind` (static/learned) |
+//! | `mcrelay_group_ports` | gauge | `group`, `kind`: ports of the (*,G) entry |
+//! | `mcrelay_group_source_entries` | gauge | `group`, `kind`: (S,G) entries |
+//! | `mcrelay_group_members` | gauge | `group`, `kind`: ports with learned membership |
+//! | `mcrelay_group_updates_total` | counter | - (group port-set changes: joins and leaves) |
+//! | `mcrelay_control_received_total` | counter | - |
+//! | `mcrelay_control_ignored_total` | counter | `reason` (other_port, not_membership) |
+//! | `mcrelay_control_malformed_total` | counter | `reason` |
+//! | `mcrelay_control_relayed_total` | counter | - |
+//! | `mcrelay_queries_sent_total` | counter | - |
+//! | `mcrelay_control_send_errors_total` | counter | - |
+//! | `mcrelay_join_to_forward_seconds` | gauge | `stat` (last, max, last_done) |
+//! | `mcrelay_querier_is_self` | gauge | `port`, `family`, `address` |
+//! | `mcrelay_router_ports` | gauge | - |
+//! | `mcrelay_state_age_seconds` | gauge | - (age of the state file) |
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, header, server::conn::http1, service::service_fn, Method, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
+    registry::{Registry, Unit},
+};
+use relay_common::{Counter as PortCounter, LAYOUT_VERSION};
+use tokio::{net::TcpListener, task::JoinSet};
+
+use crate::{inspect::PortRow, paths, state::DaemonState};
+
+/// Content type of the OpenMetrics text format.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The longest a client may keep one connection (slow or idle scrapers).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `GET /metrics` on `listen` until the task is dropped or aborted (open connections
+/// go with it). Other paths answer 404, other methods on `/metrics` 405.
+///
+/// The pins and the state file are those of the network namespace of the thread that first
+/// polls this future (normally the daemon's only namespace).
+pub async fn serve(listen: SocketAddr, pin_root: PathBuf) -> anyhow::Result<()> {
+    let sources = Sources::of_current_netns(&pin_root)?;
+    let listener =
+        TcpListener::bind(listen).await.with_context(|| format!("metrics: binding {listen}"))?;
+    tracing::info!(address = %listener.local_addr().unwrap_or(listen), "metrics endpoint listening");
+    serve_on(listener, sources).await
+}
+
+/// Serves on an already bound listener (tests bind port 0 and read the address first).
+pub async fn serve_on(listener: TcpListener, sources: Sources) -> anyhow::Result<()> {
+    let mut connections = JoinSet::new();
+    loop {
+        let (stream, peer) = listener.accept().await.context("metrics: accepting a connection")?;
+        while connections.try_join_next().is_some() {}
+        let sources = sources.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |request| {
+                let sources = sources.clone();
+                async move { Ok::<_, Infallible>(respond(&request, &sources)) }
+            });
+            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, "metrics connection: {e}"),
+                Err(_) => tracing::debug!(%peer, "metrics connection timed out"),
+            }
+        });
+    }
+}
+
+/// Where one instance keeps what the endpoint reports.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// The pinned maps (`paths::pin_dir`).
+    pub pin_dir: PathBuf,
+    /// The daemon's state file (`paths::state_file`).
+    pub state_file: PathBuf,
+}
+
+impl Sources {
+    /// The pins under `pin_root` and the state file of the calling thread's network namespace.
+    ///
+    /// Same layout as [`paths::pin_dir`] and [`paths::state_file`], but keyed by
+    /// `/proc/thread-self/ns/net` rather than `/proc/self/ns/net` (the main thread's), so that
+    /// a thread that entered another namespace (tests, a future multi-namespace daemon) reports
+    /// on that namespace's instance.
+    pub fn of_current_netns(pin_root: &Path) -> anyhow::Result<Self> {
+        let id = std::fs::metadata("/proc/thread-self/ns/net")
+            .context("reading /proc/thread-self/ns/net")?
+            .ino();
+        Ok(Self {
+            pin_dir: pin_root.join(format!("ns-{id}")).join(format!("v{LAYOUT_VERSION}")),
+            state_file: Path::new(paths::RUN_DIR).join(format!("ns-{id}.state.json")),
+        })
+    }
+}
+
+type Response = hyper::Response<Full<Bytes>>;
+
+fn respond(request: &hyper::Request<Incoming>, sources: &Sources) -> Response {
+    if request.uri().path() != "/metrics" {
+        return plain(StatusCode::NOT_FOUND, "not found; metrics are at /metrics\n");
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+    }
+    match render(&Snapshot::gather(sources)) {
+        Ok(text) => hyper::Response::builder()
+            .header(header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(Full::new(Bytes::from(text)))
+            .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "response\n")),
+        Err(e) => {
+            tracing::warn!("metrics: encoding failed: {e:#}");
+            plain(StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed\n")
+        }
+    }
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response {
+    let mut response = hyper::Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// What one scrape reports: each source is `None` when it could not be read (no daemon).
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Ports and their counters from the pinned maps.
+    pub ports: Option<Vec<PortRow>>,
+    /// The daemon's state file, and its age in milliseconds.
+    pub state: Option<(DaemonState, u64)>,
+}
+
+impl Snapshot {
+    /// Reads the pinned maps and the state file now.
+    pub fn gather(sources: &Sources) -> Self {
+        let ports = crate::inspect::read_ports(&sources.pin_dir)
+            .map_err(|e| tracing::debug!("metrics: pinned maps: {e:#}"))
+            .ok();
+        let state = if sources.state_file.exists() {
+            crate::state::read(&sources.state_file)
+                .map_err(|e| tracing::debug!("metrics: state file: {e:#}"))
+                .ok()
+                .map(|state| {
+                    let age = crate::state::unix_ms().saturating_sub(state.written_unix_ms);
+                    (state, age)
+                })
+        } else {
+            None
+        };
+        Self { ports, state }
+    }
+}
+
+type Labels = Vec<(String, String)>;
+
+fn labels<const N: usize>(pairs: [(&str, &str); N]) -> Labels {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
+    let g = Gauge::<i64>::default();
+    g.set(value);
+    registry.register(name, help, g);
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let c = Counter::<u64>::default();
+    c.inc_by(value);
+    registry.register(name, help, c);
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Renders a snapshot in the OpenMetrics text format.
+pub fn render(snapshot: &Snapshot) -> anyhow::Result<String> {
+    let mut registry = Registry::with_prefix("mcrelay");
+    registry.register(
+        "build",
+        "mcrelay version",
+        Info::new(labels([("version", env!("CARGO_PKG_VERSION"))])),
+    );
+    gauge(
+        &mut registry,
+        "dataplane_up",
+        "1 when the pinned maps of this namespace's instance were readable",
+        i64::from(snapshot.ports.is_some()),
+    );
+    gauge(
+        &mut registry,
+        "control_up",
+        "1 when the daemon's state file was readable",
+        i64::from(snapshot.state.is_some()),
+    );
+    if let Some(ports) = &snapshot.ports {
+        render_ports(&mut registry, ports);
+    }
+    if let Some((state, age_ms)) = &snapshot.state {
+        render_state(&mut registry, state, *age_ms);
+    }
+    let mut text = String::new();
+    encode(&mut text, &registry).context("encoding metrics")?;
+    Ok(text)
+}
+
+fn render_ports(registry: &mut Registry, ports: &[PortRow]) {
+    let info = Family::<Labels, Gauge>::default();
+    let packets = Family::<Labels, Counter>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    for port in ports {
+        let ifindex = port.ifindex.to_string();
+        info.get_or_create(&labels([
+            ("iface", &port.iface),
+            ("ifindex", &ifindex),
+            ("mode", port.mode),
+            ("role", port.role),
+        ]))
+        .set(1);
+        for c in PortCounter::ALL {
+            let key = labels([("iface", &port.iface), ("reason", c.name())]);
+            packets.get_or_create(&key).inc_by(port.counters.packets[c as usize]);
+            bytes.get_or_create(&key).inc_by(port.counters.bytes[c as usize]);
+        }
+    }
+    registry.register(
+        "port_info",
+        "Attached port: attach mode (native, skb, tc) and role (member, router); value 1",
+        info,
+    );
+    registry.register(
+        "port_packets",
+        "Multicast-MAC frames received on the port, by what happened to them",
+        packets,
+    );
+    registry.register(
+        "port_bytes",
+        "Bytes of multicast-MAC frames received on the port, by what happened to them",
+        bytes,
+    );
+}
+
+fn render_state(registry: &mut Registry, state: &DaemonState, age_ms: u64) {
+    let groups = Family::<Labels, Gauge>::default();
+    for kind in ["static", "learned"] {
+        groups.get_or_create(&labels([("kind", kind)])).set(0);
+    }
+    let group_ports = Family::<Labels, Gauge>::default();
+    let group_sources = Family::<Labels, Gauge>::default();
+    let group_members = Family::<Labels, Gauge>::default();
+    for g in &state.groups {
+        groups.get_or_create(&labels([("kind", &g.kind)])).inc();
+        let key = labels([("group", &g.group), ("kind", &g.kind)]);
+        group_ports.get_or_create(&key).set(count(g.ports.len()));
+        group_sources.get_or_create(&key).set(count(g.sources.len()));
+        group_members.get_or_create(&key).set(count(g.members.len()));
+    }
+    registry.register("groups", "Groups with a port set, by kind", groups);
+    registry.register(
+        "group_ports",
+        "Ports in the group's any-source (*,G) entry (static, learned and router ports)",
+        group_ports,
+    );
+    registry.register(
+        "group_source_entries",
+        "Source-specific (S,G) entries of the group",
+        group_sources,
+    );
+    registry.register(
+        "group_members",
+        "Ports with learned (IGMP/MLD) membership in the group",
+        group_members,
+    );
+
+    let c = &state.control;
+    counter(
+        registry,
+        "group_updates",
+        "Changes of a group's port set written to the dataplane (joins and leaves)",
+        c.group_updates,
+    );
+    counter(
+        registry,
+        "control_received",
+        "IGMP/MLD/PIM frames received on ports by the control loop",
+        c.received,
+    );
+    let ignored = Family::<Labels, Counter>::default();
+    ignored.get_or_create(&labels([("reason", "other_port")])).inc_by(c.ignored_other_port);
+    ignored
+        .get_or_create(&labels([("reason", "not_membership")]))
+        .inc_by(c.ignored_not_membership);
+    registry.register("control_ignored", "Control frames ignored, by reason", ignored);
+    let malformed = Family::<Labels, Counter>::default();
+    for (reason, n) in &c.malformed {
+        malformed.get_or_create(&labels([("reason", reason)])).inc_by(*n);
+    }
+    registry.register("control_malformed", "Malformed control messages, by reason", malformed);
+    counter(
+        registry,
+        "control_relayed",
+        "Reports and leaves relayed to router ports, queries of other queriers relayed to other \
+         ports (RFC 4541)",
+        c.relayed,
+    );
+    counter(registry, "queries_sent", "General and specific queries sent", c.queries_sent);
+    counter(registry, "control_send_errors", "Control frames that could not be sent", c.send_errors);
+    let latency = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for (stat, us) in [
+        ("last", c.last_update_us),
+        ("max", c.max_update_us),
+        ("last_done", c.last_update_done_us),
+    ] {
+        latency.get_or_create(&labels([("stat", stat)])).set(us as f64 / 1e6);
+    }
+    registry.register_with_unit(
+        "join_to_forward",
+        "From a report's arrival to the map update it caused (last, max; last_done: until \
+         the update syscall returned)",
+        Unit::Seconds,
+        latency,
+    );
+    let queriers = Family::<Labels, Gauge>::default();
+    for q in &state.queriers {
+        queriers
+            .get_or_create(&labels([
+                ("port", &q.port),
+                ("family", &q.family),
+                ("address", &q.address),
+            ]))
+            .set(i64::from(q.is_self));
+    }
+    registry.register(
+        "querier_is_self",
+        "Elected querier per port and family: 1 when it is mcrelay",
+        queriers,
+    );
+    gauge(
+        registry,
+        "router_ports",
+        "Ports leading to multicast routers",
+        count(state.router_ports.len()),
+    );
+    let age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    age.set(age_ms as f64 / 1000.0);
+    registry.register_with_unit(
+        "state_age",
+        "Age of the daemon's state file (rewritten after changes)",
+        Unit::Seconds,
+        age,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use relay_common::PortCounters;
+
+    use super::*;
+    use crate::state::{GroupState, MemberState, QuerierState, SourcePorts};
+
+    fn port(iface: &str, ifindex: u32, forwarded: u64) -> PortRow {
+        let mut counters = PortCounters::default();
+        counters.packets[PortCounter::Forwarded as usize] = forwarded;
+        counters.bytes[PortCounter::Forwarded as usize] = forwarded * 100;
+        counters.packets[PortCounter::Malformed as usize] = 2;
+        PortRow { iface: iface.into(), ifindex, mode: "native", role: "member", counters }
+    }
+
+    fn state() -> DaemonState {
+        let mut control = crate::control::ControlCounters {
+            received: 7,
+            queries_sent: 3,
+            group_updates: 5,
+            relayed: 1,
+            max_update_us: 1500,
+            ..Default::default()
+        };
+        control.malformed.insert("bad_checksum".into(), 4);
+        DaemonState {
+            written_unix_ms: 0,
+            pid: 1,
+            groups: vec![
+                GroupState {
+                    group: "239.1.1.1".into(),
+                    kind: "static".into(),
+                    ports: vec!["b0".into(), "c0".into()],
+                    sources: vec![],
+                    members: vec![],
+                },
+                GroupState {
+                    group: "ff3e::1".into(),
+                    kind: "learned".into(),
+                    ports: vec![],
+                    sources: vec![SourcePorts { source: "fd00::1".into(), ports: vec!["b0".into()] }],
+                    members: vec![MemberState {
+                        port: "b0".into(),
+                        mode: "include".into(),
+                        timer_ms: None,
+                        compat: "mldv2".into(),
+                        sources: vec![],
+                    }],
+                },
+            ],
+            queriers: vec![QuerierState {
+                port: "b0".into(),
+                family: "ipv4".into(),
+                address: "198.18.1.1".into(),
+                is_self: true,
+            }],
+            router_ports: vec![],
+            control,
+        }
+    }
+
+    fn lines(text: &str) -> Vec<&str> {
+        text.lines().collect()
+    }
+
+    #[test]
+    fn renders_ports_groups_and_control() {
+        let text = render(&Snapshot {
+            ports: Some(vec![port("b0", 3, 10), port("c0", 4, 0)]),
+            state: Some((state(), 1500)),
+        })
+        .expect("render");
+        let lines = lines(&text);
+        for expected in [
+            format!("mcrelay_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
+            "mcrelay_dataplane_up 1".into(),
+            "mcrelay_control_up 1".into(),
+            "mcrelay_port_info{iface=\"b0\",ifindex=\"3\",mode=\"native\",role=\"member\"} 1"
+                .into(),
+            "mcrelay_port_packets_total{iface=\"b0\",reason=\"forwarded\"} 10".into(),
+            "mcrelay_port_bytes_total{iface=\"b0\",reason=\"forwarded\"} 1000".into(),
+            "mcrelay_port_packets_total{iface=\"c0\",reason=\"malformed\"} 2".into(),
+            "mcrelay_port_packets_total{iface=\"c0\",reason=\"drop_no_members\"} 0".into(),
+            "mcrelay_groups{kind=\"static\"} 1".into(),
+            "mcrelay_groups{kind=\"learned\"} 1".into(),
+            "mcrelay_group_ports{group=\"239.1.1.1\",kind=\"static\"} 2".into(),
+            "mcrelay_group_source_entries{group=\"ff3e::1\",kind=\"learned\"} 1".into(),
+            "mcrelay_group_members{group=\"ff3e::1\",kind=\"learned\"} 1".into(),
+            "mcrelay_group_updates_total 5".into(),
+            "mcrelay_control_received_total 7".into(),
+            "mcrelay_control_malformed_total{reason=\"bad_checksum\"} 4".into(),
+            "mcrelay_control_relayed_total 1".into(),
+            "mcrelay_queries_sent_total 3".into(),
+            "mcrelay_join_to_forward_seconds{stat=\"max\"} 0.0015".into(),
+            "mcrelay_querier_is_self{port=\"b0\",family=\"ipv4\",address=\"198.18.1.1\"} 1"
+                .into(),
+            "mcrelay_router_ports 0".into(),
+            "mcrelay_state_age_seconds 1.5".into(),
+        ] {
+            assert!(lines.contains(&expected.as_str()), "missing {expected:?} in:\n{text}");
+        }
+        assert!(text.contains("# TYPE mcrelay_port_packets counter"), "{text}");
+        assert!(text.contains("# TYPE mcrelay_build info"), "{text}");
+        assert_eq!(lines.last(), Some(&"# EOF"), "{text}");
+    }
+
+    #[test]
+    fn without_a_daemon_only_build_info_and_up_gauges() {
+        let text = render(&Snapshot::default()).expect("render");
+        assert!(text.contains("mcrelay_dataplane_up 0"), "{text}");
+        assert!(text.contains("mcrelay_control_up 0"), "{text}");
+        assert!(text.contains("mcrelay_build_info{"), "{text}");
+        assert!(!text.contains("mcrelay_port_"), "{text}");
+        assert!(!text.contains("mcrelay_groups"), "{text}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut row = port("we\"ird", 9, 1);
+        row.iface = "we\"ird\\".into();
+        let text = render(&Snapshot { ports: Some(vec![row]), state: None }).expect("render");
+        assert!(text.contains(r#"iface="we\"ird\\""#), "{text}");
+    }
+
+    #[test]
+    fn sources_follow_the_pin_and_run_layout() {
+        let sources = Sources::of_current_netns(Path::new("/x")).expect("netns id");
+        let dir = paths::pin_dir(Path::new("/x")).expect("pin dir");
+        // The test thread is in the process's namespace, so both derivations agree.
+        assert_eq!(sources.pin_dir, dir);
+        assert_eq!(sources.state_file, paths::state_file().expect("state file"));
+    }
+}
