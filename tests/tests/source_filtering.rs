@@ -176,6 +176,7 @@ fn source_socket(src: IpAddr, iface: &str) -> io::Result<UdpSocket> {
 /// Sends one burst from `src` and checks, on each observed wire, that the burst arrived
 /// complete (exactly COUNT datagrams, no duplicates) or not at all.
 fn deliver(
+    gw: &NetNs,
     senders: &Senders,
     src: Src,
     group: IpAddr,
@@ -193,13 +194,15 @@ fn deliver(
     for ((wire, forwarded), before) in checks.iter().zip(&before) {
         let got = wire.count(group) - before;
         let want = if *forwarded { COUNT } else { 0 };
-        assert_eq!(
-            got,
-            want,
-            "{wire}: {src:?} ({}) -> {group} {when}: {} expected, {got} datagrams arrived",
-            senders.addr(src),
-            if *forwarded { "all" } else { "none" }
-        );
+        if got != want {
+            let doc = groups(gw);
+            let entry = group_entry(&doc, group).cloned().unwrap_or(Value::Null);
+            panic!(
+                "{wire}: {src:?} ({}) -> {group} {when}: {want} of {COUNT} datagrams expected, \
+                 {got} arrived; mcrelay groups --json entry of {group}:\n{entry:#}",
+                senders.addr(src),
+            );
+        }
     }
 }
 
@@ -793,8 +796,8 @@ fn kernel_source_specific_join(tag: &str, group: IpAddr) {
     wait_state(&star.gw, group, &r2.gw_port, &Want::include(&[s2]), LEAVE_GMI_MS, false, tag);
 
     let when = "while host 1 joined (G,S1) and host 2 (G,S2)";
-    deliver(&senders, Src::S1, group, &[(&w1, true), (&w2, false), (&w3, false)], when);
-    deliver(&senders, Src::S2, group, &[(&w1, false), (&w2, true), (&w3, false)], when);
+    deliver(&star.gw, &senders, Src::S1, group, &[(&w1, true), (&w2, false), (&w3, false)], when);
+    deliver(&star.gw, &senders, Src::S2, group, &[(&w1, false), (&w2, true), (&w3, false)], when);
     assert_socket(&rx1, s1, COUNT, when);
     assert_socket(&rx1, s2, 0, when);
     assert_socket(&rx2, s1, 0, when);
@@ -806,14 +809,14 @@ fn kernel_source_specific_join(tag: &str, group: IpAddr) {
     let doc = groups(&star.gw);
     assert!(state_is(&doc, group, &r2.gw_port, &Want::include(&[s2])), "host 2 changed:\n{doc:#}");
     let when = "after host 1 closed its socket";
-    deliver(&senders, Src::S1, group, &[(&w1, false), (&w2, false), (&w3, false)], when);
-    deliver(&senders, Src::S2, group, &[(&w1, false), (&w2, true), (&w3, false)], when);
+    deliver(&star.gw, &senders, Src::S1, group, &[(&w1, false), (&w2, false), (&w3, false)], when);
+    deliver(&star.gw, &senders, Src::S2, group, &[(&w1, false), (&w2, true), (&w3, false)], when);
     assert_socket(&rx2, s2, 2 * COUNT, when);
 
     drop(rx2);
     wait_gone(&star.gw, group, &r2.gw_port, &format!("{tag}: host 2 closed its socket"));
     let when = "after both closed their sockets";
-    deliver(&senders, Src::S2, group, &[(&w1, false), (&w2, false), (&w3, false)], when);
+    deliver(&star.gw, &senders, Src::S2, group, &[(&w1, false), (&w2, false), (&w3, false)], when);
 }
 
 /// Host 1 joins any-source, then blocks S1 (IP_BLOCK_SOURCE / MCAST_BLOCK_SOURCE): mcrelay goes
@@ -838,8 +841,8 @@ fn kernel_block_source(tag: &str, group: IpAddr) {
     wait_state(&star.gw, group, &r2.gw_port, &Want::include(&[s1]), LEAVE_GMI_MS, false, tag);
 
     let when = "while host 1 joined G blocking S1 and host 2 joined (G,S1)";
-    deliver(&senders, Src::S1, group, &[(&w1, false), (&w2, true), (&w3, false)], when);
-    deliver(&senders, Src::S2, group, &[(&w1, true), (&w2, false), (&w3, false)], when);
+    deliver(&star.gw, &senders, Src::S1, group, &[(&w1, false), (&w2, true), (&w3, false)], when);
+    deliver(&star.gw, &senders, Src::S2, group, &[(&w1, true), (&w2, false), (&w3, false)], when);
     assert_socket(&rx1, s1, 0, when);
     assert_socket(&rx1, s2, COUNT, when);
     assert_socket(&rx2, s1, COUNT, when);
@@ -853,16 +856,16 @@ fn kernel_block_source(tag: &str, group: IpAddr) {
         "host 1's state changed when host 2 left:\n{doc:#}"
     );
     let when = "after host 2 closed its socket (host 1 still blocks S1)";
-    deliver(&senders, Src::S1, group, &[(&w1, false), (&w2, false), (&w3, false)], when);
-    deliver(&senders, Src::S2, group, &[(&w1, true), (&w2, false), (&w3, false)], when);
+    deliver(&star.gw, &senders, Src::S1, group, &[(&w1, false), (&w2, false), (&w3, false)], when);
+    deliver(&star.gw, &senders, Src::S2, group, &[(&w1, true), (&w2, false), (&w3, false)], when);
     assert_socket(&rx1, s1, 0, when);
     assert_socket(&rx1, s2, 2 * COUNT, when);
 
     drop(rx1);
     wait_gone(&star.gw, group, &r1.gw_port, &format!("{tag}: host 1 closed its socket"));
     let when = "after both closed their sockets";
-    deliver(&senders, Src::S1, group, &[(&w1, false), (&w2, false), (&w3, false)], when);
-    deliver(&senders, Src::S2, group, &[(&w1, false), (&w2, false), (&w3, false)], when);
+    deliver(&star.gw, &senders, Src::S1, group, &[(&w1, false), (&w2, false), (&w3, false)], when);
+    deliver(&star.gw, &senders, Src::S2, group, &[(&w1, false), (&w2, false), (&w3, false)], when);
 }
 
 #[test]
@@ -908,8 +911,8 @@ fn crafted_walk(tag: &str, group: IpAddr) {
     let port = r1.gw_port.as_str();
     let gw = &star.gw;
     let check = |what: &str, s1_fwd: bool, s2_fwd: bool| {
-        deliver(&senders, Src::S1, group, &[(&w1, s1_fwd), (&w2, false)], what);
-        deliver(&senders, Src::S2, group, &[(&w1, s2_fwd), (&w2, false)], what);
+        deliver(gw, &senders, Src::S1, group, &[(&w1, s1_fwd), (&w2, false)], what);
+        deliver(gw, &senders, Src::S2, group, &[(&w1, s2_fwd), (&w2, false)], what);
     };
 
     // INCLUDE({}) + ALLOW(S1) -> INCLUDE({S1}), (S1) = GMI.
@@ -990,8 +993,8 @@ fn group_timer_expiry(tag: &str, group: IpAddr) {
     let port = r1.gw_port.as_str();
     let gw = &star.gw;
     let check = |what: &str, s1_fwd: bool, s2_fwd: bool| {
-        deliver(&senders, Src::S1, group, &[(&w1, s1_fwd), (&w2, false)], what);
-        deliver(&senders, Src::S2, group, &[(&w1, s2_fwd), (&w2, false)], what);
+        deliver(gw, &senders, Src::S1, group, &[(&w1, s1_fwd), (&w2, false)], what);
+        deliver(gw, &senders, Src::S2, group, &[(&w1, s2_fwd), (&w2, false)], what);
     };
 
     // Both hosts answer as they would to general queries; every answer restarts the GMI, so
@@ -1005,9 +1008,9 @@ fn group_timer_expiry(tag: &str, group: IpAddr) {
     both_answer();
     wait_state(gw, group, port, &Want::exclude(&[s1], &[]), SHORT_GMI_MS, true, what);
     both_answer();
-    deliver(&senders, Src::S1, group, &[(&w1, true), (&w2, false)], what);
+    deliver(gw, &senders, Src::S1, group, &[(&w1, true), (&w2, false)], what);
     both_answer();
-    deliver(&senders, Src::S2, group, &[(&w1, true), (&w2, false)], what);
+    deliver(gw, &senders, Src::S2, group, &[(&w1, true), (&w2, false)], what);
 
     // Host B answers (IS_IN({S1}) every second); host A is gone.
     let what = "group timer expiry: EXCLUDE({S1}, {}) -> INCLUDE({S1})";
@@ -1082,8 +1085,8 @@ fn ssm_range(tag: &str, group: IpAddr, sentinel: IpAddr) {
     let (w1, w2) = (WireObserver::new(&r1.ns, &r1.iface), WireObserver::new(&r2.ns, &r2.iface));
     let gw = &star.gw;
     let check = |what: &str, s1_to_1: bool| {
-        deliver(&senders, Src::S1, group, &[(&w1, s1_to_1), (&w2, false)], what);
-        deliver(&senders, Src::S2, group, &[(&w1, false), (&w2, false)], what);
+        deliver(gw, &senders, Src::S1, group, &[(&w1, s1_to_1), (&w2, false)], what);
+        deliver(gw, &senders, Src::S2, group, &[(&w1, false), (&w2, false)], what);
     };
 
     // Any-source joins from both hosts: ignored.
