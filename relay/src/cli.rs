@@ -86,6 +86,12 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = UnknownArg::RouterPorts)]
     pub unknown: UnknownArg,
 
+    /// Detach everything on exit. By default the XDP links and maps stay pinned when the
+    /// daemon exits or dies, so forwarding continues and the next daemon takes over without
+    /// losing a packet (`mcrelay detach` removes them).
+    #[arg(long)]
+    pub no_pin: bool,
+
     #[command(flatten)]
     pub membership: MembershipArgs,
 }

@@ -37,6 +37,10 @@ pub struct GroupTable {
     statics: BTreeMap<IpAddr, BTreeSet<u32>>,
     routers: BTreeSet<u32>,
     installed: BTreeMap<IpAddr, Installed>,
+    /// Port sets a previous daemon left in the maps (hitless restart). They stay in force,
+    /// united with what is learned, until [`GroupTable::end_adoption`] (one membership
+    /// interval after start: by then every live member has reported again).
+    adopted: BTreeMap<IpAddr, Installed>,
 }
 
 /// The (S,G) map key.
@@ -53,6 +57,17 @@ impl GroupTable {
 
     /// What should be installed for `group` given the engine's view.
     pub fn desired(&self, group: IpAddr, learned: &Forwarding) -> Installed {
+        let mut want = self.desired_now(group, learned);
+        if let Some(old) = self.adopted.get(&group) {
+            want.any_source.extend(old.any_source.iter().copied());
+            for (s, ports) in &old.per_source {
+                want.per_source.entry(*s).or_default().extend(ports.iter().copied());
+            }
+        }
+        want
+    }
+
+    fn desired_now(&self, group: IpAddr, learned: &Forwarding) -> Installed {
         let statics = self.statics.get(&group);
         if learned.is_empty() && statics.is_none() {
             return Installed::default();
@@ -146,6 +161,27 @@ impl GroupTable {
         changed.extend(self.statics.keys().filter(|g| !statics.contains_key(g)).copied());
         self.statics = statics;
         for g in changed {
+            self.apply(dp, g, &engine.forwarding(&g))?;
+        }
+        Ok(())
+    }
+
+    /// Takes over what a previous daemon installed (the maps were reused).
+    pub fn adopt(&mut self, installed: BTreeMap<IpAddr, Installed>) {
+        self.installed = installed.clone();
+        self.adopted = installed;
+    }
+
+    /// Whether adopted port sets are still in force.
+    pub fn adopting(&self) -> bool {
+        !self.adopted.is_empty()
+    }
+
+    /// Drops the adopted port sets: from now on only learned, static and router ports count.
+    pub fn end_adoption(&mut self, dp: &mut Dataplane, engine: &Engine) -> anyhow::Result<()> {
+        let groups: Vec<IpAddr> = self.adopted.keys().copied().collect();
+        self.adopted.clear();
+        for g in groups {
             self.apply(dp, g, &engine.forwarding(&g))?;
         }
         Ok(())

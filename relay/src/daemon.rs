@@ -15,6 +15,7 @@ use std::{
 
 use anyhow::{anyhow, Context as _};
 use nix::fcntl::{Flock, FlockArg};
+use relay_common::GroupKey;
 use rtnetlink::Handle;
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -24,10 +25,10 @@ use tokio::{
 use crate::{
     capture::ControlSocket,
     cli::{MembershipArgs, RunArgs, XdpModeArg},
-    control::{Control, ControlCounters, GroupTable},
+    control::{Control, ControlCounters, GroupTable, Installed},
     dataplane::{remove_pins, Dataplane},
     error::UsageError,
-    groups::parse_static,
+    groups::{key_group, parse_static},
     membership::{self, Engine, IgmpVersion, MldVersion, PortOptions},
     paths,
     ports::{self, Link, LinkEvent},
@@ -157,18 +158,23 @@ pub async fn run(args: RunArgs, pin_root: &Path) -> anyhow::Result<()> {
     let _lock = lock_instance()?;
     ensure_bpffs(pin_root)?;
     let pin_dir = paths::pin_dir(pin_root)?;
-    if pin_dir.exists() {
-        // We hold the instance lock, so these pins belong to a daemon that died.
-        tracing::info!("removing stale pins in {}", pin_dir.display());
-        remove_pins(&pin_dir);
-    }
-    let dp = match Dataplane::load(Some(&pin_dir), args.unknown.into()) {
+    remove_other_layouts(&pin_dir);
+    // We hold the instance lock: pins in `pin_dir` belong to a daemon that exited or died;
+    // Dataplane::load reuses its maps and `attach` adopts its links.
+    let existed = pin_dir.exists();
+    let mut dp = match Dataplane::load(Some(&pin_dir), args.unknown.into()) {
         Ok(dp) => dp,
         Err(e) => {
-            remove_pins(&pin_dir);
+            if !existed {
+                remove_pins(&pin_dir);
+            }
             return Err(e);
         }
     };
+    dp.pin_links = !args.no_pin;
+    if dp.adopted() {
+        tracing::info!("taking over from the previous daemon (pinned maps and links in {})", pin_dir.display());
+    }
     let mut daemon =
         Daemon { handle, dp, plan, allmulti_set: Vec::new(), start: tokio::time::Instant::now() };
 
@@ -192,12 +198,38 @@ pub async fn run(args: RunArgs, pin_root: &Path) -> anyhow::Result<()> {
     );
 
     let result = daemon.control_loop(&mut control, links_rx).await;
-    tracing::info!("shutting down: detaching from every port");
-    teardown(&daemon.handle, daemon.dp, &daemon.allmulti_set).await;
     if let Ok(path) = paths::state_file() {
         let _ = std::fs::remove_file(path);
     }
+    if args.no_pin {
+        tracing::info!("shutting down: detaching from every port (--no-pin)");
+        teardown(&daemon.handle, daemon.dp, &daemon.allmulti_set).await;
+    } else {
+        tracing::info!(
+            "exiting; XDP links and maps stay pinned in {}, so forwarding continues and the \
+             next mcrelay takes over (`mcrelay detach` removes them)",
+            pin_dir.display()
+        );
+    }
     result
+}
+
+/// Removes the pins of other map-layout versions in this namespace (an upgrade that changed
+/// the layout): unpinning their links detaches them. A clean re-create, never a reuse of a
+/// map whose layout differs.
+fn remove_other_layouts(pin_dir: &Path) {
+    let (Some(root), Some(current)) = (pin_dir.parent(), pin_dir.file_name()) else { return };
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name != current && name.to_string_lossy().starts_with('v') {
+            tracing::warn!(
+                "removing pins of another map layout ({}): re-creating from scratch",
+                entry.path().display()
+            );
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 impl Daemon {
@@ -226,6 +258,12 @@ impl Daemon {
         };
         for port in &ports {
             self.add_to_control(&mut control, port).await?;
+        }
+        self.dp.prune_stale_ports();
+        if self.dp.adopted() {
+            let installed = adopted_sets(&self.dp);
+            tracing::info!(groups = installed.len(), "adopted the previous daemon's group port sets");
+            control.table.adopt(installed);
         }
         self.sync_statics(&mut control)?;
         for (group, names) in &self.plan.statics {
@@ -349,6 +387,7 @@ impl Daemon {
         let mut flush = tokio::time::interval(Duration::from_millis(250));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut received_at = None;
+        let adoption_ends = start + self.plan.membership.gmi();
         loop {
             let deadline = control
                 .engine
@@ -368,6 +407,11 @@ impl Daemon {
                 },
                 () = tokio::time::sleep_until(deadline) => {
                     control.engine.tick(start.elapsed());
+                    control.dirty = true;
+                }
+                () = tokio::time::sleep_until(adoption_ends), if control.table.adopting() => {
+                    tracing::info!("membership interval since take-over passed: dropping adopted port sets nobody renewed");
+                    control.table.end_adoption(&mut self.dp, &control.engine)?;
                     control.dirty = true;
                 }
                 _ = flush.tick() => {
@@ -474,4 +518,20 @@ fn ensure_bpffs(pin_root: &Path) -> anyhow::Result<()> {
     .with_context(|| {
         format!("mounting bpffs at {} (mount -t bpf bpf {})", paths::BPFFS, paths::BPFFS)
     })
+}
+
+/// The port sets found in adopted maps, by group.
+fn adopted_sets(dp: &Dataplane) -> BTreeMap<IpAddr, Installed> {
+    let mut out: BTreeMap<IpAddr, Installed> = BTreeMap::new();
+    for (key, ports) in dp.group_port_sets() {
+        let group = key_group(&key);
+        let entry = out.entry(group).or_default();
+        if key.source == [0; 16] {
+            entry.any_source.extend(ports);
+        } else {
+            let source = key_group(&GroupKey { group: key.source, source: [0; 16] });
+            entry.per_source.entry(source).or_default().extend(ports);
+        }
+    }
+    out
 }

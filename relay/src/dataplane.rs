@@ -11,7 +11,11 @@ use aya::{
     maps::{
         of_maps::HashOfMaps, Array, DevMapHash, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues,
     },
-    programs::{xdp::XdpLinkId, ProgramError, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        ProgramError, Xdp, XdpMode,
+    },
     util::nr_cpus,
     Ebpf, EbpfLoader,
 };
@@ -36,7 +40,16 @@ pub const XDP_PROGRAM: &str = "mcrelay_xdp";
 pub struct AttachedPort {
     pub link: Link,
     pub mode: AttachMode,
-    link_id: XdpLinkId,
+    port_link: PortLink,
+}
+
+/// Who keeps a port's XDP link alive.
+#[derive(Debug)]
+enum PortLink {
+    /// The loaded program (no pins): dropping the dataplane detaches it.
+    Owned(XdpLinkId),
+    /// A pin in bpffs: the link survives the daemon; removing the pin detaches it.
+    Pinned(PathBuf),
 }
 
 /// The loaded object, its pinned maps and the ports it is attached to. Dropping it detaches
@@ -56,13 +69,33 @@ pub struct Dataplane {
     /// to the program at once, then waits for an RCU grace period before the syscall returns
     /// (map-in-map updates do, ~10 ms here); this marks the moment forwarding changes.
     last_publish: Option<std::time::Instant>,
+    /// The maps came from a previous daemon's pins.
+    adopted: bool,
+    /// Pin the XDP links of new attachments (false with `run --no-pin`).
+    pub pin_links: bool,
 }
 
+/// Maps of the object that are pinned (and reused by the next daemon).
+const OBJECT_MAPS: [&str; 5] =
+    [pins::GROUP_PORTS, pins::FLOOD_PORTS, pins::ROUTER_PORTS, pins::CONFIG, pins::PORT_STATS];
+
 impl Dataplane {
-    /// Loads the object, pins its maps in `pin_dir` (which must not exist yet; `None`: no pins,
-    /// everything goes away with this value) and writes the configuration.
+    /// Loads the object and writes the configuration.
+    ///
+    /// With `pin_dir`, the maps are pinned there; when they are already pinned (a previous
+    /// daemon of the same layout version left them), they are reused as they are: forwarding
+    /// state, counters and all. `None`: no pins, everything goes away with this value.
     pub fn load(pin_dir: Option<&Path>, unknown: UnknownPolicy) -> anyhow::Result<Self> {
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(|e| {
+        let adopt = pin_dir.is_some_and(|d| d.join(pins::GROUP_PORTS).exists());
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating pin directory {}", dir.display()))?;
+            for name in OBJECT_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
             if is_permission_error(&e) {
                 anyhow!(UsageError::new(format!(
                     "permission denied loading the eBPF object ({e}); mcrelay needs root or \
@@ -78,35 +111,28 @@ impl Dataplane {
             .try_into()?;
         program.load().context("the kernel rejected the XDP program (verifier)")?;
 
-        let ports_data = MapData::create(
-            aya_obj::Map::new_from_params(
-                BPF_MAP_TYPE_HASH,
-                4,
-                std::mem::size_of::<PortInfo>() as u32,
-                MAX_PORTS,
-                0,
-            ),
-            pins::PORTS,
-            None,
-        )
-        .context("creating the PORTS map")?;
-        if let Some(pin_dir) = pin_dir {
-            std::fs::create_dir_all(pin_dir)
-                .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
-            for name in [
-                pins::GROUP_PORTS,
-                pins::FLOOD_PORTS,
-                pins::ROUTER_PORTS,
-                pins::CONFIG,
-                pins::PORT_STATS,
-            ] {
-                let map =
-                    ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))?;
-                map.pin(pin_dir.join(name))
-                    .with_context(|| format!("pinning {name} in {}", pin_dir.display()))?;
+        let ports_path = pin_dir.map(|d| d.join(pins::PORTS));
+        let ports_data = match ports_path.as_ref().filter(|p| p.exists()) {
+            Some(path) => MapData::from_pin(path).context("opening the pinned PORTS map")?,
+            None => {
+                let data = MapData::create(
+                    aya_obj::Map::new_from_params(
+                        BPF_MAP_TYPE_HASH,
+                        4,
+                        std::mem::size_of::<PortInfo>() as u32,
+                        MAX_PORTS,
+                        0,
+                    ),
+                    pins::PORTS,
+                    None,
+                )
+                .context("creating the PORTS map")?;
+                if let Some(path) = &ports_path {
+                    data.pin(path).context("pinning the PORTS map")?;
+                }
+                data
             }
-            ports_data.pin(pin_dir.join(pins::PORTS)).context("pinning the PORTS map")?;
-        }
+        };
         let ports_map = HashMap::try_from(Map::HashMap(ports_data))?;
 
         let mut dp = Self {
@@ -118,9 +144,48 @@ impl Dataplane {
             config: Config::default(),
             router_ports: Vec::new(),
             last_publish: None,
+            adopted: adopt,
+            pin_links: true,
         };
+        if adopt {
+            dp.read_back()?;
+        }
         dp.set_unknown_policy(unknown)?;
         Ok(dp)
+    }
+
+    /// Whether the maps were adopted from a previous daemon.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Reads the state a previous daemon left in the reused maps: config, router ports and
+    /// every group's port set (the inner maps are kept so later swaps work as usual).
+    fn read_back(&mut self) -> anyhow::Result<()> {
+        let config: Array<_, Config> = Array::try_from(map_ref(&self.ebpf, pins::CONFIG)?)?;
+        self.config = config.get(&0, 0).context("reading CONFIG")?;
+        let routers: DevMapHash<_> = DevMapHash::try_from(map_ref(&self.ebpf, pins::ROUTER_PORTS)?)?;
+        self.router_ports = routers.keys().filter_map(Result::ok).collect();
+        let outer: HashOfMaps<_, GroupKey, DevMapHash<MapData>> =
+            HashOfMaps::try_from(map_ref(&self.ebpf, pins::GROUP_PORTS)?)?;
+        let keys: Vec<GroupKey> = outer.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            match outer.get(&key, 0) {
+                Ok(inner) => {
+                    self.groups.insert(key, inner);
+                }
+                Err(e) => tracing::warn!("reading an adopted group entry: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Port sets found in `GROUP_PORTS` (after adoption: what the previous daemon installed).
+    pub fn group_port_sets(&self) -> BTreeMap<GroupKey, Vec<u32>> {
+        self.groups
+            .iter()
+            .map(|(k, inner)| (*k, inner.keys().filter_map(Result::ok).collect()))
+            .collect()
     }
 
     fn write_config(&mut self, config: Config) -> anyhow::Result<()> {
@@ -198,11 +263,11 @@ impl Dataplane {
         link: &Link,
         mode: XdpModeArg,
     ) -> anyhow::Result<(AttachMode, Option<String>)> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(XDP_PROGRAM)
-            .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing"))?
-            .try_into()?;
+        if let Some(adopted) = self.adopt_link(link) {
+            return Ok((adopted, None));
+        }
+        let pin = self.new_link_pin(link.index)?;
+        let program = program_mut(&mut self.ebpf)?;
         let try_mode = |program: &mut Xdp, m: XdpMode| program.attach_to_if_index(link.index, m);
         let (link_id, used, fallback_reason) = match mode {
             XdpModeArg::Native => {
@@ -225,12 +290,139 @@ impl Dataplane {
                 }
             },
         };
-        self.attached.insert(link.index, AttachedPort { link: link.clone(), mode: used, link_id });
+        let port_link = match pin {
+            // Pinned links outlive the daemon: forwarding continues across restarts.
+            Some(path) => {
+                let pinned = program
+                    .take_link(link_id)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|l| Ok(FdLink::try_from(l)?))
+                    .and_then(|fd| Ok(fd.pin(&path)?));
+                match pinned {
+                    Ok(_) => PortLink::Pinned(path),
+                    Err(e) => {
+                        return Err(e.context(format!("pinning the XDP link of {}", link.name)));
+                    }
+                }
+            }
+            None => PortLink::Owned(link_id),
+        };
+        self.attached
+            .insert(link.index, AttachedPort { link: link.clone(), mode: used, port_link });
         if let Err(e) = self.register_port(link.index, &link.name, used) {
             self.detach(link.index);
             return Err(e);
         }
         Ok((used, fallback_reason))
+    }
+
+    /// Where the XDP link of a port is pinned (`None` without pins).
+    fn link_pin(&self, ifindex: u32) -> Option<PathBuf> {
+        self.pin_dir.as_ref().map(|d| d.join(pins::LINKS).join(ifindex.to_string()))
+    }
+
+    /// Where a new attachment's link is pinned, if it is.
+    fn new_link_pin(&self, ifindex: u32) -> anyhow::Result<Option<PathBuf>> {
+        let Some(path) = self.link_pin(ifindex).filter(|_| self.pin_links) else {
+            return Ok(None);
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        Ok(Some(path))
+    }
+
+    /// Takes over the pinned link a previous daemon left on this port: the program in the
+    /// link is replaced atomically (BPF_LINK_UPDATE), so no frame goes unprocessed. A pin that
+    /// cannot be used (interface re-created meanwhile) is removed.
+    fn adopt_link(&mut self, link: &Link) -> Option<AttachMode> {
+        let path = self.link_pin(link.index)?;
+        if !path.exists() {
+            return None;
+        }
+        let mode = self
+            .ports_map
+            .get(&link.index, 0)
+            .ok()
+            .filter(|info| info.name.starts_with(link.name.as_bytes()))
+            .and_then(|info| AttachMode::from_u32(info.attach_mode));
+        let result = (|| -> anyhow::Result<()> {
+            let mode = mode.ok_or_else(|| anyhow!("no matching PORTS entry"))?;
+            let fd_link = FdLink::from(PinnedLink::from_pin(&path)?);
+            let xdp_link = XdpLink::try_from(fd_link)?;
+            let program = program_mut(&mut self.ebpf)?;
+            let id = program.attach_to_link(xdp_link)?;
+            // The program now holds an fd of the link; the pin keeps the link itself.
+            let _ = id;
+            self.attached.insert(
+                link.index,
+                AttachedPort { link: link.clone(), mode, port_link: PortLink::Pinned(path.clone()) },
+            );
+            self.register_port_adopted(link.index, &link.name, mode)
+        })();
+        match result {
+            Ok(()) => {
+                tracing::info!(iface = %link.name, "adopted the pinned XDP link (program replaced atomically)");
+                mode
+            }
+            Err(e) => {
+                tracing::warn!(iface = %link.name, "cannot adopt {}: {e:#}; attaching anew", path.display());
+                self.attached.remove(&link.index);
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Removes link pins of ports that are not attached now (left by a previous daemon for
+    /// interfaces that are gone or no longer wanted): that detaches them. Also drops their
+    /// entries from PORTS, PORT_STATS and FLOOD_PORTS.
+    pub fn prune_stale_ports(&mut self) {
+        if let Some(dir) = self.pin_dir.as_ref().map(|d| d.join(pins::LINKS)) {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    let stale = entry
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| n.parse::<u32>().ok())
+                        .is_none_or(|i| !self.attached.contains_key(&i));
+                    if stale {
+                        tracing::info!("removing stale link pin {}", entry.path().display());
+                        let _ = std::fs::remove_file(entry.path());
+                    }
+                }
+            }
+        }
+        let stale: Vec<u32> = self
+            .ports_map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|i| !self.attached.contains_key(i))
+            .collect();
+        for ifindex in stale {
+            self.forget_port(ifindex);
+        }
+    }
+
+    /// Like [`Self::register_port`], but keeps the counters an adopted port already has.
+    fn register_port_adopted(
+        &mut self,
+        ifindex: u32,
+        ifname: &str,
+        mode: AttachMode,
+    ) -> anyhow::Result<()> {
+        let has_stats = {
+            let stats: PerCpuHashMap<_, u32, PortCounters> =
+                PerCpuHashMap::try_from(map_ref(&self.ebpf, pins::PORT_STATS)?)?;
+            stats.get(&ifindex, 0).is_ok()
+        };
+        if has_stats {
+            let mut flood: DevMapHash<_> =
+                DevMapHash::try_from(map_mut(&mut self.ebpf, pins::FLOOD_PORTS)?)?;
+            flood.insert(ifindex, ifindex, None, 0).context("writing FLOOD_PORTS")?;
+            return Ok(());
+        }
+        self.register_port(ifindex, ifname, mode)
     }
 
     /// Enters a port in PORTS, PORT_STATS and FLOOD_PORTS (done by [`Self::attach`]; public
@@ -261,17 +453,26 @@ impl Dataplane {
     /// Detaches the program from a port and forgets the port in the maps (best effort).
     pub fn detach(&mut self, ifindex: u32) {
         if let Some(port) = self.attached.remove(&ifindex) {
-            if let Ok(program) = self
-                .ebpf
-                .program_mut(XDP_PROGRAM)
-                .ok_or(())
-                .and_then(|p| <&mut Xdp>::try_from(p).map_err(|_| ()))
-            {
-                if let Err(e) = program.detach(port.link_id) {
-                    tracing::warn!(iface = %port.link.name, "detaching: {e}");
+            match port.port_link {
+                PortLink::Owned(id) => {
+                    if let Ok(program) = program_mut(&mut self.ebpf) {
+                        if let Err(e) = program.detach(id) {
+                            tracing::warn!(iface = %port.link.name, "detaching: {e}");
+                        }
+                    }
+                }
+                // Removing the last reference (the pin) detaches a pinned link.
+                PortLink::Pinned(path) => {
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        tracing::warn!(iface = %port.link.name, "unpinning {}: {e}", path.display());
+                    }
                 }
             }
         }
+        self.forget_port(ifindex);
+    }
+
+    fn forget_port(&mut self, ifindex: u32) {
         let _ = self.ports_map.remove(&ifindex);
         if let Ok(map) = map_mut(&mut self.ebpf, pins::PORT_STATS) {
             if let Ok(mut stats) = PerCpuHashMap::<_, u32, PortCounters>::try_from(map) {
@@ -369,6 +570,17 @@ pub fn remove_pins(pin_dir: &Path) {
         }
         dir = d.parent();
     }
+}
+
+fn map_ref<'a>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a Map> {
+    ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))
+}
+
+fn program_mut(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
+    Ok(ebpf
+        .program_mut(XDP_PROGRAM)
+        .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing"))?
+        .try_into()?)
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Map> {

@@ -26,6 +26,8 @@ pub mod pins {
     pub const GROUP_PORTS: &str = "GROUP_PORTS";
     pub const FLOOD_PORTS: &str = "FLOOD_PORTS";
     pub const ROUTER_PORTS: &str = "ROUTER_PORTS";
+    /// Directory of pinned XDP links, one file per ifindex.
+    pub const LINKS: &str = "links";
     pub const CONFIG: &str = "CONFIG";
     pub const PORT_STATS: &str = "PORT_STATS";
     /// Created by the daemon (not part of the object): ifindex -> `PortInfo`.

@@ -127,7 +127,8 @@ fn failed_native_attach_is_rolled_back() {
 
     // Control: the veth alone attaches natively, and the check below does see it.
     {
-        let mut relay = Mcrelay::start(&bed.gw, &["run", "-i", PORT, "--xdp-mode", "native"]);
+        let mut relay =
+            Mcrelay::start(&bed.gw, &["run", "--no-pin", "-i", PORT, "--xdp-mode", "native"]);
         relay.wait_ready();
         assert!(
             bed.gw.xdp_attachment(PORT).is_some(),

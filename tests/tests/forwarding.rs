@@ -37,8 +37,10 @@ fn addr(s: &str) -> IpAddr {
 }
 
 /// Starts `mcrelay run -i gw0 ... -i gwN EXTRA...` on the star's gateway and waits until ready.
+/// With `--no-pin`: these tests check that SIGTERM detaches everything (by default the links
+/// stay pinned for a hitless restart; tests/tests/restart.rs covers that).
 fn start_relay(star: &Star, extra: &[&str]) -> Mcrelay {
-    let mut args: Vec<String> = vec!["run".into()];
+    let mut args: Vec<String> = vec!["run".into(), "--no-pin".into()];
     args.extend(star.iface_args());
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
