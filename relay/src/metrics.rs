@@ -315,9 +315,7 @@ fn render_state(registry: &mut Registry, state: &DaemonState, age_ms: u64) {
     );
     let ignored = Family::<Labels, Counter>::default();
     ignored.get_or_create(&labels([("reason", "other_port")])).inc_by(c.ignored_other_port);
-    ignored
-        .get_or_create(&labels([("reason", "not_membership")]))
-        .inc_by(c.ignored_not_membership);
+    ignored.get_or_create(&labels([("reason", "not_membership")])).inc_by(c.ignored_not_membership);
     registry.register("control_ignored", "Control frames ignored, by reason", ignored);
     let malformed = Family::<Labels, Counter>::default();
     for (reason, n) in &c.malformed {
@@ -332,13 +330,16 @@ fn render_state(registry: &mut Registry, state: &DaemonState, age_ms: u64) {
         c.relayed,
     );
     counter(registry, "queries_sent", "General and specific queries sent", c.queries_sent);
-    counter(registry, "control_send_errors", "Control frames that could not be sent", c.send_errors);
+    counter(
+        registry,
+        "control_send_errors",
+        "Control frames that could not be sent",
+        c.send_errors,
+    );
     let latency = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    for (stat, us) in [
-        ("last", c.last_update_us),
-        ("max", c.max_update_us),
-        ("last_done", c.last_update_done_us),
-    ] {
+    for (stat, us) in
+        [("last", c.last_update_us), ("max", c.max_update_us), ("last_done", c.last_update_done_us)]
+    {
         latency.get_or_create(&labels([("stat", stat)])).set(us as f64 / 1e6);
     }
     registry.register_with_unit(
@@ -419,7 +420,10 @@ mod tests {
                     group: "ff3e::1".into(),
                     kind: "learned".into(),
                     ports: vec![],
-                    sources: vec![SourcePorts { source: "fd00::1".into(), ports: vec!["b0".into()] }],
+                    sources: vec![SourcePorts {
+                        source: "fd00::1".into(),
+                        ports: vec!["b0".into()],
+                    }],
                     members: vec![MemberState {
                         port: "b0".into(),
                         mode: "include".into(),
@@ -473,8 +477,7 @@ mod tests {
             "mcrelay_control_relayed_total 1".into(),
             "mcrelay_queries_sent_total 3".into(),
             "mcrelay_join_to_forward_seconds{stat=\"max\"} 0.0015".into(),
-            "mcrelay_querier_is_self{port=\"b0\",family=\"ipv4\",address=\"198.18.1.1\"} 1"
-                .into(),
+            "mcrelay_querier_is_self{port=\"b0\",family=\"ipv4\",address=\"198.18.1.1\"} 1".into(),
             "mcrelay_router_ports 0".into(),
             "mcrelay_state_age_seconds 1.5".into(),
         ] {
