@@ -17,6 +17,7 @@ use anyhow::{anyhow, Context as _};
 use nix::fcntl::{Flock, FlockArg};
 use relay_common::GroupKey;
 use rtnetlink::Handle;
+use sd_notify::NotifyState;
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc::UnboundedReceiver,
@@ -197,7 +198,13 @@ pub async fn run(args: RunArgs, pin_root: &Path) -> anyhow::Result<()> {
         pin_dir.display()
     );
 
+    let status = format!("relaying on {} port(s): {}", summary.len(), summary.join(", "));
+    if let Err(e) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]) {
+        tracing::warn!("telling systemd we are ready: {e}");
+    }
+
     let result = daemon.control_loop(&mut control, links_rx).await;
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
     if let Ok(path) = paths::state_file() {
         let _ = std::fs::remove_file(path);
     }
@@ -388,6 +395,11 @@ impl Daemon {
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut received_at = None;
         let adoption_ends = start + self.plan.membership.gmi();
+        // systemd's watchdog (WatchdogSec=): ping at half the interval.
+        let watchdog = sd_notify::watchdog_enabled();
+        let mut last_status = String::new();
+        let mut watchdog_tick =
+            tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
         loop {
             let deadline = control
                 .engine
@@ -414,9 +426,22 @@ impl Daemon {
                     control.table.end_adoption(&mut self.dp, &control.engine)?;
                     control.dirty = true;
                 }
+                _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                }
                 _ = flush.tick() => {
                     if control.dirty {
                         control.dirty = false;
+                        let status = format!(
+                            "{} port(s), {} group(s), {} queries sent",
+                            control.names.len(),
+                            control.table.installed().len(),
+                            control.counters.queries_sent
+                        );
+                        if status != last_status {
+                            let _ = sd_notify::notify(&[NotifyState::Status(&status)]);
+                            last_status = status;
+                        }
                         if let Err(e) = state::write(&state_path, &control.snapshot(start.elapsed())) {
                             tracing::warn!("{e:#}");
                         }
