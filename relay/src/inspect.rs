@@ -35,7 +35,47 @@ fn open(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
             path.display()
         ));
     }
-    MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+    open_read_only(&path).with_context(|| format!("opening {}", path.display()))
+}
+
+/// Opens a pinned map read-only (BPF_OBJ_GET with BPF_F_RDONLY): the CLI can never change the
+/// daemon's maps, and the kernel checks that too. (`MapData::from_pin` opens read-write.)
+fn open_read_only(path: &Path) -> anyhow::Result<MapData> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_F_RDONLY: u32 = 1 << 3;
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let attr = ObjGetAttr {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: BPF_F_RDONLY,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: BPF_OBJ_GET reads `attr` (a valid, zero-padded bpf_attr prefix) and the
+    // NUL-terminated path it points to, both alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            std::ptr::addr_of!(attr),
+            std::mem::size_of::<ObjGetAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_OBJ_GET (read-only)");
+    }
+    // SAFETY: the kernel just returned this descriptor; we own it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    Ok(MapData::from_fd(fd)?)
 }
 
 /// Reads every attached port and its counters.
