@@ -1,0 +1,207 @@
+//! The structure of the configuration file: what each key means and its default.
+//!
+//! Defaults equal the command-line defaults (a unit test keeps them in step), so a file that
+//! sets nothing behaves like `mcrelay run` without options.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::cli::{UnknownArg, XdpModeArg};
+
+/// `/etc/mcrelay/mcrelay.toml`, as written by the user (validated by [`super::load`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Prometheus endpoint, e.g. `127.0.0.1:9464` or `[::1]:9464`; none when absent.
+    #[serde(deserialize_with = "socket_addr")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Directory under a bpffs mount for mcrelay's pins (`--pin-root`).
+    pub pin_root: Option<PathBuf>,
+    /// Keep XDP links and maps pinned when the daemon exits (false: `--no-pin`).
+    pub pin: bool,
+    /// How XDP is attached to ports that do not say otherwise (`--xdp-mode`).
+    pub xdp_mode: XdpMode,
+    /// `[[port]]`: the interfaces to relay between (`-i`).
+    #[serde(rename = "port")]
+    pub ports: Vec<PortConfig>,
+    /// `[[static]]`: static group memberships (`--static`).
+    #[serde(rename = "static")]
+    pub statics: Vec<StaticConfig>,
+    /// `[policy]`: which groups may be relayed, and what happens to unknown groups.
+    pub policy: PolicyConfig,
+    /// `[timers]`: IGMP/MLD timers (RFC 3376 / RFC 3810).
+    pub timers: TimersConfig,
+    /// `[querier]`: whether and how mcrelay queries.
+    pub querier: QuerierConfig,
+}
+
+impl Default for ConfigFile {
+    fn default() -> Self {
+        Self {
+            metrics_listen: None,
+            pin_root: None,
+            pin: true,
+            xdp_mode: XdpMode::Auto,
+            ports: Vec::new(),
+            statics: Vec::new(),
+            policy: PolicyConfig::default(),
+            timers: TimersConfig::default(),
+            querier: QuerierConfig::default(),
+        }
+    }
+}
+
+impl ConfigFile {
+    /// The `[[port]]` entry that applies to interface `iface`: the first whose name equals it
+    /// or whose glob matches it.
+    pub fn port_for(&self, iface: &str) -> Option<&PortConfig> {
+        self.ports.iter().find(|p| crate::ports::matches_any(std::slice::from_ref(&p.name), iface))
+    }
+}
+
+/// One `[[port]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    /// Interface name or glob (`tap*`).
+    pub name: String,
+    /// `member` (hosts behind it) or `router` (a multicast router: gets all multicast).
+    #[serde(default)]
+    pub role: PortRole,
+    /// Overrides the top-level `xdp_mode` for this port.
+    #[serde(default)]
+    pub xdp_mode: Option<XdpMode>,
+    /// A single host behind the port: leaves take effect at once.
+    #[serde(default)]
+    pub fast_leave: bool,
+    /// Planned: per-member unicast-MAC copies on a shared TAP. Accepted, not implemented yet.
+    #[serde(default)]
+    pub per_client: bool,
+    /// Planned: packets per second relayed out of this port. Accepted, not implemented yet.
+    #[serde(default)]
+    pub rate_limit_pps: Option<u64>,
+}
+
+/// What is behind a port.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PortRole {
+    /// Hosts that join groups.
+    #[default]
+    Member,
+    /// A multicast router (RFC 4541: gets all multicast).
+    Router,
+}
+
+/// `xdp_mode`: how XDP is attached (the values of `--xdp-mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpMode {
+    #[default]
+    Auto,
+    Native,
+    Skb,
+}
+
+impl From<XdpMode> for XdpModeArg {
+    fn from(mode: XdpMode) -> Self {
+        match mode {
+            XdpMode::Auto => Self::Auto,
+            XdpMode::Native => Self::Native,
+            XdpMode::Skb => Self::Skb,
+        }
+    }
+}
+
+/// One `[[static]]` entry: a group relayed to `ports` whether or not anyone joined it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticConfig {
+    /// IPv4 or IPv6 group address (all sources).
+    pub group: String,
+    /// Port names (or names matching a port glob) that receive the group.
+    pub ports: Vec<String>,
+}
+
+/// `[policy]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Group prefixes that may be relayed (CIDR); empty: every group.
+    pub allow: Vec<String>,
+    /// Group prefixes that are never relayed (CIDR); wins over `allow`.
+    pub deny: Vec<String>,
+    /// Multicast data for groups nobody joined (`--unknown`).
+    pub unknown: UnknownPolicy,
+}
+
+/// `unknown`: the values of `--unknown`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownPolicy {
+    #[default]
+    RouterPorts,
+    Drop,
+    Flood,
+}
+
+impl From<UnknownPolicy> for UnknownArg {
+    fn from(policy: UnknownPolicy) -> Self {
+        match policy {
+            UnknownPolicy::RouterPorts => Self::RouterPorts,
+            UnknownPolicy::Drop => Self::Drop,
+            UnknownPolicy::Flood => Self::Flood,
+        }
+    }
+}
+
+/// `[timers]`, in seconds (fractions allowed).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimersConfig {
+    /// Robustness variable, 1 to 7 (also the last member query count).
+    pub robustness: u32,
+    pub query_interval: f64,
+    pub query_response_interval: f64,
+    pub last_member_interval: f64,
+}
+
+impl Default for TimersConfig {
+    fn default() -> Self {
+        Self {
+            robustness: 2,
+            query_interval: 125.0,
+            query_response_interval: 10.0,
+            last_member_interval: 1.0,
+        }
+    }
+}
+
+/// `[querier]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuerierConfig {
+    /// Act as querier where no other router does (`--no-querier` turns it off).
+    pub enabled: bool,
+    /// IGMP version of mcrelay's queries: 2 or 3.
+    pub igmp_version: u8,
+    /// MLD version of mcrelay's queries: 1 or 2.
+    pub mld_version: u8,
+}
+
+impl Default for QuerierConfig {
+    fn default() -> Self {
+        Self { enabled: true, igmp_version: 3, mld_version: 2 }
+    }
+}
+
+fn socket_addr<'de, D: Deserializer<'de>>(de: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(de)?;
+    text.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "'{text}' is not a socket address: write ADDRESS:PORT, e.g. \"127.0.0.1:9464\" or \
+             \"[::1]:9464\""
+        ))
+    })
+}
