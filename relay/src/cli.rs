@@ -31,8 +31,11 @@ pub enum Command {
     Ports(OutputArgs),
     /// Show per-port packet and byte counters by reason.
     Stats(StatsArgs),
-    /// Remove every map pin mcrelay made in this network namespace (the daemon must be stopped).
+    /// Remove every program, link and pin mcrelay made in this network namespace (the daemon
+    /// must be stopped; a running daemon detaches with `run --no-pin` or keeps forwarding).
     Detach,
+    /// Make the running daemon re-read its configuration (same as SIGHUP).
+    Reload,
     /// Validate a configuration file without touching the system (exit 2 on errors).
     CheckConfig {
         /// The file to check (e.g. /etc/mcrelay/mcrelay.toml).

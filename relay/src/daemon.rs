@@ -513,12 +513,41 @@ fn lock_instance() -> anyhow::Result<Flock<std::fs::File>> {
                 anyhow!(e).context(format!("opening {}", path.display()))
             }
         })?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+    let mut lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
         anyhow!(UsageError::new(format!(
             "another mcrelay is already running in this network namespace ({}: {errno})",
             path.display()
         )))
-    })
+    })?;
+    // The pid, for `mcrelay reload` (SIGHUP).
+    {
+        use std::io::{Seek as _, Write as _};
+        let file: &mut std::fs::File = &mut lock;
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = writeln!(file, "{}", std::process::id());
+    }
+    Ok(lock)
+}
+
+/// `mcrelay reload`: sends SIGHUP to this namespace's daemon.
+pub fn reload() -> anyhow::Result<()> {
+    let path = paths::lock_file()?;
+    let text = std::fs::read_to_string(&path).map_err(|_| {
+        anyhow!("no mcrelay daemon in this network namespace ({} missing)", path.display())
+    })?;
+    let file = std::fs::File::open(&path)?;
+    if Flock::lock(file, FlockArg::LockSharedNonblock).is_ok() {
+        return Err(anyhow!("no mcrelay daemon is running in this network namespace"));
+    }
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("{} does not hold a process id", path.display()))?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP)
+        .with_context(|| format!("sending SIGHUP to mcrelay (pid {pid})"))?;
+    println!("sent SIGHUP to mcrelay (pid {pid})");
+    Ok(())
 }
 
 /// Mounts bpffs at /sys/fs/bpf when the pin root lives there and nothing is mounted yet.

@@ -29,6 +29,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Ports(o) => relay::inspect::ports(&pin_root, o.json),
         Command::Stats(s) => relay::inspect::stats(&pin_root, s.json, s.watch),
         Command::Detach => relay::inspect::detach(&pin_root),
+        Command::Reload => relay::daemon::reload(),
         Command::CheckConfig { file } => relay::config::check_config(&file),
         Command::Man => relay::manpage::man(),
         Command::Completions { shell } => relay::manpage::completions(shell),
