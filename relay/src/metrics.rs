@@ -92,6 +92,68 @@ pub async fn serve_on(listener: TcpListener, sources: Sources) -> anyhow::Result
     }
 }
 
+/// An endpoint running on a thread of its own (with its own single-threaded tokio runtime),
+/// stopped when dropped. For callers without a tokio runtime, and tests.
+pub struct Background {
+    local_addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Background {
+    /// Binds `listen` now (port 0 picks a free port: see [`Background::local_addr`]) and
+    /// serves from a new thread. The thread inherits the caller's network namespace, and the
+    /// sources are those of that namespace.
+    pub fn spawn(listen: SocketAddr, pin_root: &Path) -> anyhow::Result<Self> {
+        let sources = Sources::of_current_netns(pin_root)?;
+        let listener = std::net::TcpListener::bind(listen)
+            .with_context(|| format!("metrics: binding {listen}"))?;
+        let local_addr = listener.local_addr().context("metrics: local address")?;
+        listener.set_nonblocking(true).context("metrics: non-blocking listener")?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("metrics: tokio runtime")?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("mcrelay-metrics".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(e) => return tracing::warn!("metrics: listener: {e}"),
+                    };
+                    tokio::select! {
+                        result = serve_on(listener, sources) => {
+                            if let Err(e) = result {
+                                tracing::warn!("metrics endpoint stopped: {e:#}");
+                            }
+                        }
+                        _ = stopped => {}
+                    }
+                });
+            })
+            .context("metrics: starting the thread")?;
+        Ok(Self { local_addr, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// The address the endpoint listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Where one instance keeps what the endpoint reports.
 #[derive(Debug, Clone)]
 pub struct Sources {
