@@ -73,7 +73,25 @@ fn start_relay(star: &Star, extra: &[&str]) -> Mcrelay {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut relay = Mcrelay::start(&star.gw, &args);
     relay.wait_ready();
+    DAEMON_PID.with(|p| p.set(Some(relay.pid())));
     relay
+}
+
+thread_local! {
+    /// The daemon this test thread started, so that waits can tell a dead daemon from a slow one.
+    static DAEMON_PID: Cell<Option<u32>> = const { Cell::new(None) };
+}
+
+/// Panics if the daemon started by this test has exited (a zombie until its guard reaps it);
+/// the guard then prints its stderr.
+fn assert_daemon_alive(what: &str) {
+    let Some(pid) = DAEMON_PID.with(Cell::get) else { return };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Field 3 (after the parenthesised command name) is the state.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    if matches!(state, None | Some("Z" | "X")) {
+        panic!("mcrelay (pid {pid}) exited {what}; its stderr follows");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -195,6 +213,7 @@ fn deliver(
         let got = wire.count(group) - before;
         let want = if *forwarded { COUNT } else { 0 };
         if got != want {
+            assert_daemon_alive(&format!("before {src:?} -> {group} was checked {when}"));
             let doc = groups(gw);
             let entry = group_entry(&doc, group).cloned().unwrap_or(Value::Null);
             panic!(
@@ -336,6 +355,7 @@ fn wait_groups(
 ) -> (Value, Duration) {
     let start = Instant::now();
     loop {
+        assert_daemon_alive(&format!("while waiting for {what}"));
         let doc = groups(gw);
         if pred(&doc) {
             return (doc, start.elapsed());
@@ -1021,6 +1041,7 @@ fn group_timer_expiry(tag: &str, group: IpAddr) {
             host_b.report(RecordType::IsInclude, group, &[s1]);
             refreshed = Some(Instant::now());
         }
+        assert_daemon_alive(what);
         let doc = groups(gw);
         if state_is(&doc, group, port, &Want::include(&[s1])) {
             break;
