@@ -22,7 +22,10 @@ use std::{
 };
 
 use serde::Deserialize as _;
-use toml::de::DeTable;
+use toml::{
+    de::{DeArray, DeString, DeTable, DeValue},
+    Spanned,
+};
 
 use self::span::{line_col, Issue, Locator};
 pub use self::{
@@ -100,8 +103,23 @@ pub fn parse_str(text: &str) -> Result<ConfigFile, Vec<Diagnostic>> {
         }
         return Err(errors);
     }
-    let file = ConfigFile::deserialize(toml::de::Deserializer::from(document))
-        .map_err(|e| vec![at(e.span(), structure_message(e.message()))])?;
+    let file = match ConfigFile::deserialize(toml::de::Deserializer::from(document.clone())) {
+        Ok(file) => file,
+        Err(first) => {
+            // serde stops at the first problem; look at every top-level key and every
+            // [[port]]/[[static]] entry on its own to report them all.
+            let mut errors: Vec<Diagnostic> = structure_errors(document)
+                .into_iter()
+                .map(|e| at(e.span(), structure_message(e.message())))
+                .collect();
+            if errors.is_empty() {
+                errors.push(at(first.span(), structure_message(first.message())));
+            }
+            errors.sort_by_key(|d| d.at);
+            errors.dedup();
+            return Err(errors);
+        }
+    };
     let issues = validate::validate(&file);
     if issues.is_empty() {
         return Ok(file);
@@ -109,6 +127,34 @@ pub fn parse_str(text: &str) -> Result<ConfigFile, Vec<Diagnostic>> {
     let mut errors = locate(text, issues);
     errors.sort_by_key(|d| d.at);
     Err(errors)
+}
+
+/// The structural errors of `document`, found by deserializing each top-level key, and each
+/// element of an array of tables, on its own (every other key then takes its default).
+fn structure_errors(document: Spanned<DeTable<'_>>) -> Vec<toml::de::Error> {
+    let span = document.span();
+    let mut parts: Vec<(Spanned<DeString<'_>>, Spanned<DeValue<'_>>)> = Vec::new();
+    for (key, value) in document.into_inner() {
+        match value.get_ref() {
+            DeValue::Array(array) if array.iter().all(|v| v.get_ref().is_table()) => {
+                for element in array.iter() {
+                    let mut one = DeArray::new();
+                    one.push(element.clone());
+                    parts.push((key.clone(), Spanned::new(value.span(), DeValue::Array(one))));
+                }
+            }
+            _ => parts.push((key, value)),
+        }
+    }
+    parts
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let mut table = DeTable::new();
+            table.insert(key, value);
+            let document = Spanned::new(span.clone(), table);
+            ConfigFile::deserialize(toml::de::Deserializer::from(document)).err()
+        })
+        .collect()
 }
 
 /// serde's message, with a hint where it helps.
@@ -317,6 +363,16 @@ mld_version = 1
         assert_error("[timers]\nquery_interval = \"long\"\n", 2, "");
         assert_error("[[port]]\nrole = \"router\"\n", 1, "name");
         assert_error("metrics_listen = \"localhost\"\n", 1, "ADDRESS:PORT");
+    }
+
+    #[test]
+    fn every_structural_error_is_reported() {
+        let errs = errors(
+            "metrics = 1\n[[port]]\nname = \"a\"\n[[port]]\nname = \"b\"\nrole = \"x\"\n\
+             [[port]]\nnme = \"c\"\n[timers]\nquery_interval = \"x\"\n",
+        );
+        let lines: Vec<usize> = errs.iter().map(|e| e.at.line).collect();
+        assert_eq!(lines, [1, 6, 8, 10], "{errs:#?}");
     }
 
     #[test]
