@@ -105,13 +105,14 @@ impl GroupTable {
         }
         for (source, ports) in &want.per_source {
             if have.per_source.get(source) != Some(ports) {
+                // Even an empty set is installed: it keeps a blocked source off the (*,G) ports.
                 let ports: Vec<u32> = ports.iter().copied().collect();
-                dp.set_group(source_key(group, *source), &ports)?;
+                dp.install_group(source_key(group, *source), &ports)?;
             }
         }
         for source in have.per_source.keys() {
             if !want.per_source.contains_key(source) {
-                dp.set_group(source_key(group, *source), &[])?;
+                dp.remove_group(source_key(group, *source))?;
             }
         }
         if want == Installed::default() {

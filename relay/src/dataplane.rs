@@ -212,9 +212,10 @@ impl Dataplane {
             DevMapHash::try_from(map_mut(&mut self.ebpf, pins::ROUTER_PORTS)?)?;
         for &old in &self.router_ports {
             if !ifindexes.contains(&old) {
-                match map.remove(old) {
-                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => return Err(e).context("writing ROUTER_PORTS"),
+                if let Err(e) = map.remove(old) {
+                    if !is_not_found(&e) {
+                        return Err(e).context("writing ROUTER_PORTS");
+                    }
                 }
             }
         }
@@ -505,16 +506,31 @@ impl Dataplane {
     /// built and swapped in). An empty set removes the group.
     pub fn set_group(&mut self, key: GroupKey, ifindexes: &[u32]) -> anyhow::Result<()> {
         if ifindexes.is_empty() {
-            let mut outer: HashOfMaps<_, GroupKey, DevMapHash<MapData>> =
-                HashOfMaps::try_from(map_mut(&mut self.ebpf, pins::GROUP_PORTS)?)?;
-            self.last_publish = Some(std::time::Instant::now());
-            match outer.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("removing a group"),
-            }
-            self.groups.remove(&key);
-            return self.update_source_flag();
+            return self.remove_group(key);
         }
+        self.install_group(key, ifindexes)
+    }
+
+    /// Removes a key from `GROUP_PORTS` (absent already: fine).
+    pub fn remove_group(&mut self, key: GroupKey) -> anyhow::Result<()> {
+        if self.groups.remove(&key).is_none() {
+            return Ok(());
+        }
+        let mut outer: HashOfMaps<_, GroupKey, DevMapHash<MapData>> =
+            HashOfMaps::try_from(map_mut(&mut self.ebpf, pins::GROUP_PORTS)?)?;
+        self.last_publish = Some(std::time::Instant::now());
+        if let Err(e) = outer.remove(&key) {
+            if !is_not_found(&e) {
+                return Err(e).context("removing a group");
+            }
+        }
+        self.update_source_flag()
+    }
+
+    /// Installs a port set for a key, even an empty one: an (S,G) entry with no ports stops
+    /// that source (blocked in EXCLUDE mode everywhere) instead of letting the (*,G) entry
+    /// carry it.
+    pub fn install_group(&mut self, key: GroupKey, ifindexes: &[u32]) -> anyhow::Result<()> {
         if ifindexes.len() > MAX_PORTS_PER_GROUP as usize {
             return Err(anyhow!(
                 "a group can have at most {MAX_PORTS_PER_GROUP} ports ({} given)",
@@ -569,6 +585,15 @@ pub fn remove_pins(pin_dir: &Path) {
             break;
         }
         dir = d.parent();
+    }
+}
+
+/// A delete of a key that is not there: aya reports it as a syscall error with ENOENT.
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 
