@@ -153,22 +153,7 @@ fn start_bare(
     load_xdp(&mut ebpf, "bench_bare")?;
     thread::scope(|scope| {
         super::testbed::spawn_in(scope, &tb.mid, move || -> anyhow::Result<_> {
-            let inner = MapData::create(
-                aya_obj::Map::new_from_params(BPF_MAP_TYPE_DEVMAP_HASH, 4, 8, BARE_INNER_MAX, 0),
-                "bench_bare_grp",
-                None,
-            )
-            .context("creating the bare program's port set")?;
-            let mut inner = DevMapHash::try_from(Map::DevMapHash(inner))?;
-            for &ifindex in outs {
-                inner.insert(ifindex, ifindex, None, 0).context("filling the bare port set")?;
-            }
-            {
-                let mut groups: HashOfMaps<_, u32, DevMapHash<MapData>> = HashOfMaps::try_from(
-                    ebpf.map_mut("BARE_GROUPS").ok_or_else(|| anyhow!("BARE_GROUPS missing"))?,
-                )?;
-                groups.insert(u32::from_ne_bytes(GROUP.octets()), &inner, 0)?;
-            }
+            let inner = bare_group(&mut ebpf, outs)?;
             let program: &mut Xdp = ebpf
                 .program_mut("bench_bare")
                 .ok_or_else(|| anyhow!("bench_bare missing"))?
@@ -179,6 +164,26 @@ fn start_bare(
         .join()
         .map_err(|_| anyhow!("setting up bench_bare panicked"))?
     })
+}
+
+/// Gives the bare program a port set for [`GROUP`]: `ifindexes` in the calling thread's
+/// network namespace. The returned inner map must outlive its use.
+pub fn bare_group(ebpf: &mut Ebpf, ifindexes: &[u32]) -> anyhow::Result<DevMapHash<MapData>> {
+    let inner = MapData::create(
+        aya_obj::Map::new_from_params(BPF_MAP_TYPE_DEVMAP_HASH, 4, 8, BARE_INNER_MAX, 0),
+        "bench_bare_grp",
+        None,
+    )
+    .context("creating the bare program's port set")?;
+    let mut inner = DevMapHash::try_from(Map::DevMapHash(inner))?;
+    for &ifindex in ifindexes {
+        inner.insert(ifindex, ifindex, None, 0).context("filling the bare port set")?;
+    }
+    let mut groups: HashOfMaps<_, u32, DevMapHash<MapData>> = HashOfMaps::try_from(
+        ebpf.map_mut("BARE_GROUPS").ok_or_else(|| anyhow!("BARE_GROUPS missing"))?,
+    )?;
+    groups.insert(u32::from_ne_bytes(GROUP.octets()), &inner, 0)?;
+    Ok(inner)
 }
 
 /// A Linux bridge `br0` over `in0` and every `out*`; deleted on drop.

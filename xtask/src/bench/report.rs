@@ -166,6 +166,12 @@ impl<'a> Report<'a> {
                     c.bare_ns, k("unicast") - c.empty_ns, c.rss_kib, c.map_kib, c.startup_s
                 );
             }
+            if let Some(rate) = self.group_writes_per_s() {
+                let _ = writeln!(
+                    out,
+                    "daemon start-up wrote static groups at {rate:.0} groups/s (map writer, no IGMP)"
+                );
+            }
             if let Some(c) = self.costs.last() {
                 let stats: Vec<String> = c.prog.iter().map(|(k, v)| format!("{k} {v}")).collect();
                 let _ = writeln!(out, "mcrelay_xdp: {}", stats.join(", "));
@@ -177,6 +183,14 @@ impl<'a> Report<'a> {
             let _ = writeln!(out, "  {line}");
         }
         out
+    }
+
+    /// Groups per second the daemon wrote at start-up: the difference between the largest and
+    /// the smallest static set over the difference in start-up time.
+    pub fn group_writes_per_s(&self) -> Option<f64> {
+        let (first, last) = (self.costs.first()?, self.costs.last()?);
+        let dt = last.startup_s - first.startup_s;
+        (last.groups > first.groups && dt > 0.0).then(|| (last.groups - first.groups) as f64 / dt)
     }
 
     /// One line per target with the evidence and MET / NOT MET.
@@ -281,7 +295,12 @@ impl<'a> Report<'a> {
                 })
             })
             .collect();
-        let doc = json!({ "scenarios": scenarios, "costs": costs, "targets": self.targets() });
+        let doc = json!({
+            "scenarios": scenarios,
+            "costs": costs,
+            "static_group_writes_per_s": self.group_writes_per_s(),
+            "targets": self.targets(),
+        });
         let mut text = mcrelay_tests::serde_json::to_string_pretty(&doc).unwrap_or_default();
         text.push('\n');
         text

@@ -266,7 +266,8 @@ pub fn measure(
         Ok(Sample {
             offered_pps: sent as f64 / sending.as_secs_f64(),
             member_pps: rates[..fanout].to_vec(),
-            leaked_pps: rates[fanout..].iter().sum(),
+            // `+ 0.0`: the empty sum is -0.0, printed as "-0.000".
+            leaked_pps: rates[fanout..].iter().sum::<f64>() + 0.0,
         })
     })
 }
