@@ -65,7 +65,7 @@ pub struct DoctorArgs {
     pub iface: Option<String>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Configuration file (TOML); command-line options override it. Without this option,
     /// /etc/mcrelay/mcrelay.toml is read when it exists.

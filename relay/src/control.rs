@@ -16,6 +16,7 @@ use relay_common::GroupKey;
 
 use crate::{
     capture::ControlSocket,
+    config::GroupPolicy,
     dataplane::Dataplane,
     groups::{group_key, is_link_local_group},
     membership::{packet, Action, Engine, Family, Forwarding, Message, MessageKind, ParseError},
@@ -41,6 +42,8 @@ pub struct GroupTable {
     /// united with what is learned, until [`GroupTable::end_adoption`] (one membership
     /// interval after start: by then every live member has reported again).
     adopted: BTreeMap<IpAddr, Installed>,
+    /// Groups that may be relayed at all (`[policy]`); others get no entries.
+    policy: GroupPolicy,
 }
 
 /// The (S,G) map key.
@@ -68,6 +71,9 @@ impl GroupTable {
     }
 
     fn desired_now(&self, group: IpAddr, learned: &Forwarding) -> Installed {
+        if !self.policy.permits(group) {
+            return Installed::default();
+        }
         let statics = self.statics.get(&group);
         if learned.is_empty() && statics.is_none() {
             return Installed::default();
@@ -162,6 +168,22 @@ impl GroupTable {
         changed.extend(self.statics.keys().filter(|g| !statics.contains_key(g)).copied());
         self.statics = statics;
         for g in changed {
+            self.apply(dp, g, &engine.forwarding(&g))?;
+        }
+        Ok(())
+    }
+
+    /// Sets which groups may be relayed (call [`GroupTable::reapply_all`] after a change).
+    pub fn set_policy(&mut self, policy: GroupPolicy) {
+        self.policy = policy;
+    }
+
+    /// Recomputes every installed group (after a policy change).
+    pub fn reapply_all(&mut self, dp: &mut Dataplane, engine: &Engine) -> anyhow::Result<()> {
+        let mut groups: BTreeSet<IpAddr> = self.installed.keys().copied().collect();
+        groups.extend(engine.groups(Duration::ZERO).map(|g| g.group));
+        groups.extend(self.statics.keys().copied());
+        for g in groups {
             self.apply(dp, g, &engine.forwarding(&g))?;
         }
         Ok(())

@@ -9,11 +9,12 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::OpenOptions,
     net::IpAddr,
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
 use anyhow::{anyhow, Context as _};
+use clap::ArgMatches;
 use nix::fcntl::{Flock, FlockArg};
 use relay_common::GroupKey;
 use rtnetlink::Handle;
@@ -25,7 +26,8 @@ use tokio::{
 
 use crate::{
     capture::ControlSocket,
-    cli::{MembershipArgs, RunArgs, XdpModeArg},
+    cli::{MembershipArgs, RunArgs, UnknownArg, XdpModeArg},
+    config::{self, ConfigFile, GroupPolicy},
     control::{Control, ControlCounters, GroupTable, Installed},
     dataplane::{remove_pins, Dataplane},
     error::UsageError,
@@ -47,6 +49,10 @@ pub struct Plan {
     /// Static groups: interface names per group (all sources).
     pub statics: BTreeMap<IpAddr, BTreeSet<String>>,
     pub xdp_mode: XdpModeArg,
+    /// XDP mode per interface name from the file's `[[port]]` entries.
+    port_xdp_modes: Vec<(String, XdpModeArg)>,
+    /// Which groups may be relayed at all (`[policy]` allow/deny).
+    pub policy: GroupPolicy,
     /// Membership engine settings.
     pub membership: membership::Config,
     membership_args: MembershipArgs,
@@ -84,7 +90,12 @@ fn membership_config(m: &MembershipArgs) -> Result<membership::Config, UsageErro
 
 impl Plan {
     /// Checks the arguments against the interfaces that exist. Touches nothing.
-    pub fn new(args: &RunArgs, links: &[Link]) -> Result<Self, UsageError> {
+    pub fn new(
+        args: &RunArgs,
+        links: &[Link],
+        file: Option<&ConfigFile>,
+        matches: &ArgMatches,
+    ) -> Result<Self, UsageError> {
         let parsed =
             args.static_groups.iter().map(|s| parse_static(s)).collect::<Result<Vec<_>, _>>()?;
         let ports = ports::resolve(&args.ifaces, links, |w| tracing::warn!("{w}"))?;
@@ -114,27 +125,79 @@ impl Plan {
                 )));
             }
         }
+        let policy = file.map(config::policy).unwrap_or_default();
+        if let Some(denied) = statics.keys().find(|g| !policy.permits(**g)) {
+            return Err(UsageError::new(format!(
+                "--static {denied}: the group is denied by the configuration's [policy]"
+            )));
+        }
+        let port_xdp_modes = file
+            .map(|f| {
+                f.ports
+                    .iter()
+                    .map(|p| (p.name.clone(), config::xdp_mode_for(f, args, matches, &p.name)))
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(Self {
             patterns: args.ifaces.clone(),
             ports,
             statics,
             xdp_mode: args.xdp_mode,
+            port_xdp_modes,
+            policy,
             membership,
             membership_args: m.clone(),
         })
     }
 
+    /// The XDP mode for an interface (a `[[port]]` entry's own mode, else the general one).
+    pub fn xdp_mode_for(&self, iface: &str) -> XdpModeArg {
+        self.port_xdp_modes
+            .iter()
+            .find(|(pattern, _)| ports::matches_any(std::slice::from_ref(pattern), iface))
+            .map_or(self.xdp_mode, |(_, mode)| *mode)
+    }
+
     /// Engine options of a port (its addresses are filled in by the caller).
     pub fn port_options(&self, link: &Link) -> PortOptions {
+        self.port_options_named(&link.name)
+    }
+
+    fn port_options_named(&self, name: &str) -> PortOptions {
         let m = &self.membership_args;
         PortOptions {
-            fast_leave: m.fast_leave.contains(&link.name),
+            fast_leave: ports::matches_any(&m.fast_leave, name),
             querier: !m.no_querier,
             igmp_version: if m.igmp_version == 2 { IgmpVersion::V2 } else { IgmpVersion::V3 },
             mld_version: if m.mld_version == 1 { MldVersion::V1 } else { MldVersion::V2 },
-            router_port: m.router_ports.contains(&link.name),
+            router_port: ports::matches_any(&m.router_ports, name),
             ..PortOptions::default()
         }
+    }
+}
+
+/// Where the settings come from: the command line and (optionally) the configuration file,
+/// read again on reload.
+pub struct ConfigSource {
+    cli_args: RunArgs,
+    matches: ArgMatches,
+    path: Option<PathBuf>,
+}
+
+impl ConfigSource {
+    /// Reads the configuration file (if any) and merges the command line over it.
+    fn load(&self) -> anyhow::Result<(RunArgs, Option<ConfigFile>)> {
+        let Some(path) = self.path.clone().or_else(|| config::run_config_path(&self.cli_args))
+        else {
+            return Ok((self.cli_args.clone(), None));
+        };
+        let file = config::load(&path).map_err(|e| anyhow!(UsageError::from(e)))?;
+        for warning in config::warnings(&file) {
+            tracing::warn!("{}: {warning}", path.display());
+        }
+        let args = config::merge(&file, self.cli_args.clone(), &self.matches);
+        Ok((args, Some(file)))
     }
 }
 
@@ -143,18 +206,27 @@ struct Daemon {
     handle: Handle,
     dp: Dataplane,
     plan: Plan,
+    source: ConfigSource,
+    unknown: UnknownArg,
     /// Ports on which mcrelay turned allmulticast on (turned off again at exit).
     allmulti_set: Vec<u32>,
     start: tokio::time::Instant,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
-pub async fn run(args: RunArgs, pin_root: &Path) -> anyhow::Result<()> {
+pub async fn run(cli_args: RunArgs, cli_pin_root: &Path, matches: ArgMatches) -> anyhow::Result<()> {
+    let source = ConfigSource { cli_args, matches, path: None };
+    let (args, file) = source.load()?;
+    let pin_root = match &file {
+        Some(f) => config::pin_root(f, cli_pin_root, &source.matches),
+        None => cli_pin_root.to_path_buf(),
+    };
+    let pin_root = pin_root.as_path();
     // Subscribe before listing, so no interface can appear unseen in between.
     let links_rx = ports::monitor()?;
     let handle = ports::connect()?;
     let links = ports::list(&handle).await?;
-    let plan = Plan::new(&args, &links)?;
+    let plan = Plan::new(&args, &links, file.as_ref(), &source.matches)?;
 
     let _lock = lock_instance()?;
     ensure_bpffs(pin_root)?;
@@ -176,8 +248,16 @@ pub async fn run(args: RunArgs, pin_root: &Path) -> anyhow::Result<()> {
     if dp.adopted() {
         tracing::info!("taking over from the previous daemon (pinned maps and links in {})", pin_dir.display());
     }
-    let mut daemon =
-        Daemon { handle, dp, plan, allmulti_set: Vec::new(), start: tokio::time::Instant::now() };
+    let metrics_listen = file.as_ref().and_then(|f| f.metrics_listen);
+    let mut daemon = Daemon {
+        handle,
+        dp,
+        plan,
+        source,
+        unknown: args.unknown,
+        allmulti_set: Vec::new(),
+        start: tokio::time::Instant::now(),
+    };
 
     let mut control = match daemon.start_up().await {
         Ok(c) => c,
@@ -203,7 +283,20 @@ pub async fn run(args: RunArgs, pin_root: &Path) -> anyhow::Result<()> {
         tracing::warn!("telling systemd we are ready: {e}");
     }
 
+    let metrics = metrics_listen.map(|listen| {
+        tracing::info!(%listen, "serving Prometheus metrics on /metrics");
+        let root = pin_root.to_path_buf();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(listen, root).await {
+                tracing::error!("metrics endpoint on {listen}: {e:#}");
+            }
+        })
+    });
+
     let result = daemon.control_loop(&mut control, links_rx).await;
+    if let Some(task) = metrics {
+        task.abort();
+    }
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
     if let Ok(path) = paths::state_file() {
         let _ = std::fs::remove_file(path);
@@ -254,9 +347,11 @@ impl Daemon {
                 e.context("opening the IGMP/MLD packet socket")
             }
         })?;
+        let mut table = GroupTable::new(BTreeMap::new());
+        table.set_policy(self.plan.policy.clone());
         let mut control = Control {
             engine: Engine::new(self.plan.membership.clone()),
-            table: GroupTable::new(BTreeMap::new()),
+            table,
             socket,
             macs: BTreeMap::new(),
             names: BTreeMap::new(),
@@ -294,7 +389,7 @@ impl Daemon {
             ports::set_allmulti(&self.handle, port.index, true).await?;
             self.allmulti_set.push(port.index);
         }
-        let (mode, fallback) = self.dp.attach(port, self.plan.xdp_mode)?;
+        let (mode, fallback) = self.dp.attach(port, self.plan.xdp_mode_for(&port.name))?;
         match fallback {
             Some(reason) => tracing::warn!(
                 iface = %port.name,
@@ -343,6 +438,73 @@ impl Daemon {
         control.table.set_statics(&mut self.dp, &control.engine, statics)
     }
 
+    /// SIGHUP: reads the configuration again and applies the difference. Everything is
+    /// validated first; an invalid configuration changes nothing. Groups whose ports did not
+    /// change are not touched.
+    async fn reload(&mut self, control: &mut Control) -> anyhow::Result<String> {
+        let (args, file) = self.source.load()?;
+        let links = ports::list(&self.handle).await?;
+        let plan = Plan::new(&args, &links, file.as_ref(), &self.source.matches)?;
+        let mut changes = Vec::new();
+        if plan.membership != self.plan.membership {
+            changes.push("timer changes take effect after a restart".to_string());
+        }
+        if args.unknown != self.unknown {
+            self.dp.set_unknown_policy(args.unknown.into())?;
+            self.unknown = args.unknown;
+            changes.push(format!("unknown groups: {:?}", args.unknown));
+        }
+        let old = std::mem::replace(&mut self.plan, plan);
+        // Ports no longer wanted.
+        let gone: Vec<(u32, String)> = control
+            .names
+            .iter()
+            .filter(|(_, name)| !ports::matches_any(&self.plan.patterns, name))
+            .map(|(i, n)| (*i, n.clone()))
+            .collect();
+        for (ifindex, name) in gone {
+            self.on_link_removed(control, ifindex);
+            changes.push(format!("-{name}"));
+        }
+        // Ports newly wanted.
+        for link in links {
+            if !control.names.contains_key(&link.index)
+                && ports::matches_any(&self.plan.patterns, &link.name)
+            {
+                let name = link.name.clone();
+                self.on_link_new(control, link).await;
+                if control.names.values().any(|n| *n == name) {
+                    changes.push(format!("+{name}"));
+                }
+            }
+        }
+        // Per-port options (fast leave, router role) of the ports that stay.
+        let existing: Vec<(u32, String)> =
+            control.names.iter().map(|(i, n)| (*i, n.clone())).collect();
+        let addrs = ports::addresses(&self.handle).await?;
+        for (ifindex, name) in existing {
+            let (o, n) = (old.port_options_named(&name), self.plan.port_options_named(&name));
+            if o != n {
+                let mut opts = n;
+                let a = addrs.get(&ifindex).copied().unwrap_or_default();
+                opts.ipv4 = a.v4;
+                opts.ipv6 = a.v6_link_local;
+                control.engine.add_port(self.start.elapsed(), ifindex, opts);
+                changes.push(format!("options of {name}"));
+            }
+        }
+        if old.statics != self.plan.statics {
+            changes.push("static groups".into());
+        }
+        self.sync_statics(control)?;
+        if old.policy != self.plan.policy {
+            changes.push("group policy".into());
+            control.table.set_policy(self.plan.policy.clone());
+            control.table.reapply_all(&mut self.dp, &control.engine)?;
+        }
+        Ok(if changes.is_empty() { "no change".into() } else { changes.join(", ") })
+    }
+
     /// An interface appeared (or changed): attach when it matches and is new.
     async fn on_link_new(&mut self, control: &mut Control, link: Link) {
         if control.names.contains_key(&link.index)
@@ -389,6 +551,7 @@ impl Daemon {
     ) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
         let start = self.start;
         let state_path = paths::state_file()?;
         let mut flush = tokio::time::interval(Duration::from_millis(250));
@@ -408,6 +571,15 @@ impl Daemon {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM"); return Ok(()); }
                 _ = int.recv() => { tracing::info!("SIGINT"); return Ok(()); }
+                _ = hup.recv() => {
+                    let _ = sd_notify::notify(&[NotifyState::Reloading]);
+                    match self.reload(control).await {
+                        Ok(summary) => tracing::info!("reloaded: {summary}"),
+                        Err(e) => tracing::error!("reload rejected, running state kept: {e:#}"),
+                    }
+                    let _ = sd_notify::notify(&[NotifyState::Ready]);
+                    control.dirty = true;
+                }
                 received = control.socket.recv() => {
                     let r = received.context("receiving on the packet socket")?;
                     received_at = Some(tokio::time::Instant::now());

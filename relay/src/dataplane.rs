@@ -264,7 +264,7 @@ impl Dataplane {
         link: &Link,
         mode: XdpModeArg,
     ) -> anyhow::Result<(AttachMode, Option<String>)> {
-        if let Some(adopted) = self.adopt_link(link) {
+        if let Some(adopted) = self.adopt_link(link, mode) {
             return Ok((adopted, None));
         }
         let pin = self.new_link_pin(link.index)?;
@@ -336,7 +336,7 @@ impl Dataplane {
     /// Takes over the pinned link a previous daemon left on this port: the program in the
     /// link is replaced atomically (BPF_LINK_UPDATE), so no frame goes unprocessed. A pin that
     /// cannot be used (interface re-created meanwhile) is removed.
-    fn adopt_link(&mut self, link: &Link) -> Option<AttachMode> {
+    fn adopt_link(&mut self, link: &Link, wanted: XdpModeArg) -> Option<AttachMode> {
         let path = self.link_pin(link.index)?;
         if !path.exists() {
             return None;
@@ -347,6 +347,15 @@ impl Dataplane {
             .ok()
             .filter(|info| info.name.starts_with(link.name.as_bytes()))
             .and_then(|info| AttachMode::from_u32(info.attach_mode));
+        let mismatch = matches!(
+            (wanted, mode),
+            (XdpModeArg::Native, Some(AttachMode::Skb)) | (XdpModeArg::Skb, Some(AttachMode::Native))
+        );
+        if mismatch {
+            tracing::info!(iface = %link.name, "the pinned link has another XDP mode than asked for: re-attaching");
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
         let result = (|| -> anyhow::Result<()> {
             let mode = mode.ok_or_else(|| anyhow!("no matching PORTS entry"))?;
             let fd_link = FdLink::from(PinnedLink::from_pin(&path)?);
