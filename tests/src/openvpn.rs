@@ -12,10 +12,15 @@
 //! - Certificates (CA, one server, one per client; P-256, ECDHE only: `dh none`) are made with the
 //!   `openssl` CLI in a scratch directory of this run, removed when the bed is dropped.
 //! - Server `i` listens on UDP port `1194 + i` with tap `vpntap<i>` and the pool
-//!   `10.8.<i>.0/24` + `fd00:8:<i>::/64` (`server` / `server-ipv6`). With [`VpnOptions::servers`]
+//!   `10.8.<i>.0/24` + `fd00:8:<i>::/64` (`server` / `server-ipv6`, the server is `.1`). With [`VpnOptions::servers`]
 //!   at 2, client `n` uses server `n % 2`: that puts two clients on different taps, which is the
 //!   only way client-to-client multicast can pass through mcrelay (mcrelay never sends a frame
 //!   back out of the port it came in on, and on one shared tap both clients are that port).
+//! - Clients get fixed addresses (`client-config-dir`, `10.8.<i>.<10+n>`) and keep their tap
+//!   across reconnects (`persist-tun`); the server's tap has a fixed MAC (`lladdr`) and the server
+//!   tells clients to reconnect at once when it stops (`explicit-exit-notify 1`). Together these
+//!   make a server restart ([`VpnBed::stop_server`], [`VpnBed::start_server`]) leave the clients'
+//!   taps, sockets and ARP entries intact.
 //! - `client-to-client` is off unless asked for: then everything a client sends goes into the
 //!   server's tap, i.e. through the gateway's kernel where mcrelay sees it, and nothing is
 //!   delivered between clients behind mcrelay's back. With it on, OpenVPN itself floods a
@@ -447,6 +452,26 @@ impl VpnBed {
             lan.push(Host { ns, iface: HOST_IFACE.to_string(), gw_port, v4, v6 });
         }
 
+        // Fixed client addresses (client-config-dir): a client that reconnects after a server
+        // restart pulls the same options and keeps its tap (persist-tun). With pool addresses
+        // handed out in connection order, clients may swap addresses, and OpenVPN then closes
+        // and reopens the tap ("Pulled options changed on restart"), dropping its memberships.
+        let ccd = dir.path().join("ccd");
+        fs::create_dir_all(&ccd).unwrap_or_else(|e| panic!("creating {}: {e}", ccd.display()));
+        for (n, name) in client_names.iter().enumerate() {
+            let server = n % options.servers;
+            let host = 10 + n;
+            let push = if options.bridge {
+                format!("ifconfig-push 198.18.0.{} 255.255.255.0\n", 100 + n)
+            } else {
+                format!(
+                    "ifconfig-push 10.8.{server}.{host} 255.255.255.0\n\
+                     ifconfig-ipv6-push fd00:8:{server}::{host}/64 fd00:8:{server}::1\n"
+                )
+            };
+            dir.write(&format!("ccd/{name}"), &push, 0o644);
+        }
+
         let mut servers = Vec::with_capacity(options.servers);
         for i in 0..options.servers {
             let tap = format!("{SERVER_TAP_PREFIX}{i}");
@@ -464,8 +489,10 @@ impl VpnBed {
                 &format!("server{i}.conf"),
                 &format!(
                     "# OpenVPN server {i} of the mcrelay test bed\n\
-                     dev {tap}\ndev-type tap\nproto udp\nport {port}\n\
+                     dev {tap}\ndev-type tap\nlladdr 02:6d:63:76:00:{i:02x}\n\
+                     proto udp\nport {port}\n\
                      {addressing}{c2c}\
+                     client-config-dir ccd\n\
                      ca ca.crt\ncert server.crt\nkey server.key\ndh none\n\
                      keepalive 1 5\nexplicit-exit-notify 1\nverb 3\n"
                 ),
