@@ -89,6 +89,12 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = UnknownArg::RouterPorts)]
     pub unknown: UnknownArg,
 
+    /// Per-client delivery on this port (a shared TAP of an OpenVPN `dev tap` server): each
+    /// client that joins gets its own copy addressed to its unicast MAC, so OpenVPN delivers
+    /// it to that client only (repeatable; names or globs).
+    #[arg(long = "per-client", value_name = "IFACE")]
+    pub per_client: Vec<String>,
+
     /// Detach everything on exit. By default the XDP links and maps stay pinned when the
     /// daemon exits or dies, so forwarding continues and the next daemon takes over without
     /// losing a packet (`mcrelay detach` removes them).

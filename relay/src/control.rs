@@ -44,6 +44,9 @@ pub struct GroupTable {
     adopted: BTreeMap<IpAddr, Installed>,
     /// Groups that may be relayed at all (`[policy]`); others get no entries.
     policy: GroupPolicy,
+    /// Per-client delivery: for (group, shared port), the inner-map keys of the clients that
+    /// joined through that port. The port itself is replaced by these keys.
+    clients: BTreeMap<(IpAddr, u32), BTreeSet<u32>>,
 }
 
 /// The (S,G) map key.
@@ -71,6 +74,35 @@ impl GroupTable {
     }
 
     fn desired_now(&self, group: IpAddr, learned: &Forwarding) -> Installed {
+        let mut want = self.desired_ports(group, learned);
+        let substitute = |ports: &mut BTreeSet<u32>| {
+            let shared: Vec<u32> = ports
+                .iter()
+                .copied()
+                .filter(|p| self.clients.get(&(group, *p)).is_some_and(|c| !c.is_empty()))
+                .collect();
+            for p in shared {
+                ports.remove(&p);
+                ports.extend(self.clients[&(group, p)].iter().copied());
+            }
+        };
+        substitute(&mut want.any_source);
+        for ports in want.per_source.values_mut() {
+            substitute(ports);
+        }
+        want
+    }
+
+    /// Sets the per-client keys of a (group, shared port); empty: the port gets plain copies.
+    pub fn set_clients(&mut self, group: IpAddr, port: u32, keys: BTreeSet<u32>) {
+        if keys.is_empty() {
+            self.clients.remove(&(group, port));
+        } else {
+            self.clients.insert((group, port), keys);
+        }
+    }
+
+    fn desired_ports(&self, group: IpAddr, learned: &Forwarding) -> Installed {
         if !self.policy.permits(group) {
             return Installed::default();
         }
@@ -258,9 +290,31 @@ pub struct Control {
     pub names: BTreeMap<u32, String>,
     pub counters: ControlCounters,
     pub dirty: bool,
+    /// Ports with per-client delivery (a shared TAP of an OpenVPN server).
+    pub per_client_ports: BTreeSet<u32>,
+    /// Clients seen joining through per-client ports: (group, port) -> MAC -> expiry.
+    pub clients: BTreeMap<(IpAddr, u32), BTreeMap<[u8; 6], Duration>>,
+    /// Groups whose per-client members changed since the last map update.
+    clients_changed: BTreeSet<IpAddr>,
 }
 
 impl Control {
+    /// A control plane over `socket`, with no port yet.
+    pub fn new(engine: Engine, table: GroupTable, socket: ControlSocket) -> Self {
+        Self {
+            engine,
+            table,
+            socket,
+            macs: BTreeMap::new(),
+            names: BTreeMap::new(),
+            counters: ControlCounters::default(),
+            dirty: true,
+            per_client_ports: BTreeSet::new(),
+            clients: BTreeMap::new(),
+            clients_changed: BTreeSet::new(),
+        }
+    }
+
     /// Handles one received frame.
     pub fn on_frame(&mut self, now: Duration, ifindex: u32, frame: &[u8]) {
         if !self.names.contains_key(&ifindex) {
@@ -271,12 +325,86 @@ impl Control {
         match packet::parse(frame) {
             Ok(msg) => {
                 tracing::trace!(port = ifindex, ?msg, "control message");
+                if self.per_client_ports.contains(&ifindex) && frame.len() >= 12 {
+                    let mut mac = [0u8; 6];
+                    mac.copy_from_slice(&frame[6..12]);
+                    self.track_client(now, ifindex, mac, &msg);
+                }
                 self.engine.handle(now, ifindex, &msg);
                 self.relay_control(ifindex, frame, &msg);
                 self.dirty = true;
             }
             Err(e) => self.count_malformed(e),
         }
+    }
+
+    /// Per-client membership on a shared port, keyed by the reporting client's MAC: a join
+    /// (re)arms the client's timer (one group membership interval), a leave ends it at once
+    /// (the port-level state still goes through the normal last-member queries).
+    fn track_client(&mut self, now: Duration, port: u32, mac: [u8; 6], msg: &Message) {
+        let expiry = now + self.engine.config().gmi();
+        let mut joins: Vec<IpAddr> = Vec::new();
+        let mut leaves: Vec<IpAddr> = Vec::new();
+        match &msg.kind {
+            MessageKind::V1Report { group } | MessageKind::V2Report { group } => joins.push(*group),
+            MessageKind::Leave { group } => leaves.push(*group),
+            MessageKind::V3Report { records } => {
+                for r in records {
+                    use crate::membership::RecordType as R;
+                    match r.kind {
+                        R::IsExclude | R::ToExclude => joins.push(r.group),
+                        R::IsInclude | R::AllowNew if !r.sources.is_empty() => joins.push(r.group),
+                        R::ToInclude if r.sources.is_empty() => leaves.push(r.group),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        for g in joins.into_iter().filter(crate::membership::engine::is_tracked) {
+            let known = self.clients.entry((g, port)).or_default().insert(mac, expiry).is_some();
+            if !known {
+                self.clients_changed.insert(g);
+            }
+        }
+        for g in leaves {
+            if let Some(m) = self.clients.get_mut(&(g, port)) {
+                if m.remove(&mac).is_some() {
+                    self.clients_changed.insert(g);
+                }
+            }
+        }
+    }
+
+    /// Drops clients whose membership timed out.
+    pub fn expire_clients(&mut self, now: Duration) {
+        for ((g, _), macs) in &mut self.clients {
+            let before = macs.len();
+            macs.retain(|_, expiry| *expiry > now);
+            if macs.len() != before {
+                self.clients_changed.insert(*g);
+            }
+        }
+        self.clients.retain(|_, macs| !macs.is_empty());
+    }
+
+    /// Brings the per-client keys of changed groups into the table.
+    fn sync_clients(
+        &mut self,
+        dp: &mut Dataplane,
+        changed: &mut BTreeSet<IpAddr>,
+    ) -> anyhow::Result<()> {
+        for g in std::mem::take(&mut self.clients_changed) {
+            for &port in &self.per_client_ports {
+                let mut keys = BTreeSet::new();
+                for mac in self.clients.get(&(g, port)).into_iter().flat_map(|m| m.keys()) {
+                    keys.insert(dp.client_target(port, *mac)?);
+                }
+                self.table.set_clients(g, port, keys);
+            }
+            changed.insert(g);
+        }
+        Ok(())
     }
 
     /// RFC 4541 2.1.1: reports and leaves go on towards router ports (so upstream routers learn
@@ -327,6 +455,7 @@ impl Control {
                 Action::RouterPortsChanged(_) => routers_changed = true,
             }
         }
+        self.sync_clients(dp, &mut changed)?;
         if routers_changed {
             let mut routers = self.engine.router_ports(Family::V4);
             routers.extend(self.engine.router_ports(Family::V6));

@@ -28,7 +28,7 @@ use crate::{
     capture::ControlSocket,
     cli::{MembershipArgs, RunArgs, UnknownArg, XdpModeArg},
     config::{self, ConfigFile, GroupPolicy},
-    control::{Control, ControlCounters, GroupTable, Installed},
+    control::{Control, GroupTable, Installed},
     dataplane::{remove_pins, Dataplane},
     error::UsageError,
     groups::{key_group, parse_static},
@@ -48,6 +48,8 @@ pub struct Plan {
     pub ports: Vec<Link>,
     /// Static groups: interface names per group (all sources).
     pub statics: BTreeMap<IpAddr, BTreeSet<String>>,
+    /// Ports (names/globs) with per-client delivery.
+    pub per_client: Vec<String>,
     pub xdp_mode: XdpModeArg,
     /// XDP mode per interface name from the file's `[[port]]` entries.
     port_xdp_modes: Vec<(String, XdpModeArg)>,
@@ -143,6 +145,7 @@ impl Plan {
             patterns: args.ifaces.clone(),
             ports,
             statics,
+            per_client: args.per_client.clone(),
             xdp_mode: args.xdp_mode,
             port_xdp_modes,
             policy,
@@ -214,7 +217,11 @@ struct Daemon {
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
-pub async fn run(cli_args: RunArgs, cli_pin_root: &Path, matches: ArgMatches) -> anyhow::Result<()> {
+pub async fn run(
+    cli_args: RunArgs,
+    cli_pin_root: &Path,
+    matches: ArgMatches,
+) -> anyhow::Result<()> {
     let source = ConfigSource { cli_args, matches, path: None };
     let (args, file) = source.load()?;
     let pin_root = match &file {
@@ -246,7 +253,10 @@ pub async fn run(cli_args: RunArgs, cli_pin_root: &Path, matches: ArgMatches) ->
     };
     dp.pin_links = !args.no_pin;
     if dp.adopted() {
-        tracing::info!("taking over from the previous daemon (pinned maps and links in {})", pin_dir.display());
+        tracing::info!(
+            "taking over from the previous daemon (pinned maps and links in {})",
+            pin_dir.display()
+        );
     }
     let metrics_listen = file.as_ref().and_then(|f| f.metrics_listen);
     let mut daemon = Daemon {
@@ -349,22 +359,17 @@ impl Daemon {
         })?;
         let mut table = GroupTable::new(BTreeMap::new());
         table.set_policy(self.plan.policy.clone());
-        let mut control = Control {
-            engine: Engine::new(self.plan.membership.clone()),
-            table,
-            socket,
-            macs: BTreeMap::new(),
-            names: BTreeMap::new(),
-            counters: ControlCounters::default(),
-            dirty: true,
-        };
+        let mut control = Control::new(Engine::new(self.plan.membership.clone()), table, socket);
         for port in &ports {
             self.add_to_control(&mut control, port).await?;
         }
         self.dp.prune_stale_ports();
         if self.dp.adopted() {
             let installed = adopted_sets(&self.dp);
-            tracing::info!(groups = installed.len(), "adopted the previous daemon's group port sets");
+            tracing::info!(
+                groups = installed.len(),
+                "adopted the previous daemon's group port sets"
+            );
             control.table.adopt(installed);
         }
         self.sync_statics(&mut control)?;
@@ -421,6 +426,10 @@ impl Daemon {
             control.macs.insert(port.index, mac);
         }
         control.names.insert(port.index, port.name.clone());
+        if ports::matches_any(&self.plan.per_client, &port.name) {
+            tracing::info!(iface = %port.name, "per-client delivery: one copy per joined client, to its unicast MAC");
+            control.per_client_ports.insert(port.index);
+        }
         control.engine.add_port(self.start.elapsed(), port.index, opts);
         Ok(())
     }
@@ -535,6 +544,8 @@ impl Daemon {
         self.dp.detach(ifindex);
         control.engine.remove_port(ifindex);
         control.macs.remove(&ifindex);
+        control.per_client_ports.remove(&ifindex);
+        control.clients.retain(|(_, port), _| *port != ifindex);
         self.allmulti_set.retain(|i| *i != ifindex);
         if let Err(e) = self.sync_statics(control) {
             tracing::warn!("updating static groups: {e:#}");
@@ -614,12 +625,15 @@ impl Daemon {
                             let _ = sd_notify::notify(&[NotifyState::Status(&status)]);
                             last_status = status;
                         }
-                        if let Err(e) = state::write(&state_path, &control.snapshot(start.elapsed())) {
+                        let mut snapshot = control.snapshot(start.elapsed());
+                        snapshot.clients = client_states(control, &self.dp);
+                        if let Err(e) = state::write(&state_path, &snapshot) {
                             tracing::warn!("{e:#}");
                         }
                     }
                 }
             }
+            control.expire_clients(start.elapsed());
             let updates = control.counters.group_updates;
             control.process_actions(&mut self.dp)?;
             if let Some(at) = received_at.take() {
@@ -760,4 +774,22 @@ fn adopted_sets(dp: &Dataplane) -> BTreeMap<IpAddr, Installed> {
         }
     }
     out
+}
+
+/// Per-client delivery state for `mcrelay groups`.
+fn client_states(control: &Control, dp: &Dataplane) -> Vec<state::ClientState> {
+    dp.client_copies()
+        .into_iter()
+        .map(|(port, mac, copies)| state::ClientState {
+            port: control.name(port),
+            mac: state::mac_string(&mac),
+            groups: control
+                .clients
+                .iter()
+                .filter(|((_, p), macs)| *p == port && macs.contains_key(&mac))
+                .map(|((g, _), _)| g.to_string())
+                .collect(),
+            copies,
+        })
+        .collect()
 }

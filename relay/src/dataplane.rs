@@ -29,8 +29,14 @@ use crate::{cli::XdpModeArg, error::UsageError, paths::pins, ports::Link};
 /// The compiled eBPF object (built by build.rs from the relay-ebpf crate).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay"));
 
+/// The per-client egress program (relay-ebpf's `client` binary), loaded once per VPN client.
+pub static CLIENT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/client"));
+
 /// `BPF_MAP_TYPE_HASH`.
 const BPF_MAP_TYPE_HASH: u32 = 1;
+
+/// Name of the per-client egress program in [`CLIENT_OBJECT`].
+pub const CLIENT_PROGRAM: &str = "mcrelay_client";
 
 /// Name of the XDP entry point in the object.
 pub const XDP_PROGRAM: &str = "mcrelay_xdp";
@@ -73,6 +79,20 @@ pub struct Dataplane {
     adopted: bool,
     /// Pin the XDP links of new attachments (false with `run --no-pin`).
     pub pin_links: bool,
+    /// Per-client egress program instances, by client id (see [`CLIENT_KEY_BIT`]).
+    clients: BTreeMap<u32, ClientProgram>,
+    client_ids: BTreeMap<(u32, [u8; 6]), u32>,
+}
+
+/// Keys of per-client entries in a group's inner DEVMAP_HASH have this bit set; the rest is a
+/// client id. Plain port entries use the ifindex as key (always below this bit).
+pub const CLIENT_KEY_BIT: u32 = 1 << 31;
+
+/// One loaded instance of the per-client egress program (`client` object).
+struct ClientProgram {
+    ebpf: Ebpf,
+    ifindex: u32,
+    mac: [u8; 6],
 }
 
 /// Maps of the object that are pinned (and reused by the next daemon).
@@ -146,6 +166,8 @@ impl Dataplane {
             last_publish: None,
             adopted: adopt,
             pin_links: true,
+            clients: BTreeMap::new(),
+            client_ids: BTreeMap::new(),
         };
         if adopt {
             dp.read_back()?;
@@ -164,7 +186,8 @@ impl Dataplane {
     fn read_back(&mut self) -> anyhow::Result<()> {
         let config: Array<_, Config> = Array::try_from(map_ref(&self.ebpf, pins::CONFIG)?)?;
         self.config = config.get(&0, 0).context("reading CONFIG")?;
-        let routers: DevMapHash<_> = DevMapHash::try_from(map_ref(&self.ebpf, pins::ROUTER_PORTS)?)?;
+        let routers: DevMapHash<_> =
+            DevMapHash::try_from(map_ref(&self.ebpf, pins::ROUTER_PORTS)?)?;
         self.router_ports = routers.keys().filter_map(Result::ok).collect();
         let outer: HashOfMaps<_, GroupKey, DevMapHash<MapData>> =
             HashOfMaps::try_from(map_ref(&self.ebpf, pins::GROUP_PORTS)?)?;
@@ -349,7 +372,8 @@ impl Dataplane {
             .and_then(|info| AttachMode::from_u32(info.attach_mode));
         let mismatch = matches!(
             (wanted, mode),
-            (XdpModeArg::Native, Some(AttachMode::Skb)) | (XdpModeArg::Skb, Some(AttachMode::Native))
+            (XdpModeArg::Native, Some(AttachMode::Skb))
+                | (XdpModeArg::Skb, Some(AttachMode::Native))
         );
         if mismatch {
             tracing::info!(iface = %link.name, "the pinned link has another XDP mode than asked for: re-attaching");
@@ -366,7 +390,11 @@ impl Dataplane {
             let _ = id;
             self.attached.insert(
                 link.index,
-                AttachedPort { link: link.clone(), mode, port_link: PortLink::Pinned(path.clone()) },
+                AttachedPort {
+                    link: link.clone(),
+                    mode,
+                    port_link: PortLink::Pinned(path.clone()),
+                },
             );
             self.register_port_adopted(link.index, &link.name, mode)
         })();
@@ -520,6 +548,43 @@ impl Dataplane {
         self.install_group(key, ifindexes)
     }
 
+    /// The inner-map key that sends a group's frames to one client behind a shared TAP port:
+    /// a copy addressed to `mac`. Loads that client's egress program instance on first use.
+    pub fn client_target(&mut self, ifindex: u32, mac: [u8; 6]) -> anyhow::Result<u32> {
+        if let Some(id) = self.client_ids.get(&(ifindex, mac)) {
+            return Ok(CLIENT_KEY_BIT | id);
+        }
+        let id = (self.clients.keys().next_back().copied().unwrap_or(0) + 1) & !CLIENT_KEY_BIT;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CLIENT_MAC", &mac, true)
+            .load(CLIENT_OBJECT)
+            .context("loading the per-client program")?;
+        let program: &mut Xdp = ebpf
+            .program_mut(CLIENT_PROGRAM)
+            .ok_or_else(|| anyhow!("{CLIENT_PROGRAM} missing"))?
+            .try_into()?;
+        program.load().context("the kernel rejected the per-client program")?;
+        self.clients.insert(id, ClientProgram { ebpf, ifindex, mac });
+        self.client_ids.insert((ifindex, mac), id);
+        Ok(CLIENT_KEY_BIT | id)
+    }
+
+    /// Copies sent to each client so far: (port ifindex, MAC, copies).
+    pub fn client_copies(&self) -> Vec<(u32, [u8; 6], u64)> {
+        self.clients
+            .values()
+            .map(|c| {
+                let copies = c
+                    .ebpf
+                    .map("COPIES")
+                    .and_then(|m| aya::maps::PerCpuArray::<_, u64>::try_from(m).ok())
+                    .and_then(|a| a.get(&0, 0).ok())
+                    .map_or(0, |v| v.iter().sum());
+                (c.ifindex, c.mac, copies)
+            })
+            .collect()
+    }
+
     /// Removes a key from `GROUP_PORTS` (absent already: fine).
     pub fn remove_group(&mut self, key: GroupKey) -> anyhow::Result<()> {
         if self.groups.remove(&key).is_none() {
@@ -556,8 +621,23 @@ impl Dataplane {
         let data =
             MapData::create(obj, "mcrelay_grp", None).context("creating a group port set")?;
         let mut inner = DevMapHash::try_from(Map::DevMapHash(data))?;
-        for &ifindex in ifindexes {
-            inner.insert(ifindex, ifindex, None, 0).context("filling a group port set")?;
+        for &key in ifindexes {
+            if key & CLIENT_KEY_BIT == 0 {
+                inner.insert(key, key, None, 0).context("filling a group port set")?;
+                continue;
+            }
+            let Some(client) = self.clients.get(&(key & !CLIENT_KEY_BIT)) else {
+                tracing::debug!(key, "skipping a per-client entry of a previous daemon");
+                continue;
+            };
+            let program: &Xdp = client
+                .ebpf
+                .program(CLIENT_PROGRAM)
+                .ok_or_else(|| anyhow!("{CLIENT_PROGRAM} missing"))?
+                .try_into()?;
+            inner
+                .insert(key, client.ifindex, Some(program.fd()?), 0)
+                .context("adding a per-client copy to a group port set")?;
         }
         if key.source != [0; 16] && self.config.flags & CONFIG_F_SOURCE_ENTRIES == 0 {
             // Raise the flag first: the program must look (S,G) up once the entry exists.

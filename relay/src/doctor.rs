@@ -16,11 +16,10 @@ mod sysctl;
 
 use std::collections::BTreeMap;
 
+pub use links::DoctorLink;
 use serde_json::{json, Value};
 
 use crate::{cli::DoctorArgs, usage_bail};
-
-pub use links::DoctorLink;
 
 /// Exit status when at least one check found a problem.
 pub const EXIT_PROBLEMS: i32 = 3;

@@ -230,7 +230,8 @@ pub fn groups(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
         println!(
             "{}",
             json!({"groups": state.groups, "queriers": state.queriers,
-                   "router_ports": state.router_ports, "control": state.control})
+                   "router_ports": state.router_ports, "control": state.control,
+                   "clients": state.clients})
         );
         return Ok(());
     }
@@ -271,6 +272,16 @@ pub fn groups(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
     }
     if !state.router_ports.is_empty() {
         println!("router ports: {}", state.router_ports.join(" "));
+    }
+    if !state.clients.is_empty() {
+        println!();
+        println!(
+            "{:<16} {:<18} {:>10} GROUPS (per-client delivery)",
+            "PORT", "CLIENT MAC", "COPIES"
+        );
+        for c in &state.clients {
+            println!("{:<16} {:<18} {:>10} {}", c.port, c.mac, c.copies, c.groups.join(" "));
+        }
     }
     Ok(())
 }

@@ -503,6 +503,7 @@ mod tests {
             }],
             router_ports: vec![],
             control,
+            clients: vec![],
         }
     }
 

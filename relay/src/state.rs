@@ -25,6 +25,25 @@ pub struct DaemonState {
     pub queriers: Vec<QuerierState>,
     pub router_ports: Vec<String>,
     pub control: ControlCounters,
+    /// Per-client delivery: clients seen on per-client ports, their groups and the copies
+    /// addressed to them.
+    #[serde(default)]
+    pub clients: Vec<ClientState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientState {
+    pub port: String,
+    /// The client's MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    pub groups: Vec<String>,
+    /// Copies sent to this client (all groups).
+    pub copies: u64,
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -164,6 +183,7 @@ pub fn snapshot(control: &Control, now: Duration) -> DaemonState {
         queriers,
         router_ports: names(&mut routers.into_iter()),
         control: control.counters.clone(),
+        clients: Vec::new(),
     }
 }
 

@@ -75,7 +75,8 @@ pub struct PortConfig {
     /// A single host behind the port: leaves take effect at once.
     #[serde(default)]
     pub fast_leave: bool,
-    /// Planned: per-member unicast-MAC copies on a shared TAP. Accepted, not implemented yet.
+    /// Per-client delivery on a shared TAP (OpenVPN `dev tap` server): one copy per joined
+    /// client, addressed to its unicast MAC, instead of one multicast copy for all clients.
     #[serde(default)]
     pub per_client: bool,
     /// Planned: packets per second relayed out of this port. Accepted, not implemented yet.

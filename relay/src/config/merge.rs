@@ -93,6 +93,13 @@ pub fn merge(file: &ConfigFile, mut args: RunArgs, matches: &ArgMatches) -> RunA
         push_unique(&mut router_ports, name);
     }
     m.router_ports = router_ports;
+
+    let mut per_client: Vec<String> =
+        file.ports.iter().filter(|p| p.per_client).map(|p| p.name.clone()).collect();
+    for name in args.per_client.drain(..) {
+        push_unique(&mut per_client, name);
+    }
+    args.per_client = per_client;
     args
 }
 

@@ -209,12 +209,6 @@ pub fn lint(file: &ConfigFile, interfaces: &[String]) -> Vec<Issue> {
             };
             issues.push(Issue::new(at!["port", i, "name"], message));
         }
-        if port.per_client {
-            issues.push(Issue::new(
-                at!["port", i, "per_client"],
-                format!("port '{name}': per_client is planned but not implemented yet; ignored"),
-            ));
-        }
         if port.rate_limit_pps.is_some() {
             issues.push(Issue::new(
                 at!["port", i, "rate_limit_pps"],

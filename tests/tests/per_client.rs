@@ -1,0 +1,131 @@
+//! Per-client delivery on a shared port. An OpenVPN `dev tap` server floods multicast written
+//! into its tap to every client but sends unicast-addressed frames only to the client with
+//! that MAC; a Linux bridge with multicast snooping off does exactly the same with its ports,
+//! so it stands in for OpenVPN here (tests/tests/openvpn.rs runs the real thing). Two clients
+//! sit behind the gateway's shared port; only the one that joined may receive the group, and
+//! mcrelay counts the copies addressed to it.
+
+use std::{net::IpAddr, thread, time::Duration};
+
+use mcrelay_tests::{
+    mcrelay_json, mcrelay_output, require_testbed, veth_pair, McastReceiver, McastSender,
+    Mcrelay, NetNs, WireObserver,
+};
+use serde_json::Value;
+
+const PORT: u16 = 5000;
+const COUNT: u64 = 200;
+
+/// Gateway `gw` with `lan0` (to a sender) and `shared0` (to a switch with two clients).
+struct SharedSegment {
+    // Drop order: gateway first, then the rest.
+    gw: NetNs,
+    sender: NetNs,
+    _switch: NetNs,
+    clients: [NetNs; 2],
+}
+
+impl SharedSegment {
+    fn new(tag: &str) -> Self {
+        let gw = NetNs::new(&format!("mcrpc{tag}-gw"));
+        let sender = NetNs::new(&format!("mcrpc{tag}-s"));
+        let switch = NetNs::new(&format!("mcrpc{tag}-sw"));
+        let clients = [NetNs::new(&format!("mcrpc{tag}-c1")), NetNs::new(&format!("mcrpc{tag}-c2"))];
+        veth_pair(&gw, "lan0", &sender, "eth0");
+        sender.add_addr("eth0", "198.18.10.2/24");
+        sender.add_addr("eth0", "fd00:6d63:10::2/64");
+        sender.tx_off("eth0");
+        sender.gro_on("eth0");
+        switch.add_bridge("br0");
+        // Like OpenVPN: multicast to everybody, unicast by learned MAC.
+        switch.ip(&["link", "set", "br0", "type", "bridge", "mcast_snooping", "0"]);
+        veth_pair(&gw, "shared0", &switch, "up0");
+        switch.set_master("up0", "br0");
+        switch.gro_on("up0");
+        for (i, c) in clients.iter().enumerate() {
+            let port = format!("p{i}");
+            veth_pair(&switch, &port, c, "eth0");
+            switch.set_master(&port, "br0");
+            c.add_addr("eth0", &format!("198.18.20.{}/24", i + 2));
+            c.add_addr("eth0", &format!("fd00:6d63:20::{}/64", i + 2));
+            c.gro_on("eth0");
+            c.tx_off("eth0");
+        }
+        Self { gw, sender, _switch: switch, clients }
+    }
+}
+
+fn start(seg: &SharedSegment, per_client: bool) -> Mcrelay {
+    let mut args = vec!["run", "--no-pin", "-i", "lan0", "-i", "shared0", "--query-interval", "20"];
+    args.extend(["--query-response-interval", "1"]);
+    if per_client {
+        args.extend(["--per-client", "shared0"]);
+    }
+    let mut relay = Mcrelay::start(&seg.gw, &args);
+    relay.wait_ready();
+    relay
+}
+
+fn clients(gw: &NetNs) -> Vec<Value> {
+    mcrelay_json(gw, &["groups", "--json"])["clients"].as_array().cloned().unwrap_or_default()
+}
+
+fn run_case(tag: &str, group: IpAddr) {
+    let seg = SharedSegment::new(tag);
+    let [c1, c2] = &seg.clients;
+
+    // Control: without per-client delivery the shared segment floods to both clients.
+    {
+        let relay = start(&seg, false);
+        let wire2 = WireObserver::new(c2, "eth0");
+        let rx1 = McastReceiver::join(c1, group, PORT, "eth0");
+        thread::sleep(Duration::from_millis(300));
+        McastSender::new(&seg.sender, "eth0").send_numbered(group, PORT, COUNT, Duration::from_millis(1));
+        assert_eq!(rx1.wait_for(COUNT, Duration::from_secs(20)), COUNT, "{rx1} (control run)");
+        assert_eq!(wire2.wait_for(group, COUNT, Duration::from_secs(5)), COUNT, "control run: flooding expected");
+        drop(relay);
+    }
+
+    let relay = start(&seg, true);
+    let wire2 = WireObserver::new(c2, "eth0");
+    let rx1 = McastReceiver::join(c1, group, PORT, "eth0");
+    // Wait until the client is known (its report passed through the switch).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !clients(&seg.gw).iter().any(|c| {
+        c["groups"].as_array().into_iter().flatten().any(|g| g.as_str() == Some(&group.to_string()))
+    }) {
+        assert!(std::time::Instant::now() < deadline, "client never learned:\n{:#}", mcrelay_json(&seg.gw, &["groups", "--json"]));
+        thread::sleep(Duration::from_millis(20));
+    }
+    McastSender::new(&seg.sender, "eth0").send_numbered(group, PORT, COUNT, Duration::from_millis(1));
+    assert_eq!(rx1.wait_for(COUNT, Duration::from_secs(20)), COUNT, "{rx1}: the joined client");
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(rx1.distinct(), COUNT, "{rx1}: duplicates");
+    assert_eq!(wire2.count(group), 0, "{wire2}: the other client got copies");
+    let list = clients(&seg.gw);
+    let copies: u64 = list.iter().filter_map(|c| c["copies"].as_u64()).sum();
+    eprintln!("{tag}: per-client copies: {list:?}");
+    assert_eq!(copies, COUNT, "copies counted per client: {list:?}");
+
+    // The client leaves: copies stop (the port-level state expires later, nothing floods).
+    drop(rx1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while clients(&seg.gw).iter().any(|c| !c["groups"].as_array().is_none_or(|g| g.is_empty())) {
+        assert!(std::time::Instant::now() < deadline, "client leave not applied");
+        thread::sleep(Duration::from_millis(20));
+    }
+    drop(relay);
+    let _ = mcrelay_output(&seg.gw, &["detach"]);
+}
+
+#[test]
+fn per_client_copies_reach_only_the_joined_client_ipv4() {
+    require_testbed!();
+    run_case("4", "239.50.0.1".parse().expect("group"));
+}
+
+#[test]
+fn per_client_copies_reach_only_the_joined_client_ipv6() {
+    require_testbed!();
+    run_case("6", "ff1e::50:1".parse().expect("group"));
+}
