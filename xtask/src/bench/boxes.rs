@@ -109,7 +109,9 @@ pub fn start(
     match kind {
         MiddleBox::Mcrelay => {
             let mut args = vec![
+                // --no-pin: detach on exit, so the next box finds plain veths.
                 "run".to_owned(),
+                "--no-pin".into(),
                 "--xdp-mode".into(),
                 "native".into(),
                 "-i".into(),

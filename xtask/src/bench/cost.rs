@@ -103,7 +103,9 @@ pub struct CostParams<'a> {
 
 pub fn measure(bed: &ScaleBed, p: &CostParams<'_>) -> anyhow::Result<CostResult> {
     let ns = &bed.ns;
-    let mut args: Vec<String> = vec!["run".into(), "--xdp-mode".into(), "native".into()];
+    // --no-pin: the next daemon (other group count) must start clean, not take over.
+    let mut args: Vec<String> =
+        vec!["run".into(), "--no-pin".into(), "--xdp-mode".into(), "native".into()];
     for i in 0..SCALE_PORTS {
         args.extend(["-i".into(), format!("p{i}")]);
     }
