@@ -120,16 +120,8 @@ fn run(profile: Profile, args: &[String]) -> anyhow::Result<()> {
         bail!(
             "mcrelay needs root (it loads eBPF programs): run this as root, or run \
              `cargo xtask build{}` and then `sudo target/{}/mcrelay ...`",
-            if profile == Profile::Release {
-                " --release"
-            } else {
-                ""
-            },
-            if profile == Profile::Release {
-                "release"
-            } else {
-                "debug"
-            }
+            if profile == Profile::Release { " --release" } else { "" },
+            if profile == Profile::Release { "release" } else { "debug" }
         );
     }
     setup::run(Scope::Toolchain)?;
@@ -147,10 +139,7 @@ fn lab(duration: Option<Duration>) -> anyhow::Result<()> {
         bail!("the lab needs root (network namespaces, eBPF): run `cargo xtask lab` as root");
     }
     setup::run(Scope::Full)?;
-    let options = lab::LabOptions {
-        duration,
-        mcrelay: build_mcrelay(Profile::Debug)?,
-    };
+    let options = lab::LabOptions { duration, mcrelay: build_mcrelay(Profile::Debug)? };
     let until = match options.duration {
         Some(duration) => format!("for {}s", duration.as_secs()),
         None => "until Ctrl-C".to_owned(),
@@ -194,7 +183,7 @@ fn run_tests(mcrelay: &Path, test_args: &[String]) -> anyhow::Result<()> {
         .current_dir(workspace::root())
         .env("MCRELAY_BIN", mcrelay)
         .env("RUST_BACKTRACE", "1")
-        .args(["test", "--", "--test-threads=2"])
+        .args(["test", "--no-fail-fast", "--", "--test-threads=2"])
         .args(test_args);
     println!("[test] {}", cmd::describe(&cargo_test));
     cmd::run(&mut cargo_test)
@@ -213,14 +202,7 @@ mod tests {
 
     #[test]
     fn passes_arguments_after_double_dash() {
-        let cli = Cli::parse_from([
-            "cargo xtask",
-            "run",
-            "--release",
-            "--",
-            "--config",
-            "x.toml",
-        ]);
+        let cli = Cli::parse_from(["cargo xtask", "run", "--release", "--", "--config", "x.toml"]);
         match cli.command {
             Commands::Run { release, args } => {
                 assert!(release);
