@@ -4,13 +4,14 @@
 
 mod bench;
 mod cmd;
+mod install;
 mod lab;
 mod setup;
 mod workspace;
 
 use std::{
     os::unix::process::CommandExt as _,
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -94,6 +95,21 @@ enum Commands {
         #[arg(last = true, value_name = "TEST_ARGS")]
         args: Vec<String>,
     },
+    /// Build the release binary and install it with its systemd unit, default configuration,
+    /// man page and shell completions.
+    ///
+    /// With the default prefix /usr/local the unit goes to /etc/systemd/system and the
+    /// configuration to /etc/mcrelay; with any other prefix everything stays under it and the
+    /// unit's ExecStart= follows. An existing configuration is never overwritten; files whose
+    /// content is unchanged are left alone, so running it twice changes nothing.
+    Install {
+        /// Installation prefix.
+        #[arg(long, value_name = "DIR", default_value = install::DEFAULT_PREFIX)]
+        prefix: PathBuf,
+        /// Print what would be installed; build and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -106,6 +122,7 @@ fn main() -> anyhow::Result<()> {
         Commands::Run { release, args } => run(Profile::from_release_flag(release), &args),
         Commands::Lab { duration } => lab(duration.map(Duration::from_secs)),
         Commands::Test { args } => test(&args),
+        Commands::Install { prefix, dry_run } => install::run(&prefix, dry_run),
         Commands::Bench { quick, json, svg } => bench(quick, json, svg),
     }
 }
