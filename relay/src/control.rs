@@ -376,6 +376,13 @@ impl Control {
         }
     }
 
+    /// Puts back a per-client membership (an interface re-created under the same name).
+    pub fn restore_client(&mut self, group: IpAddr, port: u32, mac: [u8; 6], now: Duration) {
+        let expiry = now + self.engine.config().gmi();
+        self.clients.entry((group, port)).or_default().insert(mac, expiry);
+        self.clients_changed.insert(group);
+    }
+
     /// Drops clients whose membership timed out.
     pub fn expire_clients(&mut self, now: Duration) {
         for ((g, _), macs) in &mut self.clients {

@@ -213,6 +213,8 @@ struct Daemon {
     unknown: UnknownArg,
     /// Ports on which mcrelay turned allmulticast on (turned off again at exit).
     allmulti_set: Vec<u32>,
+    /// Memberships of vanished ports, by interface name.
+    remembered: BTreeMap<String, Remembered>,
     start: tokio::time::Instant,
 }
 
@@ -266,6 +268,7 @@ pub async fn run(
         source,
         unknown: args.unknown,
         allmulti_set: Vec::new(),
+        remembered: BTreeMap::new(),
         start: tokio::time::Instant::now(),
     };
 
@@ -533,13 +536,30 @@ impl Daemon {
             self.dp.detach(link.index);
             control.engine.remove_port(link.index);
             control.names.remove(&link.index);
+        } else if let Some(r) = self.remembered.remove(&link.name) {
+            let now = self.start.elapsed();
+            if r.until > now {
+                tracing::info!(
+                    iface = %link.name,
+                    groups = r.records.len(),
+                    "re-created interface: restoring its memberships until members report again"
+                );
+                r.restore(control, link.index, now);
+            }
         }
         control.dirty = true;
     }
 
-    /// An interface vanished: forget the port and what was learned on it.
+    /// An interface vanished: forget the port and what was learned on it (remembered by name
+    /// for one membership interval, see [`Remembered`]).
     fn on_link_removed(&mut self, control: &mut Control, ifindex: u32) {
-        let Some(name) = control.names.remove(&ifindex) else { return };
+        let Some(name) = control.names.get(&ifindex).cloned() else { return };
+        let now = self.start.elapsed();
+        let remembered = Remembered::of_port(control, ifindex, now);
+        if !remembered.is_empty() {
+            self.remembered.insert(name.clone(), remembered);
+        }
+        control.names.remove(&ifindex);
         tracing::info!(iface = %name, ifindex, "interface vanished; dropping its port state");
         self.dp.detach(ifindex);
         control.engine.remove_port(ifindex);
@@ -792,4 +812,68 @@ fn client_states(control: &Control, dp: &Dataplane) -> Vec<state::ClientState> {
             copies,
         })
         .collect()
+}
+
+/// What a vanished port had learned. An interface that is destroyed and created again under
+/// the same name within one group membership interval (an OpenVPN restart re-creates its tap)
+/// gets these memberships back at once, as if its members had just reported: forwarding
+/// resumes as soon as the device exists, not when the next query is answered (hosts behind it
+/// never noticed the flap and send no report by themselves). Members that are really gone time
+/// out after one membership interval as usual.
+struct Remembered {
+    until: Duration,
+    records: Vec<membership::GroupRecord>,
+    clients: Vec<(IpAddr, [u8; 6])>,
+}
+
+impl Remembered {
+    fn of_port(control: &Control, port: u32, now: Duration) -> Self {
+        use membership::{FilterMode, GroupRecord, RecordType};
+        let mut records = Vec::new();
+        for g in control.engine.groups(now) {
+            for p in g.ports.iter().filter(|p| p.port == port) {
+                let record = match p.mode {
+                    FilterMode::Exclude => GroupRecord {
+                        kind: RecordType::IsExclude,
+                        group: g.group,
+                        sources: p.sources.iter().filter(|s| s.timer.is_none()).map(|s| s.source).collect(),
+                    },
+                    FilterMode::Include => GroupRecord {
+                        kind: RecordType::IsInclude,
+                        group: g.group,
+                        sources: p.sources.iter().map(|s| s.source).collect(),
+                    },
+                };
+                records.push(record);
+            }
+        }
+        let clients = control
+            .clients
+            .iter()
+            .filter(|((_, p), _)| *p == port)
+            .flat_map(|((g, _), macs)| macs.keys().map(move |m| (*g, *m)))
+            .collect();
+        Self { until: now + control.engine.config().gmi(), records, clients }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.clients.is_empty()
+    }
+
+    fn restore(self, control: &mut Control, port: u32, now: Duration) {
+        use membership::{Message, MessageKind};
+        let (v4, v6): (Vec<_>, Vec<_>) = self.records.into_iter().partition(|r| r.group.is_ipv4());
+        for (records, source) in [
+            (v4, IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)),
+            (v6, IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)),
+        ] {
+            if !records.is_empty() {
+                let msg = Message { source, kind: MessageKind::V3Report { records } };
+                control.engine.handle(now, port, &msg);
+            }
+        }
+        for (group, mac) in self.clients {
+            control.restore_client(group, port, mac, now);
+        }
+    }
 }

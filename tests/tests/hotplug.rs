@@ -168,3 +168,47 @@ fn static_members_follow_the_interface_name() {
     let status = relay.stop();
     assert!(status.success(), "{status}; stderr:\n{}", relay.stderr());
 }
+
+/// A port that vanishes and comes back under the same name (an OpenVPN restart re-creates its
+/// tap) gets its memberships back at once: the hosts behind it never noticed and send no
+/// report by themselves. Here the host cannot report at all any more (nftables drops its
+/// IGMP), so only the remembered membership can make the stream flow again.
+#[test]
+fn a_recreated_port_gets_its_memberships_back() {
+    require_testbed!("nft");
+    let group: IpAddr = "239.20.0.3".parse().expect("group");
+    let star = Star::new("hf", 1);
+    let sender_host = &star.hosts[0];
+    let segment = Segment::new(&star.gw, "hp2", "f");
+    let mut relay = Mcrelay::start(
+        &star.gw,
+        &["run", "--no-pin", "-i", "gw0", "-i", "hp*", "--query-interval", "20"],
+    );
+    relay.wait_ready();
+    let rx = McastReceiver::join(&segment.ns, group, PORT, "eth0");
+    let _stream = Stream::start(&sender_host.ns, &sender_host.iface, group);
+    wait_until("the stream to reach hp2", || rx.count() > 0);
+    // From now on the host sends no IGMP at all.
+    for rule in [
+        "add table inet mcrtest",
+        "add chain inet mcrtest out { type filter hook output priority 0 ; }",
+        "add rule inet mcrtest out meta l4proto igmp drop",
+    ] {
+        let mut argv = vec!["nft"];
+        argv.extend(rule.split(' '));
+        segment.ns.exec(&argv);
+    }
+    // The gateway's end of the segment leaves the namespace and comes back: DELLINK, NEWLINK.
+    let parking = NetNs::new("mcrhfpark");
+    star.gw.ip(&["link", "set", "hp2", "netns", parking.name()]);
+    wait_until("hp2 to be forgotten", || !port_names(&ports(&star.gw)).contains(&"hp2".into()));
+    let before = rx.count();
+    parking.ip(&["link", "set", "hp2", "netns", star.gw.name()]);
+    star.gw.link_up("hp2");
+    wait_until("hp2 to be attached again", || port_names(&ports(&star.gw)).contains(&"hp2".into()));
+    let took = wait_until("the stream to flow again", || rx.count() > before + 10);
+    eprintln!("stream resumed {took:?} after the port was attached again");
+    assert!(relay.stderr().contains("restoring its memberships"), "{}", relay.stderr());
+    let status = relay.stop();
+    assert!(status.success(), "{status}");
+}
