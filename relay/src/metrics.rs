@@ -66,7 +66,7 @@ pub async fn serve(listen: SocketAddr, pin_root: PathBuf) -> anyhow::Result<()> 
     let sources = Sources::of_current_netns(&pin_root)?;
     let listener =
         TcpListener::bind(listen).await.with_context(|| format!("metrics: binding {listen}"))?;
-    tracing::info!(address = %listener.local_addr().unwrap_or(listen), "metrics endpoint listening");
+    tracing::debug!(address = %listener.local_addr().unwrap_or(listen), "metrics endpoint listening");
     serve_on(listener, sources).await
 }
 
