@@ -463,6 +463,18 @@ impl Control {
             }
         }
         self.sync_clients(dp, &mut changed)?;
+        dp.begin_batch();
+        let result = self.apply_changes(dp, routers_changed, changed);
+        let committed = dp.commit_batch();
+        result.and(committed)
+    }
+
+    fn apply_changes(
+        &mut self,
+        dp: &mut Dataplane,
+        routers_changed: bool,
+        changed: BTreeSet<IpAddr>,
+    ) -> anyhow::Result<()> {
         if routers_changed {
             let mut routers = self.engine.router_ports(Family::V4);
             routers.extend(self.engine.router_ports(Family::V6));

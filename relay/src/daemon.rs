@@ -447,7 +447,10 @@ impl Daemon {
             .iter()
             .map(|(g, names)| (*g, names.iter().filter_map(|n| by_name.get(n).copied()).collect()))
             .collect();
-        control.table.set_statics(&mut self.dp, &control.engine, statics)
+        self.dp.begin_batch();
+        let result = control.table.set_statics(&mut self.dp, &control.engine, statics);
+        let committed = self.dp.commit_batch();
+        result.and(committed)
     }
 
     /// SIGHUP: reads the configuration again and applies the difference. Everything is
@@ -626,7 +629,9 @@ impl Daemon {
                 }
                 () = tokio::time::sleep_until(adoption_ends), if control.table.adopting() => {
                     tracing::info!("membership interval since take-over passed: dropping adopted port sets nobody renewed");
-                    control.table.end_adoption(&mut self.dp, &control.engine)?;
+                    self.dp.begin_batch();
+                    let result = control.table.end_adoption(&mut self.dp, &control.engine);
+                    self.dp.commit_batch().and(result)?;
                     control.dirty = true;
                 }
                 _ = watchdog_tick.tick(), if watchdog.is_some() => {
