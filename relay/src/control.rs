@@ -296,6 +296,8 @@ pub struct Control {
     pub clients: BTreeMap<(IpAddr, u32), BTreeMap<[u8; 6], Duration>>,
     /// Groups whose per-client members changed since the last map update.
     clients_changed: BTreeSet<IpAddr>,
+    /// The querier last logged per (port, IPv6?), to log changes once.
+    queriers_seen: BTreeMap<(u32, bool), (IpAddr, bool)>,
 }
 
 impl Control {
@@ -312,6 +314,7 @@ impl Control {
             per_client_ports: BTreeSet::new(),
             clients: BTreeMap::new(),
             clients_changed: BTreeSet::new(),
+            queriers_seen: BTreeMap::new(),
         }
     }
 
@@ -371,6 +374,26 @@ impl Control {
             if let Some(m) = self.clients.get_mut(&(g, port)) {
                 if m.remove(&mac).is_some() {
                     self.clients_changed.insert(g);
+                }
+            }
+        }
+    }
+
+    /// One log line whenever the querier of a port changes (election won or lost).
+    fn log_querier_changes(&mut self) {
+        let ports: Vec<u32> = self.names.keys().copied().collect();
+        for port in ports {
+            for (family, v6) in [(Family::V4, false), (Family::V6, true)] {
+                let Some(q) = self.engine.querier(port, family) else { continue };
+                let now = (q.address, q.is_self);
+                if self.queriers_seen.insert((port, v6), now) != Some(now) {
+                    let who = if q.is_self { "mcrelay itself" } else { "another router" };
+                    tracing::info!(
+                        port = self.name(port),
+                        family = if v6 { "ipv6" } else { "ipv4" },
+                        querier = %q.address,
+                        "querier: {who}"
+                    );
                 }
             }
         }
@@ -462,6 +485,7 @@ impl Control {
                 Action::RouterPortsChanged(_) => routers_changed = true,
             }
         }
+        self.log_querier_changes();
         self.sync_clients(dp, &mut changed)?;
         dp.begin_batch();
         let result = self.apply_changes(dp, routers_changed, changed);
