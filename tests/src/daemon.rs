@@ -2,10 +2,17 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    os::unix::{fs::MetadataExt as _, process::CommandExt as _},
+    net::IpAddr,
+    os::unix::{
+        fs::{MetadataExt as _, PermissionsExt as _},
+        process::CommandExt as _,
+    },
     path::{Path, PathBuf},
-    process::{Child, ExitStatus, Output, Stdio},
-    sync::{Arc, Condvar, Mutex, Once},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Condvar, Mutex, Once,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -18,6 +25,7 @@ use serde_json::Value;
 
 use crate::{
     cmd::{describe, output_with_timeout},
+    groups::{is_member, port_names},
     netns::NetNs,
     workspace_root,
 };
@@ -101,6 +109,15 @@ impl Mcrelay {
     /// Starts [`mcrelay_bin`] with `args` (e.g. `["run", "-i", "gw0", ...]`) in `ns`.
     pub fn start(ns: &NetNs, args: &[&str]) -> Self {
         Self::start_with(&mcrelay_bin(), ns, args, false)
+    }
+
+    /// Starts [`mcrelay_bin`] with `args` in `ns` and waits until it is ready (see
+    /// [`Mcrelay::wait_ready`]).
+    pub fn start_ready<S: AsRef<str>>(ns: &NetNs, args: &[S]) -> Self {
+        let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+        let mut relay = Self::start(ns, &args);
+        relay.wait_ready();
+        relay
     }
 
     /// Starts `bin` with `args` in `ns` (network namespace only, see [`NetNs::command`]), stderr
@@ -356,4 +373,143 @@ pub fn port_counter(doc: &Value, iface: &str, section: &str, key: &str) -> u64 {
                 serde_json::to_string_pretty(doc).unwrap_or_default()
             )
         })
+}
+
+/// How often the `wait_*` helpers run `mcrelay groups --json`.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// `mcrelay groups --json` in `ns`, parsed.
+pub fn groups_json(ns: &NetNs) -> Value {
+    mcrelay_json(ns, &["groups", "--json"])
+}
+
+/// `mcrelay ports --json` in `ns`, parsed.
+pub fn ports_json(ns: &NetNs) -> Value {
+    mcrelay_json(ns, &["ports", "--json"])
+}
+
+/// `mcrelay stats --json` in `ns`, parsed.
+pub fn stats_json(ns: &NetNs) -> Value {
+    mcrelay_json(ns, &["stats", "--json"])
+}
+
+/// The interfaces `mcrelay ports --json` lists in `ns`, in its order.
+pub fn attached_ports(ns: &NetNs) -> Vec<String> {
+    port_names(&ports_json(ns))
+}
+
+/// Polls `mcrelay groups --json` in `ns` every [`POLL_INTERVAL`] until `pred` holds; returns the
+/// document that satisfied it and how long it took. Panics with the last document after
+/// `timeout` (`what` says what was awaited).
+///
+/// The daemon rewrites the state file behind `groups` a few times a second, so anything it
+/// learned shows up with a lag: poll, never read once.
+pub fn wait_groups(
+    ns: &NetNs,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> (Value, Duration) {
+    wait_groups_checked(ns, what, timeout, || {}, pred)
+}
+
+/// [`wait_groups`] that calls `check` before every poll (to fail early, e.g. when the daemon
+/// died, or to keep a peer reporting).
+pub fn wait_groups_checked(
+    ns: &NetNs,
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut(),
+    pred: impl Fn(&Value) -> bool,
+) -> (Value, Duration) {
+    let start = Instant::now();
+    loop {
+        check();
+        let doc = groups_json(ns);
+        if pred(&doc) {
+            return (doc, start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            panic!("waited {timeout:?} for {what}; mcrelay groups --json:\n{doc:#}");
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Waits until `port` is in the (*,G) ports of `group`; returns how long it took.
+pub fn wait_member(ns: &NetNs, group: IpAddr, port: &str, timeout: Duration) -> Duration {
+    let what = format!("{port} to be a member of {group}");
+    wait_groups(ns, &what, timeout, |d| is_member(d, group, port)).1
+}
+
+/// Waits until `port` is no longer in the (*,G) ports of `group`; returns how long it took.
+pub fn wait_not_member(ns: &NetNs, group: IpAddr, port: &str, timeout: Duration) -> Duration {
+    wait_groups(ns, &format!("{port} to leave {group}"), timeout, |d| !is_member(d, group, port)).1
+}
+
+/// Panics unless process `pid` is still running: for a daemon whose guard is held elsewhere,
+/// which has exited (a zombie until the guard reaps it) if this fails; the guard then prints
+/// its stderr. `what` says when, for the message.
+pub fn assert_process_alive(pid: u32, what: &str) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Field 3 (after the parenthesised command name) is the state.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    if matches!(state, None | Some("Z" | "X")) {
+        panic!("mcrelay (pid {pid}) exited {what}; its stderr follows");
+    }
+}
+
+/// A binary (normally [`mcrelay_bin`]) at a path that uid 65534 can execute: the original if
+/// every directory above it is searchable by others, else a copy in a private temporary
+/// directory (removed on drop).
+pub struct BinaryForNobody {
+    path: PathBuf,
+    copy_dir: Option<PathBuf>,
+}
+
+impl BinaryForNobody {
+    /// Finds or makes an executable path for `bin`.
+    pub fn new(bin: &Path) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let reachable =
+            bin.ancestors().skip(1).all(|dir| {
+                std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+            }) && std::fs::metadata(bin).is_ok_and(|m| m.permissions().mode() & 0o005 == 0o005);
+        if reachable {
+            return Self { path: bin.to_path_buf(), copy_dir: None };
+        }
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mcrelay-nobody-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let path = dir.join("mcrelay");
+        std::fs::copy(bin, &path).unwrap_or_else(|e| panic!("copying {}: {e}", bin.display()));
+        for (p, mode) in [(&dir, 0o755), (&path, 0o755)] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
+        }
+        Self { path, copy_dir: Some(dir) }
+    }
+
+    /// Where uid 65534 can execute the binary.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `setpriv` running the binary with `args` in `ns` as uid/gid 65534, without supplementary
+    /// groups or inheritable capabilities.
+    pub fn command(&self, ns: &NetNs, args: &[&str]) -> Command {
+        let mut cmd = ns.command("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+            .arg(self.path())
+            .args(args);
+        cmd
+    }
+}
+
+impl Drop for BinaryForNobody {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.copy_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }

@@ -12,14 +12,19 @@
 //! receivers drop the relayed datagrams as UdpInCsumErrors.
 
 pub mod cmd;
+pub mod control;
 pub mod daemon;
+pub mod groups;
 pub mod interrupt;
 pub mod mcast;
 pub mod netns;
 pub mod openvpn;
 pub mod topology;
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 pub use daemon::{
     mcrelay_bin, mcrelay_json, mcrelay_json_with, mcrelay_output, mcrelay_output_with,
@@ -80,6 +85,11 @@ macro_rules! require_testbed {
 pub fn find_program(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file())
+}
+
+/// Parses an address literal of a test (`"239.1.1.1"`, `"ff1e::1"`); panics on a typo.
+pub fn addr(s: &str) -> IpAddr {
+    s.parse().unwrap_or_else(|e| panic!("bad address {s}: {e}"))
 }
 
 /// The workspace root (the parent of this crate's directory).

@@ -264,6 +264,111 @@ impl McastSender {
     }
 }
 
+/// A [`McastSender`] on a background thread sending numbered datagrams (`0, 1, 2, ...`) to one
+/// group, `interval` apart, until dropped; send errors are ignored (an interface may come and
+/// go meanwhile).
+pub struct McastStream {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl McastStream {
+    /// Starts streaming to `group:port` out of `iface` in `ns`.
+    pub fn start(ns: &NetNs, iface: &str, group: IpAddr, port: u16, interval: Duration) -> Self {
+        let sender = McastSender::new(ns, iface);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let mut seq = 0;
+            while !flag.load(Ordering::SeqCst) {
+                let _ = sender.send(group, port, seq);
+                seq += 1;
+                thread::sleep(interval);
+            }
+        });
+        Self { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for McastStream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A UDP socket that sends multicast from one source address out of one interface (TTL / hop
+/// limit 1, multicast loopback off): for tests where the source address matters (source
+/// filtering), with several addresses on one segment.
+pub struct SourceSender {
+    label: String,
+    source: IpAddr,
+    socket: UdpSocket,
+}
+
+impl SourceSender {
+    /// A socket in `ns` bound to `source` (an address of `iface`), sending out of `iface`.
+    pub fn new(ns: &NetNs, iface: &str, source: IpAddr) -> Self {
+        let label = format!("sender from {source} on {iface} in {ns}");
+        let socket =
+            ns.in_netns(|| source_socket(source, iface)).unwrap_or_else(|e| panic!("{label}: {e}"));
+        Self { label, source, socket }
+    }
+
+    /// The source address.
+    pub fn source(&self) -> IpAddr {
+        self.source
+    }
+
+    /// Sends test datagram `seq` to `group:port`.
+    pub fn send(&self, group: IpAddr, port: u16, seq: u64) -> io::Result<()> {
+        self.socket
+            .send_to(payload(group, seq).as_bytes(), SocketAddr::new(group, port))
+            .map(|_| ())
+    }
+
+    /// Sends datagrams `seqs` to `group:port`, `interval` apart; panics on a send error.
+    pub fn send_range(
+        &self,
+        group: IpAddr,
+        port: u16,
+        seqs: std::ops::Range<u64>,
+        interval: Duration,
+    ) {
+        for seq in seqs {
+            self.send(group, port, seq)
+                .unwrap_or_else(|e| panic!("{}: sending {seq} to {group}: {e}", self.label));
+            thread::sleep(interval);
+        }
+    }
+}
+
+/// A UDP socket bound to `src`, sending multicast out of `iface` (IPv4: by source address,
+/// IPv6: by interface index), loop off.
+fn source_socket(src: IpAddr, iface: &str) -> io::Result<UdpSocket> {
+    let ifindex = nix::net::if_::if_nametoindex(iface).map_err(io::Error::from)?;
+    let sock = match src {
+        IpAddr::V4(a) => {
+            let sock = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+            sock.bind(&SocketAddr::from((a, 0)).into())?;
+            sock.set_multicast_loop_v4(false)?;
+            sock.set_multicast_if_v4(&a)?;
+            sock
+        }
+        IpAddr::V6(a) => {
+            let sock = Socket::new(Domain::IPV6, Type::DGRAM, None)?;
+            sock.set_only_v6(true)?;
+            sock.bind(&SocketAddr::from((a, 0)).into())?;
+            sock.set_multicast_loop_v6(false)?;
+            sock.set_multicast_if_v6(ifindex)?;
+            sock
+        }
+    };
+    Ok(sock.into())
+}
+
 /// `IP_MULTICAST_IF` by interface index (`struct ip_mreqn`), so that the interface needs no
 /// IPv4 address.
 fn set_multicast_if_index_v4(socket: &Socket, ifindex: u32) -> io::Result<()> {

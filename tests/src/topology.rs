@@ -2,7 +2,10 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::netns::{veth_pair, NetNs};
+use crate::{
+    daemon::Mcrelay,
+    netns::{veth_pair, NetNs},
+};
 
 /// Name of a host's interface towards the gateway.
 pub const HOST_IFACE: &str = "eth0";
@@ -63,5 +66,14 @@ impl Star {
     /// `-i gw0 -i gw1 ...` for `mcrelay run`.
     pub fn iface_args(&self) -> Vec<String> {
         self.hosts.iter().flat_map(|h| ["-i".to_string(), h.gw_port.clone()]).collect()
+    }
+
+    /// Starts `mcrelay run -i gw0 ... -i gwN EXTRA...` on the gateway and waits until it is
+    /// ready.
+    pub fn start_relay(&self, extra: &[&str]) -> Mcrelay {
+        let mut args: Vec<String> = vec!["run".into()];
+        args.extend(self.iface_args());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Mcrelay::start_ready(&self.gw, &args)
     }
 }

@@ -24,7 +24,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -34,8 +33,12 @@ use std::{
 };
 
 use mcrelay_tests::{
-    mcast::payload,
-    mcrelay_json, require_testbed,
+    addr,
+    control::CraftedHost,
+    daemon::{assert_process_alive, groups_json as groups, wait_groups_checked},
+    groups::{group_entry, group_ports as star_ports, member, member_sources, names, source_ports},
+    mcast::SourceSender,
+    require_testbed,
     topology::{Host, Star},
     Mcrelay, NetNs, WireObserver,
 };
@@ -61,18 +64,9 @@ const SHORT_TIMERS: [&str; 6] =
     ["--query-interval", "2", "--query-response-interval", "1", "--last-member-interval", "0.2"];
 const SHORT_GMI_MS: u64 = 5_000;
 
-fn addr(s: &str) -> IpAddr {
-    s.parse().unwrap_or_else(|e| panic!("bad address {s}: {e}"))
-}
-
 /// Starts mcrelay on every port of the star with the given timer options.
 fn start_relay(star: &Star, extra: &[&str]) -> Mcrelay {
-    let mut args: Vec<String> = vec!["run".into()];
-    args.extend(star.iface_args());
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut relay = Mcrelay::start(&star.gw, &args);
-    relay.wait_ready();
+    let relay = star.start_relay(extra);
     DAEMON_PID.with(|p| p.set(Some(relay.pid())));
     relay
 }
@@ -85,12 +79,8 @@ thread_local! {
 /// Panics if the daemon started by this test has exited (a zombie until its guard reaps it);
 /// the guard then prints its stderr.
 fn assert_daemon_alive(what: &str) {
-    let Some(pid) = DAEMON_PID.with(Cell::get) else { return };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Field 3 (after the parenthesised command name) is the state.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
-    if matches!(state, None | Some("Z" | "X")) {
-        panic!("mcrelay (pid {pid}) exited {what}; its stderr follows");
+    if let Some(pid) = DAEMON_PID.with(Cell::get) {
+        assert_process_alive(pid, what);
     }
 }
 
@@ -115,8 +105,7 @@ impl Src {
 
 /// Two UDP sockets in the sender's namespace, bound to two different source addresses.
 struct Senders {
-    addrs: [IpAddr; 2],
-    sockets: [UdpSocket; 2],
+    sockets: [SourceSender; 2],
     /// Bursts sent so far per source (each burst gets its own sequence numbers).
     bursts: [Cell<u64>; 2],
 }
@@ -138,18 +127,12 @@ impl Senders {
         };
         let prefix = if v6 { 64 } else { 24 };
         host.ns.add_addr(&host.iface, &format!("{s2}/{prefix}"));
-        let iface = host.iface.clone();
-        let sockets = host
-            .ns
-            .in_netns(|| -> io::Result<[UdpSocket; 2]> {
-                Ok([source_socket(s1, &iface)?, source_socket(s2, &iface)?])
-            })
-            .unwrap_or_else(|e| panic!("source sockets in {}: {e}", host.ns));
-        Self { addrs: [s1, s2], sockets, bursts: [Cell::new(0), Cell::new(0)] }
+        let sockets = [s1, s2].map(|a| SourceSender::new(&host.ns, &host.iface, a));
+        Self { sockets, bursts: [Cell::new(0), Cell::new(0)] }
     }
 
     fn addr(&self, src: Src) -> IpAddr {
-        self.addrs[src.index()]
+        self.sockets[src.index()].source()
     }
 
     /// Sends COUNT test datagrams to `group` from `src`, with sequence numbers no other burst
@@ -159,36 +142,8 @@ impl Senders {
         let b = self.bursts[i].get();
         self.bursts[i].set(b + 1);
         let base = i as u64 * 1_000_000 + b * COUNT;
-        for seq in base..base + COUNT {
-            self.sockets[i]
-                .send_to(payload(group, seq).as_bytes(), SocketAddr::new(group, PORT))
-                .unwrap_or_else(|e| panic!("sending {seq} from {} to {group}: {e}", self.addrs[i]));
-            thread::sleep(INTERVAL);
-        }
+        self.sockets[i].send_range(group, PORT, base..base + COUNT, INTERVAL);
     }
-}
-
-/// A UDP socket sending multicast from `src` out of `iface` (TTL / hop limit 1, loop off).
-fn source_socket(src: IpAddr, iface: &str) -> io::Result<UdpSocket> {
-    let ifindex = nix::net::if_::if_nametoindex(iface).map_err(io::Error::from)?;
-    let sock = match src {
-        IpAddr::V4(a) => {
-            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-            sock.bind(&SocketAddr::from((a, 0)).into())?;
-            sock.set_multicast_loop_v4(false)?;
-            sock.set_multicast_if_v4(&a)?;
-            sock
-        }
-        IpAddr::V6(a) => {
-            let sock = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
-            sock.set_only_v6(true)?;
-            sock.bind(&SocketAddr::from((a, 0)).into())?;
-            sock.set_multicast_loop_v6(false)?;
-            sock.set_multicast_if_v6(ifindex)?;
-            sock
-        }
-    };
-    Ok(sock.into())
 }
 
 /// Sends one burst from `src` and checks, on each observed wire, that the burst arrived
@@ -227,52 +182,6 @@ fn deliver(
 
 // ---------------------------------------------------------------------------------------------
 // `mcrelay groups --json`
-
-fn groups(gw: &NetNs) -> Value {
-    mcrelay_json(gw, &["groups", "--json"])
-}
-
-fn same_addr(v: &Value, a: IpAddr) -> bool {
-    v.as_str().and_then(|s| s.parse::<IpAddr>().ok()) == Some(a)
-}
-
-fn group_entry(doc: &Value, group: IpAddr) -> Option<&Value> {
-    doc["groups"].as_array()?.iter().find(|g| same_addr(&g["group"], group))
-}
-
-fn names(v: &Value) -> Vec<String> {
-    v.as_array().into_iter().flatten().filter_map(|p| p.as_str().map(String::from)).collect()
-}
-
-/// The (*,G) ports of `group`.
-fn star_ports(doc: &Value, group: IpAddr) -> Vec<String> {
-    group_entry(doc, group).map(|g| names(&g["ports"])).unwrap_or_default()
-}
-
-/// The (S,G) ports of `group` and `source`; `None` without an (S,G) entry.
-fn source_ports(doc: &Value, group: IpAddr, source: IpAddr) -> Option<Vec<String>> {
-    let g = group_entry(doc, group)?;
-    let s = g["sources"].as_array()?.iter().find(|s| same_addr(&s["source"], source))?;
-    Some(names(&s["ports"]))
-}
-
-/// The learned membership of `port` in `group` (`groups[].members[]`).
-fn member<'a>(doc: &'a Value, group: IpAddr, port: &str) -> Option<&'a Value> {
-    group_entry(doc, group)?["members"].as_array()?.iter().find(|m| m["port"] == port)
-}
-
-/// Source timers of a member: source -> remaining milliseconds (`None`: blocked).
-fn member_sources(m: &Value) -> BTreeMap<IpAddr, Option<u64>> {
-    m["sources"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|s| {
-            let a = s["source"].as_str()?.parse::<IpAddr>().ok()?;
-            Some((a, s["timer_ms"].as_u64()))
-        })
-        .collect()
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -345,26 +254,16 @@ fn state_gone(doc: &Value, group: IpAddr, port: &str) -> bool {
             .any(|s| names(&s["ports"]).iter().any(|p| p == port))
 }
 
-/// Polls until `pred(groups --json)` holds; returns the document and how long it took. Panics
-/// with the last document after `timeout`.
+/// Polls until `pred(groups --json)` holds, failing at once if the daemon died; returns the
+/// document and how long it took. Panics with the last document after `timeout`.
 fn wait_groups(
     gw: &NetNs,
     what: &str,
     timeout: Duration,
     pred: impl Fn(&Value) -> bool,
 ) -> (Value, Duration) {
-    let start = Instant::now();
-    loop {
-        assert_daemon_alive(&format!("while waiting for {what}"));
-        let doc = groups(gw);
-        if pred(&doc) {
-            return (doc, start.elapsed());
-        }
-        if start.elapsed() > timeout {
-            panic!("waited {timeout:?} for {what}; mcrelay groups --json:\n{doc:#}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    let alive = || assert_daemon_alive(&format!("while waiting for {what}"));
+    wait_groups_checked(gw, what, timeout, alive, pred)
 }
 
 /// Waits for `want` on `port`, then checks the timers `groups --json` shows: the group timer
@@ -432,108 +331,15 @@ fn wait_gone(gw: &NetNs, group: IpAddr, port: &str, what: &str) {
 // ---------------------------------------------------------------------------------------------
 // Crafted reports
 
-/// Sends a crafted frame out of the host's interface (a raw packet socket in its namespace).
-fn inject(host: &Host, frame: &[u8]) {
-    let iface = host.iface.clone();
-    host.ns
-        .in_netns(|| send_raw(&iface, frame))
-        .unwrap_or_else(|e| panic!("injecting a frame on {} in {}: {e}", host.iface, host.ns));
-}
-
-fn send_raw(iface: &str, frame: &[u8]) -> io::Result<()> {
-    let ifindex = nix::net::if_::if_nametoindex(iface).map_err(io::Error::from)?;
-    // SAFETY: plain socket(2), owned at once.
-    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptor.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: all-zero sockaddr_ll is valid.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_ifindex = ifindex as i32;
-    sll.sll_halen = 6;
-    sll.sll_addr[..6].copy_from_slice(&frame[..6]);
-    // SAFETY: buffers valid for their lengths.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            std::ptr::addr_of!(sll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
+/// The crafted host `from` sends an IGMPv3 / MLDv2 report with one record.
+fn report(from: &CraftedHost, kind: RecordType, group: IpAddr, sources: &[IpAddr]) {
+    let msg = Message {
+        source: from.source,
+        kind: MessageKind::V3Report {
+            records: vec![GroupRecord { kind, group, sources: sources.to_vec() }],
+        },
     };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// The IPv6 link-local address of the host's interface (`ip -j -6 addr show scope link`),
-/// waiting for it to appear.
-fn link_local(host: &Host) -> Ipv6Addr {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = host.ns.ip(&["-j", "-6", "addr", "show", "dev", &host.iface, "scope", "link"]);
-        let doc: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
-        let found = doc
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
-            .find_map(|a| a["local"].as_str().and_then(|s| s.parse::<Ipv6Addr>().ok()));
-        if let Some(a) = found {
-            return a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no link-local address on {} in {}: {out}",
-            host.iface,
-            host.ns
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A crafted IGMPv3 / MLDv2 host on a receiver's segment: IGMP from the host's IPv4 address,
-/// MLD from its link-local address, Ethernet source `02:6d:63:00:00:<n>`.
-struct Reporter<'a> {
-    host: &'a Host,
-    mac: [u8; 6],
-    source: IpAddr,
-}
-
-impl<'a> Reporter<'a> {
-    fn new(host: &'a Host, n: u8, v6: bool) -> Self {
-        let source = if v6 { IpAddr::V6(link_local(host)) } else { IpAddr::V4(host.v4) };
-        Self { host, mac: [0x02, 0x6d, 0x63, 0, 0, n], source }
-    }
-
-    /// Another host on the same segment (IPv4: `.3`; IPv6: the same link-local address is fine
-    /// for the router, which keeps no per-host state).
-    fn neighbour(host: &'a Host, n: u8, v6: bool) -> Self {
-        let mut r = Self::new(host, n, v6);
-        if let IpAddr::V4(a) = r.source {
-            let o = a.octets();
-            r.source = IpAddr::V4(Ipv4Addr::new(o[0], o[1], o[2], 3));
-        }
-        r
-    }
-
-    fn report(&self, kind: RecordType, group: IpAddr, sources: &[IpAddr]) {
-        let msg = Message {
-            source: self.source,
-            kind: MessageKind::V3Report {
-                records: vec![GroupRecord { kind, group, sources: sources.to_vec() }],
-            },
-        };
-        let frame =
-            packet::build(self.mac, &msg).unwrap_or_else(|e| panic!("building {msg:?}: {e:?}"));
-        inject(self.host, &frame);
-    }
+    from.send(&packet::build(from.mac, &msg).unwrap_or_else(|e| panic!("building {msg:?}: {e:?}")));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -925,7 +731,7 @@ fn crafted_walk(tag: &str, group: IpAddr) {
     let [s, r1, r2] = &star.hosts[..] else { unreachable!() };
     let senders = Senders::new(s, v6);
     let (s1, s2) = (senders.addr(Src::S1), senders.addr(Src::S2));
-    let host = Reporter::new(r1, 1, v6);
+    let host = CraftedHost::new(r1, 1, v6);
     let _relay = start_relay(&star, &LEAVE_TIMERS);
     let (w1, w2) = (WireObserver::new(&r1.ns, &r1.iface), WireObserver::new(&r2.ns, &r2.iface));
     let port = r1.gw_port.as_str();
@@ -937,19 +743,19 @@ fn crafted_walk(tag: &str, group: IpAddr) {
 
     // INCLUDE({}) + ALLOW(S1) -> INCLUDE({S1}), (S1) = GMI.
     let what = "INCLUDE->ALLOW: INCLUDE({}) + ALLOW({S1}) = INCLUDE({S1})";
-    host.report(RecordType::AllowNew, group, &[s1]);
+    report(&host, RecordType::AllowNew, group, &[s1]);
     wait_state(gw, group, port, &Want::include(&[s1]), LEAVE_GMI_MS, false, what);
     check(what, true, false);
 
     // INCLUDE(A={S1}) + IS_EX(B={S2}) -> EXCLUDE(A*B={}, B-A={S2}), Delete(A-B={S1}), GT = GMI.
     let what = "INCLUDE->IS_EX: INCLUDE({S1}) + IS_EX({S2}) = EXCLUDE({}, {S2})";
-    host.report(RecordType::IsExclude, group, &[s2]);
+    report(&host, RecordType::IsExclude, group, &[s2]);
     wait_state(gw, group, port, &Want::exclude(&[], &[s2]), LEAVE_GMI_MS, true, what);
     check(what, true, false);
 
     // EXCLUDE(X={}, Y={S2}) + ALLOW(A={S2}) -> EXCLUDE(X+A={S2}, Y-A={}), (S2) = GMI.
     let what = "EXCLUDE->ALLOW: EXCLUDE({}, {S2}) + ALLOW({S2}) = EXCLUDE({S2}, {})";
-    host.report(RecordType::AllowNew, group, &[s2]);
+    report(&host, RecordType::AllowNew, group, &[s2]);
     wait_state(gw, group, port, &Want::exclude(&[s2], &[]), LEAVE_GMI_MS, false, what);
     check(what, true, true);
 
@@ -957,7 +763,7 @@ fn crafted_walk(tag: &str, group: IpAddr) {
     // Send Q(G, A-Y={S1}): nobody answers, (S1) expires after LMQT -> EXCLUDE({S2}, {S1}).
     let what =
         "EXCLUDE->BLOCK: EXCLUDE({S2}, {}) + BLOCK({S1}) = EXCLUDE({S2}, {S1}) after Q(G,S1)";
-    host.report(RecordType::BlockOld, group, &[s1]);
+    report(&host, RecordType::BlockOld, group, &[s1]);
     wait_state(gw, group, port, &Want::exclude(&[s2], &[s1]), LEAVE_GMI_MS, false, what);
     check(what, false, true);
 
@@ -966,21 +772,21 @@ fn crafted_walk(tag: &str, group: IpAddr) {
     // (-> INCLUDE with the running sources) and so does (S2): INCLUDE({S1}).
     let what =
         "EXCLUDE->TO_IN: EXCLUDE({S2}, {S1}) + TO_IN({S1}) = INCLUDE({S1}) after Q(G), Q(G,S2)";
-    host.report(RecordType::ToInclude, group, &[s1]);
+    report(&host, RecordType::ToInclude, group, &[s1]);
     wait_state(gw, group, port, &Want::include(&[s1]), LEAVE_GMI_MS, false, what);
     check(what, true, false);
 
     // INCLUDE(A={S1}) + TO_EX(B={S1}) -> EXCLUDE(A*B={S1}, B-A={}), GT = GMI, Send Q(G, A*B):
     // nobody answers, (S1) expires after LMQT -> EXCLUDE({}, {S1}).
     let what = "INCLUDE->TO_EX: INCLUDE({S1}) + TO_EX({S1}) = EXCLUDE({}, {S1}) after Q(G,S1)";
-    host.report(RecordType::ToExclude, group, &[s1]);
+    report(&host, RecordType::ToExclude, group, &[s1]);
     wait_state(gw, group, port, &Want::exclude(&[], &[s1]), LEAVE_GMI_MS, true, what);
     check(what, false, true);
 
     // EXCLUDE(X={}, Y={S1}) + TO_IN({}) -> Send Q(G): nobody answers; the group timer expires
     // after LMQT -> INCLUDE({}) -> the port leaves.
     let what = "EXCLUDE->TO_IN({}): leave after Q(G)";
-    host.report(RecordType::ToInclude, group, &[]);
+    report(&host, RecordType::ToInclude, group, &[]);
     wait_gone(gw, group, port, what);
     check(what, false, false);
 }
@@ -1007,7 +813,7 @@ fn group_timer_expiry(tag: &str, group: IpAddr) {
     let [s, r1, r2] = &star.hosts[..] else { unreachable!() };
     let senders = Senders::new(s, v6);
     let s1 = senders.addr(Src::S1);
-    let (host_a, host_b) = (Reporter::new(r1, 1, v6), Reporter::neighbour(r1, 2, v6));
+    let (host_a, host_b) = (CraftedHost::new(r1, 1, v6), CraftedHost::neighbour(r1, 2, v6));
     let _relay = start_relay(&star, &SHORT_TIMERS);
     let (w1, w2) = (WireObserver::new(&r1.ns, &r1.iface), WireObserver::new(&r2.ns, &r2.iface));
     let port = r1.gw_port.as_str();
@@ -1022,8 +828,8 @@ fn group_timer_expiry(tag: &str, group: IpAddr) {
     // from the requested list for a moment, during which S1 still matches the (*,G) entry).
     let what = "IS_EX({}) + IS_IN({S1}) = EXCLUDE({S1}, {})";
     let both_answer = || {
-        host_a.report(RecordType::IsExclude, group, &[]);
-        host_b.report(RecordType::IsInclude, group, &[s1]);
+        report(&host_a, RecordType::IsExclude, group, &[]);
+        report(&host_b, RecordType::IsInclude, group, &[s1]);
     };
     both_answer();
     wait_state(gw, group, port, &Want::exclude(&[s1], &[]), SHORT_GMI_MS, true, what);
@@ -1038,7 +844,7 @@ fn group_timer_expiry(tag: &str, group: IpAddr) {
     let mut refreshed: Option<Instant> = None;
     loop {
         if refreshed.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-            host_b.report(RecordType::IsInclude, group, &[s1]);
+            report(&host_b, RecordType::IsInclude, group, &[s1]);
             refreshed = Some(Instant::now());
         }
         assert_daemon_alive(what);
@@ -1050,7 +856,7 @@ fn group_timer_expiry(tag: &str, group: IpAddr) {
         thread::sleep(Duration::from_millis(20));
     }
     eprintln!("{what}: after {:?} (GMI {SHORT_GMI_MS} ms)", start.elapsed());
-    host_b.report(RecordType::IsInclude, group, &[s1]);
+    report(&host_b, RecordType::IsInclude, group, &[s1]);
     let doc = wait_state(gw, group, port, &Want::include(&[s1]), SHORT_GMI_MS, false, what);
     assert!(
         member(&doc, group, port).is_some_and(|m| m["timer_ms"].is_null()),
@@ -1082,8 +888,8 @@ fn mldv2_group_timer_expiry_back_to_include() {
 
 /// Sends a report for a non-SSM `sentinel` group with a new source and waits until mcrelay
 /// learned it: every report sent before on the same segment has been processed by then.
-fn processed(gw: &NetNs, host: &Reporter<'_>, port: &str, sentinel: IpAddr, marker: IpAddr) {
-    host.report(RecordType::AllowNew, sentinel, &[marker]);
+fn processed(gw: &NetNs, host: &CraftedHost<'_>, port: &str, sentinel: IpAddr, marker: IpAddr) {
+    report(host, RecordType::AllowNew, sentinel, &[marker]);
     wait_groups(gw, &format!("sentinel ({marker}, {sentinel}) learned"), STATE_TIMEOUT, |d| {
         source_ports(d, sentinel, marker).is_some_and(|p| p.iter().any(|x| x == port))
     });
@@ -1101,7 +907,7 @@ fn ssm_range(tag: &str, group: IpAddr, sentinel: IpAddr) {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(192, 0, 2, n)),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, u16::from(n))),
     };
-    let (h1, h2) = (Reporter::new(r1, 1, v6), Reporter::new(r2, 2, v6));
+    let (h1, h2) = (CraftedHost::new(r1, 1, v6), CraftedHost::new(r2, 2, v6));
     let _relay = start_relay(&star, &LEAVE_TIMERS);
     let (w1, w2) = (WireObserver::new(&r1.ns, &r1.iface), WireObserver::new(&r2.ns, &r2.iface));
     let gw = &star.gw;
@@ -1111,8 +917,8 @@ fn ssm_range(tag: &str, group: IpAddr, sentinel: IpAddr) {
     };
 
     // Any-source joins from both hosts: ignored.
-    h1.report(RecordType::IsExclude, group, &[]);
-    h2.report(RecordType::IsExclude, group, &[]);
+    report(&h1, RecordType::IsExclude, group, &[]);
+    report(&h2, RecordType::IsExclude, group, &[]);
     processed(gw, &h1, &r1.gw_port, sentinel, marker(1));
     processed(gw, &h2, &r2.gw_port, sentinel, marker(2));
     let doc = groups(gw);
@@ -1126,7 +932,7 @@ fn ssm_range(tag: &str, group: IpAddr, sentinel: IpAddr) {
 
     // INCLUDE({S1}) on host 1: only S1, only there.
     let what = "SSM: IS_IN({S1}) = INCLUDE({S1})";
-    h1.report(RecordType::IsInclude, group, &[s1]);
+    report(&h1, RecordType::IsInclude, group, &[s1]);
     let doc = wait_state(gw, group, &r1.gw_port, &Want::include(&[s1]), LEAVE_GMI_MS, false, what);
     assert!(state_gone(&doc, group, &r2.gw_port), "{what}: host 2's port in {group}:\n{doc:#}");
     assert!(star_ports(&doc, group).is_empty(), "{what}: (*,G) ports in the SSM range:\n{doc:#}");
@@ -1134,8 +940,8 @@ fn ssm_range(tag: &str, group: IpAddr, sentinel: IpAddr) {
 
     // TO_EX({}) in the SSM range is ignored too: the port stays INCLUDE({S1}).
     let what = "SSM: INCLUDE({S1}) + TO_EX({}) ignored";
-    h1.report(RecordType::ToExclude, group, &[]);
-    h2.report(RecordType::ToExclude, group, &[]);
+    report(&h1, RecordType::ToExclude, group, &[]);
+    report(&h2, RecordType::ToExclude, group, &[]);
     processed(gw, &h1, &r1.gw_port, sentinel, marker(3));
     processed(gw, &h2, &r2.gw_port, sentinel, marker(4));
     let doc = groups(gw);
