@@ -1,34 +1,23 @@
 //! `mcrelay run` refuses what it cannot do: exit status 2, a message that names the problem, and
 //! nothing left attached (no XDP program on any interface, no pins).
 
-use std::{
-    os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
-    process::Output,
-};
+use std::process::Output;
 
 use mcrelay_tests::{
     cmd::output_with_timeout,
-    daemon::{leftover_pins, ONE_SHOT_TIMEOUT},
-    mcrelay_bin, mcrelay_output, require_testbed, veth_pair, Mcrelay, NetNs,
+    daemon::{leftover_pins, BinaryForNobody, ONE_SHOT_TIMEOUT},
+    mcrelay_bin, mcrelay_output, require_testbed,
+    topology::Star,
+    Mcrelay, NetNs,
 };
-
-/// A gateway namespace with one veth port (`gw0`) to a host namespace.
-struct Bed {
-    gw: NetNs,
-    _host: NetNs,
-}
 
 const PORT: &str = "gw0";
 /// A device without native XDP.
 const PLAIN: &str = "plain0";
 
-fn bed(tag: &str) -> Bed {
-    let gw = NetNs::new(&format!("mcr{tag}-gw"));
-    let host = NetNs::new(&format!("mcr{tag}-h"));
-    veth_pair(&gw, PORT, &host, "eth0");
-    host.gro_on("eth0");
-    Bed { gw, _host: host }
+/// A gateway namespace with one veth port ([`PORT`]) to a host namespace.
+fn bed(tag: &str) -> Star {
+    Star::new(tag, 1)
 }
 
 /// Asserts exit status 2 and a non-empty, non-panic message on stderr; returns stderr.
@@ -103,11 +92,7 @@ fn unprivileged_user_exits_2() {
     let bed = bed("up");
     let bin = BinaryForNobody::new(&mcrelay_bin());
     let what = "run as uid 65534 without capabilities";
-    let mut cmd = bed.gw.command("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
-        .arg(bin.path())
-        .args(["run", "-i", PORT]);
-    let out = output_with_timeout(cmd, ONE_SHOT_TIMEOUT);
+    let out = output_with_timeout(bin.command(&bed.gw, &["run", "-i", PORT]), ONE_SHOT_TIMEOUT);
     let stderr = expect_usage_error(&out, what);
     let lower = stderr.to_lowercase();
     assert!(
@@ -144,44 +129,4 @@ fn failed_native_attach_is_rolled_back() {
     let stderr = expect_usage_error(&out, &what);
     expect_mentions(&stderr, PLAIN, &what);
     expect_nothing_attached(&bed.gw, &[PORT, PLAIN], &what);
-}
-
-/// The mcrelay binary at a path that uid 65534 can execute: the original if every directory
-/// above it is searchable by others, else a copy in a private temporary directory.
-struct BinaryForNobody {
-    path: PathBuf,
-    copy_dir: Option<PathBuf>,
-}
-
-impl BinaryForNobody {
-    fn new(bin: &Path) -> Self {
-        let reachable =
-            bin.ancestors().skip(1).all(|dir| {
-                std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
-            }) && std::fs::metadata(bin).is_ok_and(|m| m.permissions().mode() & 0o005 == 0o005);
-        if reachable {
-            return Self { path: bin.to_path_buf(), copy_dir: None };
-        }
-        let dir = std::env::temp_dir().join(format!("mcrelay-nobody-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        let path = dir.join("mcrelay");
-        std::fs::copy(bin, &path).unwrap_or_else(|e| panic!("copying {}: {e}", bin.display()));
-        for (p, mode) in [(&dir, 0o755), (&path, 0o755)] {
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-                .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
-        }
-        Self { path, copy_dir: Some(dir) }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for BinaryForNobody {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.copy_dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
 }

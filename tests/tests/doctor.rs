@@ -5,15 +5,15 @@
 //! Nothing here sends traffic; the only daemons started (`mcrelay run`, for the XDP checks) run
 //! inside namespaces the test created, under guards.
 
-use std::{
-    os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
-    process::Output,
-};
+use std::process::Output;
 
 use mcrelay_tests::{
-    cmd::output_with_timeout, daemon::ONE_SHOT_TIMEOUT, find_program, mcrelay_bin, mcrelay_output,
-    require_testbed, serde_json::Value, veth_pair, Mcrelay, NetNs,
+    cmd::output_with_timeout,
+    daemon::{BinaryForNobody, ONE_SHOT_TIMEOUT},
+    find_program, mcrelay_bin, mcrelay_output, require_testbed,
+    serde_json::Value,
+    topology::Star,
+    veth_pair, Mcrelay, NetNs,
 };
 
 /// Every check id doctor reports, in order.
@@ -373,17 +373,8 @@ fn iptables_rule_dropping_multicast() {
 }
 
 /// A gateway namespace with a veth port `gw0` to a host namespace whose end has GRO on.
-struct Gateway {
-    gw: NetNs,
-    _host: NetNs,
-}
-
-fn gateway(tag: &str) -> Gateway {
-    let gw = NetNs::new(&format!("mcrd{tag}-gw"));
-    let host = NetNs::new(&format!("mcrd{tag}-h"));
-    veth_pair(&gw, "gw0", &host, "eth0");
-    host.gro_on("eth0");
-    Gateway { gw, _host: host }
+fn gateway(tag: &str) -> Star {
+    Star::new(&format!("d{tag}"), 1)
 }
 
 #[test]
@@ -440,42 +431,8 @@ fn runs_without_privileges() {
     let c = client("np");
     c.ns.ip(&["link", "set", "phys0", "multicast", "off"]);
     let bin = BinaryForNobody::new(&mcrelay_bin());
-    let mut cmd = c.ns.command("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
-        .arg(bin.path())
-        .args(["doctor", "--json"]);
-    let out = output_with_timeout(cmd, ONE_SHOT_TIMEOUT);
+    let out = output_with_timeout(bin.command(&c.ns, &["doctor", "--json"]), ONE_SHOT_TIMEOUT);
     let report = parse_report(&out, format!("unprivileged doctor in {}", c.ns));
     report.expect_problem("multicast_flag");
     assert_ne!(report.status("firewall"), "problem", "{}", report.pretty());
-}
-
-/// The mcrelay binary copied where uid 65534 can execute it (removed on drop).
-struct BinaryForNobody {
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-impl BinaryForNobody {
-    fn new(bin: &Path) -> Self {
-        let dir = std::env::temp_dir().join(format!("mcrelay-doctor-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        let path = dir.join("mcrelay");
-        std::fs::copy(bin, &path).unwrap_or_else(|e| panic!("copying {}: {e}", bin.display()));
-        for p in [&dir, &path] {
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))
-                .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
-        }
-        Self { dir, path }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for BinaryForNobody {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }

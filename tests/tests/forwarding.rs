@@ -14,8 +14,9 @@
 use std::{net::IpAddr, thread, time::Duration};
 
 use mcrelay_tests::{
-    daemon::{port_entry, READY_TIMEOUT},
-    mcrelay_json, port_counter, require_testbed,
+    addr,
+    daemon::{groups_json, port_entry, ports_json, stats_json as stats, READY_TIMEOUT},
+    port_counter, require_testbed,
     topology::{Host, Star},
     McastReceiver, McastSender, Mcrelay, NetNs, WireObserver,
 };
@@ -32,21 +33,11 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long to keep listening for datagrams that must not arrive, once all others arrived.
 const QUIET: Duration = Duration::from_millis(500);
 
-fn addr(s: &str) -> IpAddr {
-    s.parse().unwrap_or_else(|e| panic!("bad address {s}: {e}"))
-}
-
 /// Starts `mcrelay run -i gw0 ... -i gwN EXTRA...` on the star's gateway and waits until ready.
 /// With `--no-pin`: these tests check that SIGTERM detaches everything (by default the links
 /// stay pinned for a hitless restart; tests/tests/restart.rs covers that).
 fn start_relay(star: &Star, extra: &[&str]) -> Mcrelay {
-    let mut args: Vec<String> = vec!["run".into(), "--no-pin".into()];
-    args.extend(star.iface_args());
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut relay = Mcrelay::start(&star.gw, &args);
-    relay.wait_ready();
-    relay
+    star.start_relay(&[&["--no-pin"], extra].concat())
 }
 
 fn join(host: &Host, group: IpAddr) -> McastReceiver {
@@ -90,10 +81,6 @@ fn expect_exactly_all_on_wire(wire: &WireObserver, group: IpAddr) {
 
 fn expect_none(wire: &WireObserver, group: IpAddr, why: &str) {
     assert_eq!(wire.count(group), 0, "{wire}: {group} arrived, which it must not ({why})");
-}
-
-fn stats(gw: &NetNs) -> Value {
-    mcrelay_json(gw, &["stats", "--json"])
 }
 
 fn assert_no_xdp(ns: &NetNs, ifaces: &[&str]) {
@@ -173,19 +160,18 @@ fn two_groups_stay_separate() {
     let (a, b) = (addr("239.1.1.1"), addr("239.2.2.2"));
     let static_a = format!("{a}@{}", r1.gw_port);
     let static_b = format!("{b}@{}", r2.gw_port);
-    let mut relay = Mcrelay::start(
+    let _relay = Mcrelay::start_ready(
         &star.gw,
         &["run", "-i", "gw*", "--static", &static_a, "--static", &static_b],
     );
-    relay.wait_ready();
 
-    let ports = mcrelay_json(&star.gw, &["ports", "--json"]);
+    let ports = ports_json(&star.gw);
     for port in star.gw_ports() {
         let entry = port_entry(&ports, port)
             .unwrap_or_else(|| panic!("`-i gw*` did not attach {port}; ports --json:\n{ports:#}"));
         assert!(entry.get("mode").and_then(Value::as_str).is_some(), "{port} has no mode: {entry}");
     }
-    let groups = mcrelay_json(&star.gw, &["groups", "--json"]);
+    let groups = groups_json(&star.gw);
     assert_group(&groups, "239.1.1.1", &[&r1.gw_port]);
     assert_group(&groups, "239.2.2.2", &[&r2.gw_port]);
 

@@ -4,35 +4,21 @@
 
 use std::{
     net::IpAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
     thread,
     time::{Duration, Instant},
 };
 
 use mcrelay_tests::{
-    mcrelay_json, require_testbed, topology::Star, veth_pair, McastReceiver, McastSender, Mcrelay,
-    NetNs,
+    daemon::{ports_json as ports, wait_groups},
+    groups::{port_in_groups, port_names},
+    mcast::McastStream,
+    require_testbed,
+    topology::Star,
+    veth_pair, McastReceiver, Mcrelay, NetNs,
 };
-use serde_json::Value;
 
 const PORT: u16 = 5000;
 const DEADLINE: Duration = Duration::from_secs(30);
-
-fn ports(gw: &NetNs) -> Value {
-    mcrelay_json(gw, &["ports", "--json"])
-}
-
-fn port_names(doc: &Value) -> Vec<String> {
-    doc["ports"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["iface"].as_str().map(String::from))
-        .collect()
-}
 
 fn wait_until(what: &str, mut pred: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
@@ -59,36 +45,9 @@ impl Segment {
     }
 }
 
-/// Sends numbered datagrams to `group` every millisecond until dropped.
-struct Stream {
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Stream {
-    fn start(ns: &NetNs, iface: &str, group: IpAddr) -> Self {
-        let sender = McastSender::new(ns, iface);
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = thread::spawn(move || {
-            let mut seq = 0;
-            while !flag.load(Ordering::SeqCst) {
-                let _ = sender.send(group, PORT, seq);
-                seq += 1;
-                thread::sleep(Duration::from_millis(1));
-            }
-        });
-        Self { stop, thread: Some(thread) }
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// Streams numbered datagrams to `group` every millisecond until dropped.
+fn stream(ns: &NetNs, iface: &str, group: IpAddr) -> McastStream {
+    McastStream::start(ns, iface, group, PORT, Duration::from_millis(1))
 }
 
 #[test]
@@ -98,7 +57,7 @@ fn glob_ports_come_and_go_and_forwarding_resumes() {
     let star = Star::new("hp", 1);
     let sender_host = &star.hosts[0];
     // gw0 exists; hp* does not yet.
-    let mut relay = Mcrelay::start(
+    let mut relay = Mcrelay::start_ready(
         &star.gw,
         &[
             "run",
@@ -112,9 +71,8 @@ fn glob_ports_come_and_go_and_forwarding_resumes() {
             "1",
         ],
     );
-    relay.wait_ready();
     assert_eq!(port_names(&ports(&star.gw)), ["gw0"]);
-    let _stream = Stream::start(&sender_host.ns, &sender_host.iface, group);
+    let _stream = stream(&sender_host.ns, &sender_host.iface, group);
 
     for round in 0..2 {
         let created = Instant::now();
@@ -133,12 +91,8 @@ fn glob_ports_come_and_go_and_forwarding_resumes() {
         drop(segment); // deletes the namespace and with it the veth pair
         wait_until("hp0 to be forgotten", || !port_names(&ports(&star.gw)).contains(&"hp0".into()));
         // The state file is rewritten a few times a second: poll it.
-        wait_until("the vanished port's learned state to be dropped", || {
-            let groups = mcrelay_json(&star.gw, &["groups", "--json"]);
-            !groups["groups"].as_array().into_iter().flatten().any(|g| {
-                g["ports"].as_array().into_iter().flatten().any(|p| p == "hp0")
-                    || g["members"].as_array().into_iter().flatten().any(|m| m["port"] == "hp0")
-            })
+        wait_groups(&star.gw, "the vanished port's learned state to be dropped", DEADLINE, |d| {
+            !port_in_groups(d, "hp0")
         });
     }
     let status = relay.stop();
@@ -153,9 +107,8 @@ fn static_members_follow_the_interface_name() {
     let sender_host = &star.hosts[0];
     let members = format!("{group}@hp1");
     let mut relay =
-        Mcrelay::start(&star.gw, &["run", "-i", "gw0", "-i", "hp*", "--static", &members]);
-    relay.wait_ready();
-    let _stream = Stream::start(&sender_host.ns, &sender_host.iface, group);
+        Mcrelay::start_ready(&star.gw, &["run", "-i", "gw0", "-i", "hp*", "--static", &members]);
+    let _stream = stream(&sender_host.ns, &sender_host.iface, group);
     for round in 0..2 {
         let segment = Segment::new(&star.gw, "hp1", &format!("s{round}"));
         // A wire observer would do as well; a joined socket also proves the checksum path.
@@ -180,13 +133,12 @@ fn a_recreated_port_gets_its_memberships_back() {
     let star = Star::new("hf", 1);
     let sender_host = &star.hosts[0];
     let segment = Segment::new(&star.gw, "hp2", "f");
-    let mut relay = Mcrelay::start(
+    let mut relay = Mcrelay::start_ready(
         &star.gw,
         &["run", "--no-pin", "-i", "gw0", "-i", "hp*", "--query-interval", "20"],
     );
-    relay.wait_ready();
     let rx = McastReceiver::join(&segment.ns, group, PORT, "eth0");
-    let _stream = Stream::start(&sender_host.ns, &sender_host.iface, group);
+    let _stream = stream(&sender_host.ns, &sender_host.iface, group);
     wait_until("the stream to reach hp2", || rx.count() > 0);
     // From now on the host sends no IGMP at all.
     for rule in [

@@ -20,8 +20,9 @@ use std::{
 };
 
 use mcrelay_tests::{
-    mcast::payload,
-    mcrelay_json,
+    addr,
+    daemon::{groups_json, ports_json, stats_json as stats, wait_member, wait_not_member},
+    mcast::{payload, McastStream},
     openvpn::{VpnBed, VpnClient, VpnOptions, CLIENT_TAP},
     port_counter, require_testbed,
     topology::Host,
@@ -40,10 +41,6 @@ const QUIET: Duration = Duration::from_millis(700);
 const TIMERS: [&str; 6] =
     ["--query-interval", "5", "--query-response-interval", "1", "--last-member-interval", "0.2"];
 
-fn addr(s: &str) -> IpAddr {
-    s.parse().unwrap_or_else(|e| panic!("bad address {s}: {e}"))
-}
-
 /// Starts mcrelay in the gateway on `ifaces` (or on every LAN port and tap) with [`TIMERS`] and
 /// `extra`, waits until it is ready and prints the attach mode of every port.
 fn start_relay(bed: &VpnBed, ifaces: Option<&[&str]>, extra: &[&str]) -> Mcrelay {
@@ -53,16 +50,14 @@ fn start_relay(bed: &VpnBed, ifaces: Option<&[&str]>, extra: &[&str]) -> Mcrelay
         None => args.extend(bed.iface_args()),
     }
     args.extend(TIMERS.iter().chain(extra).map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut relay = Mcrelay::start(&bed.gw, &args);
-    relay.wait_ready();
+    let relay = Mcrelay::start_ready(&bed.gw, &args);
     print_modes(&bed.gw);
     relay
 }
 
 /// Prints `iface=mode` for every port of `mcrelay ports --json`.
 fn print_modes(gw: &NetNs) {
-    let doc = mcrelay_json(gw, &["ports", "--json"]);
+    let doc = ports_json(gw);
     let modes: Vec<String> = doc["ports"]
         .as_array()
         .into_iter()
@@ -72,39 +67,8 @@ fn print_modes(gw: &NetNs) {
     eprintln!("attach modes: {}", modes.join(" "));
 }
 
-fn stats(gw: &NetNs) -> Value {
-    mcrelay_json(gw, &["stats", "--json"])
-}
-
 fn forwarded(gw: &NetNs, iface: &str) -> u64 {
     port_counter(&stats(gw), iface, "packets", "forwarded")
-}
-
-/// The (*,G) ports of `group` in `mcrelay groups --json`.
-fn group_ports(doc: &Value, group: IpAddr) -> Vec<String> {
-    doc["groups"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|g| g["group"].as_str().and_then(|s| s.parse::<IpAddr>().ok()) == Some(group))
-        .flat_map(|g| g["ports"].as_array().cloned().unwrap_or_default())
-        .filter_map(|p| p.as_str().map(String::from))
-        .collect()
-}
-
-/// Waits until mcrelay has learned `port` as a member of `group`.
-fn wait_member(gw: &NetNs, group: IpAddr, port: &str) {
-    let deadline = Instant::now() + MEMBER_TIMEOUT;
-    loop {
-        let doc = mcrelay_json(gw, &["groups", "--json"]);
-        if group_ports(&doc, group).iter().any(|p| p == port) {
-            return;
-        }
-        if Instant::now() >= deadline {
-            panic!("{port} is no member of {group} after {MEMBER_TIMEOUT:?}:\n{doc:#}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn join_lan(host: &Host, group: IpAddr) -> McastReceiver {
@@ -158,7 +122,7 @@ fn lan_to_client(tag: &str, group: IpAddr) {
     let _relay = start_relay(&bed, None, &[]);
     let (lan_wire, other_client) = (observe_lan(h1), observe_client(c1));
     let rx = join_client(c0, group);
-    wait_member(&bed.gw, group, &tap);
+    wait_member(&bed.gw, group, &tap, MEMBER_TIMEOUT);
 
     send_lan(h0, group);
     expect_exactly_all(&rx);
@@ -195,7 +159,7 @@ fn client_to_lan(tag: &str, group: IpAddr) {
     let _relay = start_relay(&bed, None, &[]);
     let lan_wire = observe_lan(h1);
     let rx = join_lan(h0, group);
-    wait_member(&bed.gw, group, &h0.gw_port);
+    wait_member(&bed.gw, group, &h0.gw_port, MEMBER_TIMEOUT);
 
     send_client(c0, group);
     expect_exactly_all(&rx);
@@ -225,7 +189,7 @@ fn client_to_client_across_taps(tag: &str, group: IpAddr) {
     let _relay = start_relay(&bed, None, &[]);
     let lan_wires: Vec<WireObserver> = bed.lan.iter().map(observe_lan).collect();
     let rx = join_client(c1, group);
-    wait_member(&bed.gw, group, &tap1);
+    wait_member(&bed.gw, group, &tap1, MEMBER_TIMEOUT);
 
     send_client(c0, group);
     expect_exactly_all(&rx);
@@ -263,7 +227,7 @@ fn shared_tap_without_client_to_client_does_not_hairpin() {
     let _relay = start_relay(&bed, None, &[]);
     let (c1_wire, h0_wire, h1_wire) = (observe_client(c1), observe_lan(h0), observe_lan(h1));
     let rx_c1 = join_client(c1, group);
-    wait_member(&bed.gw, group, &tap);
+    wait_member(&bed.gw, group, &tap, MEMBER_TIMEOUT);
 
     send_client(c0, group);
     thread::sleep(QUIET);
@@ -271,7 +235,7 @@ fn shared_tap_without_client_to_client_does_not_hairpin() {
     expect_none(&h0_wire, group, "no LAN host joined yet");
 
     let rx_h0 = join_lan(h0, group);
-    wait_member(&bed.gw, group, &h0.gw_port);
+    wait_member(&bed.gw, group, &h0.gw_port, MEMBER_TIMEOUT);
     send_client(c0, group);
     expect_exactly_all(&rx_h0);
     assert_eq!(forwarded(&bed.gw, &tap), 2 * COUNT, "forwarded counter of {tap}");
@@ -294,8 +258,8 @@ fn shared_tap_with_client_to_client_openvpn_delivers() {
     let _relay = start_relay(&bed, None, &[]);
     let lan_wire = observe_lan(h1);
     let (rx_c1, rx_h0) = (join_client(c1, group), join_lan(h0, group));
-    wait_member(&bed.gw, group, &tap);
-    wait_member(&bed.gw, group, &h0.gw_port);
+    wait_member(&bed.gw, group, &tap, MEMBER_TIMEOUT);
+    wait_member(&bed.gw, group, &h0.gw_port, MEMBER_TIMEOUT);
 
     send_client(c0, group);
     expect_exactly_all(&rx_c1);
@@ -318,7 +282,7 @@ fn client_multicast_routes_decide_whether_traffic_enters_the_tunnel() {
     let _relay = start_relay(&bed, None, &[]);
     for group in [addr("239.20.6.1"), addr("ff1e::20:6:1")] {
         let rx = join_lan(h0, group);
-        wait_member(&bed.gw, group, &h0.gw_port);
+        wait_member(&bed.gw, group, &h0.gw_port, MEMBER_TIMEOUT);
         let before = forwarded(&bed.gw, &tap);
         send_unbound(&c0.ns, group, 0..COUNT);
         expect_exactly_all(&rx);
@@ -406,14 +370,14 @@ fn bridge_variant(tag: &str, unknown: &str) {
     for (down, up) in pairs {
         let lan_wire = observe_lan(h1);
         let rx = join_client(c0, down);
-        wait_member(&bed.gw, down, &tap);
+        wait_member(&bed.gw, down, &tap, MEMBER_TIMEOUT);
         let before = forwarded(&bed.gw, &h0.gw_port);
         send_lan(h0, down);
         expect_exactly_all(&rx);
         assert_eq!(forwarded(&bed.gw, &h0.gw_port) - before, COUNT, "{down}: forwarded");
 
         let rx = join_lan(h0, up);
-        wait_member(&bed.gw, up, &h0.gw_port);
+        wait_member(&bed.gw, up, &h0.gw_port, MEMBER_TIMEOUT);
         let before = forwarded(&bed.gw, &tap);
         send_client(c0, up);
         expect_exactly_all(&rx);
@@ -515,22 +479,16 @@ fn openvpn_server_restart_forwarding_resumes() {
     let relay = start_relay(&bed, Some(&[&lan0, &lan1, "vpntap*"]), &[]);
     let rx = join_client(&bed.clients[0], group);
     let lan_wire = observe_lan(&bed.lan[1]);
-    wait_member(&bed.gw, group, &tap);
+    wait_member(&bed.gw, group, &tap, MEMBER_TIMEOUT);
 
     // A LAN sender streams the group every 5 ms for the whole test.
-    let stop = Arc::new(AtomicBool::new(false));
-    let sender = {
-        let sender = McastSender::new(&bed.lan[0].ns, &bed.lan[0].iface);
-        let stop = Arc::clone(&stop);
-        thread::spawn(move || {
-            let mut seq = 0;
-            while !stop.load(Ordering::SeqCst) {
-                let _ = sender.send(group, PORT, seq);
-                seq += 1;
-                thread::sleep(Duration::from_millis(5));
-            }
-        })
-    };
+    let stream = McastStream::start(
+        &bed.lan[0].ns,
+        &bed.lan[0].iface,
+        group,
+        PORT,
+        Duration::from_millis(5),
+    );
     assert!(rx.wait_for(20, DELIVERY_TIMEOUT) >= 20, "{rx}: the stream does not flow");
 
     let old = bed.gw.ifindex(&tap);
@@ -541,17 +499,7 @@ fn openvpn_server_restart_forwarding_resumes() {
     bed.stop_server(0);
     let at_gone = rx.count();
     // The port's learned state goes with the device.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let doc = mcrelay_json(&bed.gw, &["groups", "--json"]);
-        if !group_ports(&doc, group).contains(&tap) {
-            break;
-        }
-        if Instant::now() >= deadline {
-            panic!("{tap} vanished, but it is still a member of {group} after 5 s:\n{doc:#}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_not_member(&bed.gw, group, &tap, Duration::from_secs(5));
     bed.start_server(0);
 
     let (mut attached, mut first) = (None, None);
@@ -566,7 +514,7 @@ fn openvpn_server_restart_forwarding_resumes() {
             }
             if Instant::now() >= next_cli && attached.is_none() {
                 next_cli = Instant::now() + Duration::from_millis(50);
-                let ports = mcrelay_json(&bed.gw, &["ports", "--json"]);
+                let ports = ports_json(&bed.gw);
                 let new_port = ports["ports"].as_array().into_iter().flatten().any(|p| {
                     p["iface"] == tap.as_str()
                         && p["ifindex"].as_u64().is_some_and(|i| i != u64::from(old))
@@ -595,12 +543,11 @@ fn openvpn_server_restart_forwarding_resumes() {
         since(first, up),
     );
     let Some(first) = first else {
-        stop.store(true, Ordering::SeqCst);
         panic!(
             "no datagram reached the client within 30 s of restarting the server; \
              `mcrelay ports --json`:\n{:#}\n`mcrelay groups --json`:\n{:#}\n{}",
-            mcrelay_json(&bed.gw, &["ports", "--json"]),
-            mcrelay_json(&bed.gw, &["groups", "--json"]),
+            ports_json(&bed.gw),
+            groups_json(&bed.gw),
             bed.logs()
         );
     };
@@ -613,7 +560,6 @@ fn openvpn_server_restart_forwarding_resumes() {
         rx.wait_for(resumed + 50, DELIVERY_TIMEOUT) >= resumed + 50,
         "{rx}: the stream did not keep flowing after the restart"
     );
-    stop.store(true, Ordering::SeqCst);
-    sender.join().expect("sender thread");
+    drop(stream);
     expect_none(&lan_wire, group, "that LAN host joined nothing");
 }

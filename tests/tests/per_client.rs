@@ -8,8 +8,9 @@
 use std::{net::IpAddr, thread, time::Duration};
 
 use mcrelay_tests::{
-    mcrelay_json, mcrelay_output, require_testbed, veth_pair, McastReceiver, McastSender,
-    Mcrelay, NetNs, WireObserver,
+    daemon::{groups_json, wait_groups},
+    mcrelay_output, require_testbed, veth_pair, McastReceiver, McastSender, Mcrelay, NetNs,
+    WireObserver,
 };
 use serde_json::Value;
 
@@ -30,7 +31,8 @@ impl SharedSegment {
         let gw = NetNs::new(&format!("mcrpc{tag}-gw"));
         let sender = NetNs::new(&format!("mcrpc{tag}-s"));
         let switch = NetNs::new(&format!("mcrpc{tag}-sw"));
-        let clients = [NetNs::new(&format!("mcrpc{tag}-c1")), NetNs::new(&format!("mcrpc{tag}-c2"))];
+        let clients =
+            [NetNs::new(&format!("mcrpc{tag}-c1")), NetNs::new(&format!("mcrpc{tag}-c2"))];
         veth_pair(&gw, "lan0", &sender, "eth0");
         sender.add_addr("eth0", "198.18.10.2/24");
         sender.add_addr("eth0", "fd00:6d63:10::2/64");
@@ -61,13 +63,12 @@ fn start(seg: &SharedSegment, per_client: bool) -> Mcrelay {
     if per_client {
         args.extend(["--per-client", "shared0"]);
     }
-    let mut relay = Mcrelay::start(&seg.gw, &args);
-    relay.wait_ready();
-    relay
+    Mcrelay::start_ready(&seg.gw, &args)
 }
 
-fn clients(gw: &NetNs) -> Vec<Value> {
-    mcrelay_json(gw, &["groups", "--json"])["clients"].as_array().cloned().unwrap_or_default()
+/// `clients[]` of a `groups --json` document: the per-client state of `--per-client` ports.
+fn clients(doc: &Value) -> &[Value] {
+    doc["clients"].as_array().map_or(&[], Vec::as_slice)
 }
 
 fn run_case(tag: &str, group: IpAddr) {
@@ -80,9 +81,18 @@ fn run_case(tag: &str, group: IpAddr) {
         let wire2 = WireObserver::new(c2, "eth0");
         let rx1 = McastReceiver::join(c1, group, PORT, "eth0");
         thread::sleep(Duration::from_millis(300));
-        McastSender::new(&seg.sender, "eth0").send_numbered(group, PORT, COUNT, Duration::from_millis(1));
+        McastSender::new(&seg.sender, "eth0").send_numbered(
+            group,
+            PORT,
+            COUNT,
+            Duration::from_millis(1),
+        );
         assert_eq!(rx1.wait_for(COUNT, Duration::from_secs(20)), COUNT, "{rx1} (control run)");
-        assert_eq!(wire2.wait_for(group, COUNT, Duration::from_secs(5)), COUNT, "control run: flooding expected");
+        assert_eq!(
+            wire2.wait_for(group, COUNT, Duration::from_secs(5)),
+            COUNT,
+            "control run: flooding expected"
+        );
         drop(relay);
     }
 
@@ -90,30 +100,36 @@ fn run_case(tag: &str, group: IpAddr) {
     let wire2 = WireObserver::new(c2, "eth0");
     let rx1 = McastReceiver::join(c1, group, PORT, "eth0");
     // Wait until the client is known (its report passed through the switch).
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !clients(&seg.gw).iter().any(|c| {
-        c["groups"].as_array().into_iter().flatten().any(|g| g.as_str() == Some(&group.to_string()))
-    }) {
-        assert!(std::time::Instant::now() < deadline, "client never learned:\n{:#}", mcrelay_json(&seg.gw, &["groups", "--json"]));
-        thread::sleep(Duration::from_millis(20));
-    }
-    McastSender::new(&seg.sender, "eth0").send_numbered(group, PORT, COUNT, Duration::from_millis(1));
+    wait_groups(&seg.gw, "the client to be learned", Duration::from_secs(20), |d| {
+        clients(d).iter().any(|c| {
+            c["groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|g| g.as_str() == Some(&group.to_string()))
+        })
+    });
+    McastSender::new(&seg.sender, "eth0").send_numbered(
+        group,
+        PORT,
+        COUNT,
+        Duration::from_millis(1),
+    );
     assert_eq!(rx1.wait_for(COUNT, Duration::from_secs(20)), COUNT, "{rx1}: the joined client");
     thread::sleep(Duration::from_millis(500));
     assert_eq!(rx1.distinct(), COUNT, "{rx1}: duplicates");
     assert_eq!(wire2.count(group), 0, "{wire2}: the other client got copies");
-    let list = clients(&seg.gw);
+    let doc = groups_json(&seg.gw);
+    let list = clients(&doc);
     let copies: u64 = list.iter().filter_map(|c| c["copies"].as_u64()).sum();
     eprintln!("{tag}: per-client copies: {list:?}");
     assert_eq!(copies, COUNT, "copies counted per client: {list:?}");
 
     // The client leaves: copies stop (the port-level state expires later, nothing floods).
     drop(rx1);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while clients(&seg.gw).iter().any(|c| !c["groups"].as_array().is_none_or(|g| g.is_empty())) {
-        assert!(std::time::Instant::now() < deadline, "client leave not applied");
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_groups(&seg.gw, "the client leave to be applied", Duration::from_secs(20), |d| {
+        !clients(d).iter().any(|c| !c["groups"].as_array().is_none_or(|g| g.is_empty()))
+    });
     drop(relay);
     let _ = mcrelay_output(&seg.gw, &["detach"]);
 }

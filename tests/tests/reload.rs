@@ -10,10 +10,9 @@ use std::{
 };
 
 use mcrelay_tests::{
-    mcrelay_json, mcrelay_output, require_testbed, topology::Star, McastReceiver, McastSender,
-    Mcrelay, NetNs,
+    daemon::attached_ports as port_names, mcrelay_output, require_testbed, topology::Star,
+    McastReceiver, McastSender, Mcrelay, NetNs,
 };
-use serde_json::Value;
 
 const PORT: u16 = 5000;
 
@@ -46,16 +45,6 @@ impl Drop for TempConfig {
     }
 }
 
-fn port_names(gw: &NetNs) -> Vec<String> {
-    let doc: Value = mcrelay_json(gw, &["ports", "--json"]);
-    doc["ports"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["iface"].as_str().map(String::from))
-        .collect()
-}
-
 fn reload(gw: &NetNs) {
     let out = mcrelay_output(gw, &["reload"]);
     assert!(out.status.success(), "mcrelay reload: {}", String::from_utf8_lossy(&out.stderr));
@@ -82,8 +71,7 @@ fn reload_adds_a_port_without_losing_a_packet() {
     cfg.write(&config(&["gw0", "gw1"], group, &["gw1"]));
     let path = cfg.path();
     let path = path.to_str().expect("utf-8 path");
-    let mut relay = Mcrelay::start(&star.gw, &["run", "--config", path]);
-    relay.wait_ready();
+    let mut relay = Mcrelay::start_ready(&star.gw, &["run", "--config", path]);
     assert_eq!(port_names(&star.gw), ["gw0", "gw1"]);
     let rx1 = McastReceiver::join(&r1.ns, group, PORT, &r1.iface);
     let rx2 = McastReceiver::join(&r2.ns, group, PORT, &r2.iface);
@@ -103,7 +91,11 @@ fn reload_adds_a_port_without_losing_a_packet() {
             thread::sleep(wait);
         }
     }
-    assert_eq!(rx1.wait_for(TOTAL, Duration::from_secs(20)), TOTAL, "{rx1}: lost across the reload");
+    assert_eq!(
+        rx1.wait_for(TOTAL, Duration::from_secs(20)),
+        TOTAL,
+        "{rx1}: lost across the reload"
+    );
     assert!(rx2.wait_for(1, Duration::from_secs(20)) > 0, "{rx2}: the added port never received");
     thread::sleep(Duration::from_millis(300));
     assert_eq!(rx1.distinct(), TOTAL, "{rx1}: duplicates");

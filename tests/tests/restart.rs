@@ -10,26 +10,19 @@ use std::{
 };
 
 use mcrelay_tests::{
-    mcrelay_json, mcrelay_output, require_testbed, topology::Star, McastReceiver, McastSender,
-    Mcrelay, NetNs,
+    addr,
+    daemon::{leftover_pins, ports_json},
+    groups::port_names,
+    mcrelay_output, require_testbed,
+    topology::Star,
+    McastReceiver, McastSender, Mcrelay, NetNs,
 };
 use nix::{
     sys::signal::{kill, Signal},
     unistd::Pid,
 };
-use serde_json::Value;
 
 const PORT: u16 = 5000;
-
-fn start(star: &Star, extra: &[&str]) -> Mcrelay {
-    let mut args: Vec<String> = vec!["run".into()];
-    args.extend(star.iface_args());
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut relay = Mcrelay::start(&star.gw, &args);
-    relay.wait_ready();
-    relay
-}
 
 fn xdp_count(ns: &NetNs, ports: &[&str]) -> usize {
     ports.iter().filter(|p| ns.xdp_attachment(p).is_some()).count()
@@ -61,15 +54,6 @@ fn stream(sender: &McastSender, groups: &[IpAddr], total: u64, rate: u64, midway
     }
 }
 
-fn port_names(doc: &Value) -> Vec<String> {
-    doc["ports"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["iface"].as_str().map(String::from))
-        .collect()
-}
-
 #[test]
 fn sigkill_and_restart_lose_no_packet() {
     require_testbed!();
@@ -77,8 +61,9 @@ fn sigkill_and_restart_lose_no_packet() {
     let star = Star::new("rs", 3);
     let [s, r1, r2] = &star.hosts[..] else { unreachable!() };
     let members = format!("{static_group}@{}", r1.gw_port);
-    let extra = ["--static", members.as_str(), "--query-interval", "2", "--query-response-interval", "1"];
-    let mut relay = start(&star, &extra);
+    let extra =
+        ["--static", members.as_str(), "--query-interval", "2", "--query-response-interval", "1"];
+    let mut relay = star.start_relay(&extra);
     let rx1 = McastReceiver::join(&r1.ns, static_group, PORT, &r1.iface);
     let rx2 = McastReceiver::join(&r2.ns, learned_group, PORT, &r2.iface);
     // Wait until the learned group forwards.
@@ -103,7 +88,7 @@ fn sigkill_and_restart_lose_no_packet() {
         kill(Pid::from_raw(relay.pid() as i32), Signal::SIGKILL).expect("kill -9");
         let _ = relay.wait_exit(Duration::from_secs(5));
         let t = Instant::now();
-        restarted = Some(start(&star, &extra));
+        restarted = Some(star.start_relay(&extra));
         gap = t.elapsed();
     });
     eprintln!("daemon restarted in {gap:?} while the stream ran at {RATE} datagrams/s per group");
@@ -115,7 +100,7 @@ fn sigkill_and_restart_lose_no_packet() {
     assert_eq!(got2, probes_seen + TOTAL, "{rx2}: datagrams of the learned group lost");
 
     let relay = restarted.expect("restarted");
-    let ports = mcrelay_json(&star.gw, &["ports", "--json"]);
+    let ports = ports_json(&star.gw);
     let mut names = port_names(&ports);
     let n = names.len();
     names.sort();
@@ -126,21 +111,22 @@ fn sigkill_and_restart_lose_no_packet() {
     drop(relay); // SIGTERM: exits, links stay pinned and forwarding continues
 
     let before = rx1.count();
-    McastSender::new(&s.ns, &s.iface).send_numbered(static_group, PORT, 50, Duration::from_millis(1));
-    assert_eq!(rx1.wait_for(before + 50, Duration::from_secs(10)), before + 50, "no forwarding without a daemon");
+    McastSender::new(&s.ns, &s.iface).send_numbered(
+        static_group,
+        PORT,
+        50,
+        Duration::from_millis(1),
+    );
+    assert_eq!(
+        rx1.wait_for(before + 50, Duration::from_secs(10)),
+        before + 50,
+        "no forwarding without a daemon"
+    );
     assert_eq!(xdp_count(&star.gw, &star.gw_ports()), 3, "links must stay after a normal exit");
 
     // `mcrelay detach` removes every program, link and pin.
     let out = mcrelay_output(&star.gw, &["detach"]);
     assert!(out.status.success(), "detach failed: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(xdp_count(&star.gw, &star.gw_ports()), 0, "detach left XDP attached");
-    assert!(
-        mcrelay_tests::daemon::leftover_pins(&star.gw).is_empty(),
-        "detach left pins: {:?}",
-        mcrelay_tests::daemon::leftover_pins(&star.gw)
-    );
-}
-
-fn addr(s: &str) -> IpAddr {
-    s.parse().unwrap_or_else(|e| panic!("bad address {s}: {e}"))
+    assert!(leftover_pins(&star.gw).is_empty(), "detach left pins: {:?}", leftover_pins(&star.gw));
 }
