@@ -330,6 +330,12 @@ fn remove_pins_of(netns_path: &Path) {
         if dir.exists() {
             let _ = std::fs::remove_dir_all(&dir);
         }
+        // The daemon's lock and state files are named like the pin directory.
+        if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
+            for suffix in ["lock", "state.json"] {
+                let _ = std::fs::remove_file(format!("/run/mcrelay/{name}.{suffix}"));
+            }
+        }
     }
 }
 
