@@ -219,11 +219,30 @@ struct Daemon {
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
+/// The signals the daemon handles, installed before anything is attached: a SIGTERM that
+/// arrives at any moment after start-up must lead to an orderly exit, not the default action.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing a SIGHUP handler")?,
+        })
+    }
+}
+
 pub async fn run(
     cli_args: RunArgs,
     cli_pin_root: &Path,
     matches: ArgMatches,
 ) -> anyhow::Result<()> {
+    let signals = Signals::install()?;
     let source = ConfigSource { cli_args, matches, path: None };
     let (args, file) = source.load()?;
     let pin_root = match &file {
@@ -306,7 +325,7 @@ pub async fn run(
         })
     });
 
-    let result = daemon.control_loop(&mut control, links_rx).await;
+    let result = daemon.control_loop(signals, &mut control, links_rx).await;
     if let Some(task) = metrics {
         task.abort();
     }
@@ -580,12 +599,11 @@ impl Daemon {
     /// a signal arrives.
     async fn control_loop(
         &mut self,
+        signals: Signals,
         control: &mut Control,
         mut links: UnboundedReceiver<LinkEvent>,
     ) -> anyhow::Result<()> {
-        let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-        let mut hup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
+        let Signals { mut term, mut int, mut hup } = signals;
         let start = self.start;
         let state_path = paths::state_file()?;
         let mut flush = tokio::time::interval(Duration::from_millis(250));

@@ -130,3 +130,19 @@ fn sigkill_and_restart_lose_no_packet() {
     assert_eq!(xdp_count(&star.gw, &star.gw_ports()), 0, "detach left XDP attached");
     assert!(leftover_pins(&star.gw).is_empty(), "detach left pins: {:?}", leftover_pins(&star.gw));
 }
+
+/// Pins of another map layout (an upgrade that changed a map) are never reused: the daemon
+/// removes that version's directory and starts from scratch.
+#[test]
+fn pins_of_another_layout_version_are_recreated_not_reused() {
+    require_testbed!();
+    let star = Star::new("lv", 1);
+    let root = mcrelay_tests::daemon::pin_root_of(&star.gw);
+    let old = root.join("v0");
+    std::fs::create_dir_all(&old).unwrap_or_else(|e| panic!("{}: {e}", old.display()));
+    let mut relay = star.start_relay(&["--no-pin"]);
+    assert!(!old.exists(), "the pins of layout v0 were left in place");
+    assert!(relay.stderr().contains("another map layout"), "{}", relay.stderr());
+    let status = relay.stop();
+    assert!(status.success(), "{status}");
+}
