@@ -33,9 +33,10 @@ pub const DEVMAP_VALUE_SIZE: u32 = 8;
 
 /// Key of `GROUP_PORTS`: a multicast group and, for source-specific entries, a source.
 ///
-/// Both addresses are 16 bytes in network byte order. IPv4 addresses are stored IPv4-mapped
+/// Both addresses are 16 bytes in network byte order. Aligned to 8 bytes (same size and layout)
+/// so the kernel program builds and copies keys with word stores instead of byte loops. IPv4 addresses are stored IPv4-mapped
 /// (`::ffff:a.b.c.d`), so one map serves both families. `source` is all zero for a (*,G) entry.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
 pub struct GroupKey {
     /// Group address, network byte order, IPv4-mapped for IPv4.

@@ -79,13 +79,17 @@ pub struct Data {
 /// Classifies a frame. Pure function of the bytes; never panics.
 #[inline(always)]
 pub fn classify<F: Frame>(frame: &F) -> Class {
+    // Group bit of the destination MAC clear: unicast. Tested on its own, before anything
+    // else is read, so unicast pass-through costs one small load. (Two bytes, not one: LLVM
+    // turns a one-byte bounds check into a form the verifier does not learn from.)
+    match frame.read::<2>(0) {
+        Some(first) if first[0] & 1 == 0 => return Class::NotMulticast,
+        Some(_) => {}
+        None => return Class::Malformed,
+    }
     let Some(eth) = frame.read::<ETH_HLEN>(0) else {
         return Class::Malformed;
     };
-    // Group bit of the destination MAC clear: unicast.
-    if eth[0] & 1 == 0 {
-        return Class::NotMulticast;
-    }
     if eth[0..6] == [0xff; 6] {
         return Class::NotMulticast;
     }

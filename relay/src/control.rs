@@ -221,6 +221,21 @@ impl GroupTable {
         Ok(())
     }
 
+    /// Removes a vanished port from every remembered set (installed and adopted), so that no
+    /// later rewrite names its ifindex; the engine reports the learned groups that change.
+    pub fn forget_port(&mut self, port: u32) {
+        for sets in [&mut self.installed, &mut self.adopted] {
+            for inst in sets.values_mut() {
+                inst.any_source.remove(&port);
+                for ports in inst.per_source.values_mut() {
+                    ports.remove(&port);
+                }
+            }
+        }
+        self.routers.remove(&port);
+        self.clients.retain(|(_, p), _| *p != port);
+    }
+
     /// Takes over what a previous daemon installed (the maps were reused).
     pub fn adopt(&mut self, installed: BTreeMap<IpAddr, Installed>) {
         self.installed = installed.clone();
@@ -275,6 +290,9 @@ pub struct ControlCounters {
     /// This is the join-to-forwarding latency on the gateway.
     pub last_update_us: u64,
     pub max_update_us: u64,
+    /// Map writes that failed (logged; the group is rewritten on its next change).
+    #[serde(default)]
+    pub map_errors: u64,
     /// Same, until the update syscalls returned (includes the kernel's RCU grace period that
     /// map-in-map updates wait for after publishing).
     pub last_update_done_us: u64,
@@ -490,6 +508,11 @@ impl Control {
         dp.begin_batch();
         let result = self.apply_changes(dp, routers_changed, changed);
         let committed = dp.commit_batch();
+        // Unload the per-client programs of clients that left or timed out.
+        let clients = &self.clients;
+        dp.retain_clients(|port, mac| {
+            clients.iter().any(|((_, p), macs)| *p == port && macs.contains_key(&mac))
+        });
         result.and(committed)
     }
 

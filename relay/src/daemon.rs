@@ -29,7 +29,7 @@ use crate::{
     cli::{MembershipArgs, RunArgs, UnknownArg, XdpModeArg},
     config::{self, ConfigFile, GroupPolicy},
     control::{Control, GroupTable, Installed},
-    dataplane::{remove_pins, Dataplane},
+    dataplane::{remove_pins, Dataplane, CLIENT_KEY_BIT},
     error::UsageError,
     groups::{key_group, parse_static},
     membership::{self, Engine, IgmpVersion, MldVersion, PortOptions},
@@ -387,6 +387,9 @@ impl Daemon {
         }
         self.dp.prune_stale_ports();
         if self.dp.adopted() {
+            // Router ports are relearned (configured ones come back with the ports); the
+            // previous daemon's may name interfaces that are gone.
+            self.dp.set_router_ports(&[])?;
             let installed = adopted_sets(&self.dp);
             tracing::info!(
                 groups = installed.len(),
@@ -497,6 +500,11 @@ impl Daemon {
             .map(|(i, n)| (*i, n.clone()))
             .collect();
         for (ifindex, name) in gone {
+            if self.allmulti_set.contains(&ifindex) {
+                if let Err(e) = ports::set_allmulti(&self.handle, ifindex, false).await {
+                    tracing::warn!(iface = %name, "restoring allmulticast: {e:#}");
+                }
+            }
             self.on_link_removed(control, ifindex);
             changes.push(format!("-{name}"));
         }
@@ -583,6 +591,7 @@ impl Daemon {
         }
         control.names.remove(&ifindex);
         tracing::info!(iface = %name, ifindex, "interface vanished; dropping its port state");
+        control.table.forget_port(ifindex);
         self.dp.detach(ifindex);
         control.engine.remove_port(ifindex);
         control.macs.remove(&ifindex);
@@ -678,7 +687,12 @@ impl Daemon {
             }
             control.expire_clients(start.elapsed());
             let updates = control.counters.group_updates;
-            control.process_actions(&mut self.dp)?;
+            // A failed map write (full map, a port that vanished under us) must not end the
+            // daemon: log it; the group is rewritten on its next change.
+            if let Err(e) = control.process_actions(&mut self.dp) {
+                control.counters.map_errors += 1;
+                tracing::error!("updating the maps: {e:#}");
+            }
             if let Some(at) = received_at.take() {
                 if control.counters.group_updates != updates {
                     let done = at.elapsed().as_micros() as u64;
@@ -807,6 +821,9 @@ fn ensure_bpffs(pin_root: &Path) -> anyhow::Result<()> {
 fn adopted_sets(dp: &Dataplane) -> BTreeMap<IpAddr, Installed> {
     let mut out: BTreeMap<IpAddr, Installed> = BTreeMap::new();
     for (key, ports) in dp.group_port_sets() {
+        // Per-client entries name the previous daemon's client ids, which mean nothing now:
+        // those clients get their entries back when they report again.
+        let ports: Vec<u32> = ports.into_iter().filter(|k| k & CLIENT_KEY_BIT == 0).collect();
         let group = key_group(&key);
         let entry = out.entry(group).or_default();
         if key.source == [0; 16] {

@@ -86,6 +86,8 @@ pub struct Dataplane {
     /// Outer-map writes collected by [`Dataplane::begin_batch`]: key -> inner map fd (`None`:
     /// delete). The inner maps are held in `groups`.
     pending: Option<BTreeMap<GroupKey, Option<std::os::fd::RawFd>>>,
+    /// Next per-client id (monotonic: ids are never reused while an old entry may name one).
+    next_client: u32,
 }
 
 /// Keys of per-client entries in a group's inner DEVMAP_HASH have this bit set; the rest is a
@@ -173,6 +175,7 @@ impl Dataplane {
             clients: BTreeMap::new(),
             client_ids: BTreeMap::new(),
             pending: None,
+            next_client: 1,
         };
         if adopt {
             dp.read_back()?;
@@ -391,8 +394,9 @@ impl Dataplane {
             let xdp_link = XdpLink::try_from(fd_link)?;
             let program = program_mut(&mut self.ebpf)?;
             let id = program.attach_to_link(xdp_link)?;
-            // The program now holds an fd of the link; the pin keeps the link itself.
-            let _ = id;
+            // The program took an fd of the link; give it up so that the pin is the only
+            // reference and removing it detaches the port.
+            drop(program.take_link(id)?);
             self.attached.insert(
                 link.index,
                 AttachedPort {
@@ -559,7 +563,8 @@ impl Dataplane {
         if let Some(id) = self.client_ids.get(&(ifindex, mac)) {
             return Ok(CLIENT_KEY_BIT | id);
         }
-        let id = (self.clients.keys().next_back().copied().unwrap_or(0) + 1) & !CLIENT_KEY_BIT;
+        let id = self.next_client & !CLIENT_KEY_BIT;
+        self.next_client = self.next_client.wrapping_add(1).max(1);
         let mut ebpf = EbpfLoader::new()
             .override_global("CLIENT_MAC", &mac, true)
             .load(CLIENT_OBJECT)
@@ -572,6 +577,19 @@ impl Dataplane {
         self.clients.insert(id, ClientProgram { ebpf, ifindex, mac });
         self.client_ids.insert((ifindex, mac), id);
         Ok(CLIENT_KEY_BIT | id)
+    }
+
+    /// Unloads the per-client programs of clients that are no longer wanted (`keep` says which
+    /// (port, MAC) pairs still are). A devmap entry still naming one keeps its program alive
+    /// in the kernel until the entry is replaced.
+    pub fn retain_clients(&mut self, keep: impl Fn(u32, [u8; 6]) -> bool) {
+        let gone: Vec<(u32, [u8; 6])> =
+            self.client_ids.keys().filter(|(i, m)| !keep(*i, *m)).copied().collect();
+        for k in gone {
+            if let Some(id) = self.client_ids.remove(&k) {
+                self.clients.remove(&id);
+            }
+        }
     }
 
     /// Copies sent to each client so far: (port ifindex, MAC, copies).
@@ -617,11 +635,14 @@ impl Dataplane {
     /// that source (blocked in EXCLUDE mode everywhere) instead of letting the (*,G) entry
     /// carry it.
     pub fn install_group(&mut self, key: GroupKey, ifindexes: &[u32]) -> anyhow::Result<()> {
+        let mut ifindexes = ifindexes;
         if ifindexes.len() > MAX_PORTS_PER_GROUP as usize {
-            return Err(anyhow!(
-                "a group can have at most {MAX_PORTS_PER_GROUP} ports ({} given)",
+            tracing::warn!(
+                "a group can have at most {MAX_PORTS_PER_GROUP} ports or clients; {} wanted, \
+                 the rest get no copy",
                 ifindexes.len()
-            ));
+            );
+            ifindexes = &ifindexes[..MAX_PORTS_PER_GROUP as usize];
         }
         let obj = aya_obj::Map::new_from_params(
             BPF_MAP_TYPE_DEVMAP_HASH,
@@ -636,6 +657,10 @@ impl Dataplane {
         let mut inner = DevMapHash::try_from(Map::DevMapHash(data))?;
         for &key in ifindexes {
             if key & CLIENT_KEY_BIT == 0 {
+                if self.ports_map.get(&key, 0).is_err() {
+                    tracing::debug!(ifindex = key, "skipping a port that is not attached (any more)");
+                    continue;
+                }
                 inner.insert(key, key, None, 0).context("filling a group port set")?;
                 continue;
             }
@@ -779,7 +804,7 @@ fn batch_op(
         elem_flags: u64,
         flags: u64,
     }
-    let attr = BatchAttr {
+    let mut attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,
         keys: keys.as_ptr() as u64,
@@ -790,9 +815,15 @@ fn batch_op(
         flags: 0,
     };
     // SAFETY: the kernel reads `count` keys (and values) from the arrays, which live for the
-    // call and have exactly the map's key and value sizes (GroupKey: 32 bytes, fd: 4 bytes).
+    // call and have exactly the map's key and value sizes (GroupKey: 32 bytes, fd: 4 bytes),
+    // and writes the number processed back into `attr.count` (hence `&mut`).
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, std::ptr::addr_of!(attr), std::mem::size_of::<BatchAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::addr_of_mut!(attr),
+            std::mem::size_of::<BatchAttr>(),
+        )
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
