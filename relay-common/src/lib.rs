@@ -168,6 +168,43 @@ const _: () = assert!(core::mem::size_of::<PortInfo>() == 24);
 /// [`PortInfo::role`] bit: the port leads to a multicast router.
 pub const PORT_ROLE_ROUTER: u32 = 1;
 
+/// Clients of one per-client port that joined one group: at most this many get their own copy.
+pub const MAX_CLIENTS_PER_SET: usize = 32;
+
+/// Key of `CLIENT_SETS` and `CLIENT_CURSOR` (per-client delivery): the shared port and the
+/// group's (*,G) key.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Pod, Zeroable)]
+pub struct ClientSetKey {
+    /// The shared (TAP) port's ifindex.
+    pub ifindex: u32,
+    /// Explicit padding; zero.
+    pub _pad: u32,
+    /// The group, as in `GROUP_PORTS` with a zero source.
+    pub group: GroupKey,
+}
+const _: () = assert!(core::mem::size_of::<ClientSetKey>() == 40);
+
+/// Value of `CLIENT_SETS`: the unicast MACs the copies of a group's frames on a shared port
+/// are addressed to. The group's inner map has exactly `count` entries for the port, all with
+/// the `mcrelay_client` egress program, so each frame makes `count` consecutive copies; the
+/// program gives copy `i` the MAC `macs[cursor++ % count]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ClientSet {
+    pub count: u32,
+    pub _pad: u32,
+    pub macs: [[u8; 6]; MAX_CLIENTS_PER_SET],
+}
+const _: () = assert!(core::mem::size_of::<ClientSet>() == 8 + 6 * MAX_CLIENTS_PER_SET);
+
+/// Value of the per-CPU `CLIENT_COPIES`: copies addressed to each slot of a [`ClientSet`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ClientCopies {
+    pub copies: [u64; MAX_CLIENTS_PER_SET],
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, contain no padding (checked by the size
@@ -176,4 +213,7 @@ mod user {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::PortInfo {}
     unsafe impl aya::Pod for super::PortCounters {}
+    unsafe impl aya::Pod for super::ClientSetKey {}
+    unsafe impl aya::Pod for super::ClientSet {}
+    unsafe impl aya::Pod for super::ClientCopies {}
 }

@@ -436,7 +436,8 @@ impl Control {
         self.clients.retain(|_, macs| !macs.is_empty());
     }
 
-    /// Brings the per-client keys of changed groups into the table.
+    /// Brings the per-client sets of changed groups into the dataplane and their keys into
+    /// the table.
     fn sync_clients(
         &mut self,
         dp: &mut Dataplane,
@@ -444,11 +445,14 @@ impl Control {
     ) -> anyhow::Result<()> {
         for g in std::mem::take(&mut self.clients_changed) {
             for &port in &self.per_client_ports {
-                let mut keys = BTreeSet::new();
-                for mac in self.clients.get(&(g, port)).into_iter().flat_map(|m| m.keys()) {
-                    keys.insert(dp.client_target(port, *mac)?);
-                }
-                self.table.set_clients(g, port, keys);
+                let macs: Vec<[u8; 6]> = self
+                    .clients
+                    .get(&(g, port))
+                    .into_iter()
+                    .flat_map(|m| m.keys().copied())
+                    .collect();
+                let keys = dp.set_client_set(port, g, &macs)?;
+                self.table.set_clients(g, port, keys.into_iter().collect());
             }
             changed.insert(g);
         }

@@ -876,7 +876,12 @@ impl Remembered {
                     FilterMode::Exclude => GroupRecord {
                         kind: RecordType::IsExclude,
                         group: g.group,
-                        sources: p.sources.iter().filter(|s| s.timer.is_none()).map(|s| s.source).collect(),
+                        sources: p
+                            .sources
+                            .iter()
+                            .filter(|s| s.timer.is_none())
+                            .map(|s| s.source)
+                            .collect(),
                     },
                     FilterMode::Include => GroupRecord {
                         kind: RecordType::IsInclude,

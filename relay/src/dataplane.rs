@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
@@ -21,11 +22,12 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use relay_common::{
-    AttachMode, Config, GroupKey, PortCounters, PortInfo, UnknownPolicy, BPF_MAP_TYPE_DEVMAP_HASH,
-    CONFIG_F_SOURCE_ENTRIES, DEVMAP_VALUE_SIZE, MAX_PORTS, MAX_PORTS_PER_GROUP,
+    AttachMode, ClientCopies, ClientSet, ClientSetKey, Config, GroupKey, PortCounters, PortInfo,
+    UnknownPolicy, BPF_MAP_TYPE_DEVMAP_HASH, CONFIG_F_SOURCE_ENTRIES, DEVMAP_VALUE_SIZE,
+    MAX_CLIENTS_PER_SET, MAX_PORTS, MAX_PORTS_PER_GROUP,
 };
 
-use crate::{cli::XdpModeArg, error::UsageError, paths::pins, ports::Link};
+use crate::{cli::XdpModeArg, error::UsageError, groups::group_key, paths::pins, ports::Link};
 
 /// The compiled eBPF object (built by build.rs from the relay-ebpf crate).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay"));
@@ -80,25 +82,23 @@ pub struct Dataplane {
     adopted: bool,
     /// Pin the XDP links of new attachments (false with `run --no-pin`).
     pub pin_links: bool,
-    /// Per-client egress program instances, by client id (see [`CLIENT_KEY_BIT`]).
-    clients: BTreeMap<u32, ClientProgram>,
-    client_ids: BTreeMap<(u32, [u8; 6]), u32>,
+    /// The per-client egress program (loaded on first use) and its maps.
+    client: Option<Ebpf>,
+    /// Copies per (port, client MAC) counted before the client's set was last rewritten.
+    client_totals: BTreeMap<(u32, [u8; 6]), u64>,
     /// Outer-map writes collected by [`Dataplane::begin_batch`]: key -> inner map fd (`None`:
     /// delete). The inner maps are held in `groups`.
     pending: Option<BTreeMap<GroupKey, Option<std::os::fd::RawFd>>>,
-    /// Next per-client id (monotonic: ids are never reused while an old entry may name one).
-    next_client: u32,
 }
 
-/// Keys of per-client entries in a group's inner DEVMAP_HASH have this bit set; the rest is a
-/// client id. Plain port entries use the ifindex as key (always below this bit).
+/// Keys of per-client entries in a group's inner DEVMAP_HASH have this bit set; bits 8..23
+/// hold the shared port's ifindex and bits 0..7 the slot. Plain port entries use the ifindex
+/// as key (always below this bit).
 pub const CLIENT_KEY_BIT: u32 = 1 << 31;
 
-/// One loaded instance of the per-client egress program (`client` object).
-struct ClientProgram {
-    ebpf: Ebpf,
-    ifindex: u32,
-    mac: [u8; 6],
+/// The inner-map key of slot `slot` of the per-client copies for `ifindex`.
+pub const fn client_key(ifindex: u32, slot: u32) -> u32 {
+    CLIENT_KEY_BIT | ((ifindex & 0x7fff) << 8) | (slot & 0xff)
 }
 
 /// Maps of the object that are pinned (and reused by the next daemon).
@@ -172,10 +172,9 @@ impl Dataplane {
             last_publish: None,
             adopted: adopt,
             pin_links: true,
-            clients: BTreeMap::new(),
-            client_ids: BTreeMap::new(),
+            client: None,
+            client_totals: BTreeMap::new(),
             pending: None,
-            next_client: 1,
         };
         if adopt {
             dp.read_back()?;
@@ -557,55 +556,112 @@ impl Dataplane {
         self.install_group(key, ifindexes)
     }
 
-    /// The inner-map key that sends a group's frames to one client behind a shared TAP port:
-    /// a copy addressed to `mac`. Loads that client's egress program instance on first use.
-    pub fn client_target(&mut self, ifindex: u32, mac: [u8; 6]) -> anyhow::Result<u32> {
-        if let Some(id) = self.client_ids.get(&(ifindex, mac)) {
-            return Ok(CLIENT_KEY_BIT | id);
+    /// Sets the clients of a shared port that joined a group (at most
+    /// [`MAX_CLIENTS_PER_SET`]); returns the inner-map keys the group's port set must contain
+    /// for that port instead of the port itself (empty: no per-client copies).
+    pub fn set_client_set(
+        &mut self,
+        ifindex: u32,
+        group: IpAddr,
+        macs: &[[u8; 6]],
+    ) -> anyhow::Result<Vec<u32>> {
+        let key = ClientSetKey { ifindex, _pad: 0, group: group_key(group) };
+        self.collect_client_copies(&key)?;
+        let ebpf = self.client_ebpf()?;
+        let mut sets: aya::maps::HashMap<_, ClientSetKey, ClientSet> =
+            aya::maps::HashMap::try_from(map_mut(ebpf, "CLIENT_SETS")?)?;
+        if macs.is_empty() {
+            let _ = sets.remove(&key);
+            return Ok(Vec::new());
         }
-        let id = self.next_client & !CLIENT_KEY_BIT;
-        self.next_client = self.next_client.wrapping_add(1).max(1);
-        let mut ebpf = EbpfLoader::new()
-            .override_global("CLIENT_MAC", &mac, true)
-            .load(CLIENT_OBJECT)
-            .context("loading the per-client program")?;
-        let program: &mut Xdp = ebpf
-            .program_mut(CLIENT_PROGRAM)
-            .ok_or_else(|| anyhow!("{CLIENT_PROGRAM} missing"))?
-            .try_into()?;
-        program.load().context("the kernel rejected the per-client program")?;
-        self.clients.insert(id, ClientProgram { ebpf, ifindex, mac });
-        self.client_ids.insert((ifindex, mac), id);
-        Ok(CLIENT_KEY_BIT | id)
+        if macs.len() > MAX_CLIENTS_PER_SET {
+            tracing::warn!(
+                "{} clients joined {group} on one port; the first {MAX_CLIENTS_PER_SET} get copies",
+                macs.len()
+            );
+        }
+        let n = macs.len().min(MAX_CLIENTS_PER_SET);
+        let mut set = ClientSet { count: n as u32, _pad: 0, macs: [[0; 6]; MAX_CLIENTS_PER_SET] };
+        set.macs[..n].copy_from_slice(&macs[..n]);
+        sets.insert(key, set, 0).context("writing CLIENT_SETS")?;
+        let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let mut cursor: PerCpuHashMap<_, ClientSetKey, u32> =
+            PerCpuHashMap::try_from(map_mut(ebpf, "CLIENT_CURSOR")?)?;
+        if cursor.get(&key, 0).is_err() {
+            cursor.insert(key, PerCpuValues::try_from(vec![0u32; cpus])?, 0)?;
+        }
+        let mut copies: PerCpuHashMap<_, ClientSetKey, ClientCopies> =
+            PerCpuHashMap::try_from(map_mut(ebpf, "CLIENT_COPIES")?)?;
+        if copies.get(&key, 0).is_err() {
+            let zero = ClientCopies { copies: [0; MAX_CLIENTS_PER_SET] };
+            copies.insert(key, PerCpuValues::try_from(vec![zero; cpus])?, 0)?;
+        }
+        Ok((0..n as u32).map(|slot| client_key(ifindex, slot)).collect())
     }
 
-    /// Unloads the per-client programs of clients that are no longer wanted (`keep` says which
-    /// (port, MAC) pairs still are). A devmap entry still naming one keeps its program alive
-    /// in the kernel until the entry is replaced.
-    pub fn retain_clients(&mut self, keep: impl Fn(u32, [u8; 6]) -> bool) {
-        let gone: Vec<(u32, [u8; 6])> =
-            self.client_ids.keys().filter(|(i, m)| !keep(*i, *m)).copied().collect();
-        for k in gone {
-            if let Some(id) = self.client_ids.remove(&k) {
-                self.clients.remove(&id);
+    /// Adds the copies counted for `key`'s current slots to the per-MAC totals and restarts
+    /// its counters (before the set's slots change).
+    fn collect_client_copies(&mut self, key: &ClientSetKey) -> anyhow::Result<()> {
+        let Some(ebpf) = self.client.as_mut() else { return Ok(()) };
+        let sets: aya::maps::HashMap<_, ClientSetKey, ClientSet> =
+            aya::maps::HashMap::try_from(map_ref(ebpf, "CLIENT_SETS")?)?;
+        let Ok(set) = sets.get(key, 0) else { return Ok(()) };
+        let mut copies: PerCpuHashMap<_, ClientSetKey, ClientCopies> =
+            PerCpuHashMap::try_from(map_mut(ebpf, "CLIENT_COPIES")?)?;
+        if let Ok(per_cpu) = copies.get(key, 0) {
+            for slot in 0..(set.count as usize).min(MAX_CLIENTS_PER_SET) {
+                let n: u64 = per_cpu.iter().map(|c| c.copies[slot]).sum();
+                *self.client_totals.entry((key.ifindex, set.macs[slot])).or_default() += n;
             }
         }
+        let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let zero = ClientCopies { copies: [0; MAX_CLIENTS_PER_SET] };
+        copies.insert(key, PerCpuValues::try_from(vec![zero; cpus])?, 0)?;
+        Ok(())
     }
 
-    /// Copies sent to each client so far: (port ifindex, MAC, copies).
+    /// The per-client program, loaded on first use.
+    fn client_ebpf(&mut self) -> anyhow::Result<&mut Ebpf> {
+        if self.client.is_none() {
+            let mut ebpf =
+                EbpfLoader::new().load(CLIENT_OBJECT).context("loading the per-client program")?;
+            let program: &mut Xdp = ebpf
+                .program_mut(CLIENT_PROGRAM)
+                .ok_or_else(|| anyhow!("{CLIENT_PROGRAM} missing"))?
+                .try_into()?;
+            program.load().context("the kernel rejected the per-client program")?;
+            self.client = Some(ebpf);
+        }
+        self.client.as_mut().ok_or_else(|| anyhow!("per-client program missing"))
+    }
+
+    /// Forgets the totals of clients that are gone (`keep` says which (port, MAC) stay).
+    pub fn retain_clients(&mut self, keep: impl Fn(u32, [u8; 6]) -> bool) {
+        self.client_totals.retain(|(i, m), _| keep(*i, *m));
+    }
+
+    /// Copies sent to each client so far: (port ifindex, MAC, copies), all groups together.
     pub fn client_copies(&self) -> Vec<(u32, [u8; 6], u64)> {
-        self.clients
-            .values()
-            .map(|c| {
-                let copies = c
-                    .ebpf
-                    .map("COPIES")
-                    .and_then(|m| aya::maps::PerCpuArray::<_, u64>::try_from(m).ok())
-                    .and_then(|a| a.get(&0, 0).ok())
-                    .map_or(0, |v| v.iter().sum());
-                (c.ifindex, c.mac, copies)
-            })
-            .collect()
+        let mut totals = self.client_totals.clone();
+        if let Some(ebpf) = &self.client {
+            let sets = map_ref(ebpf, "CLIENT_SETS")
+                .ok()
+                .and_then(|m| aya::maps::HashMap::<_, ClientSetKey, ClientSet>::try_from(m).ok());
+            let copies = map_ref(ebpf, "CLIENT_COPIES")
+                .ok()
+                .and_then(|m| PerCpuHashMap::<_, ClientSetKey, ClientCopies>::try_from(m).ok());
+            if let (Some(sets), Some(copies)) = (sets, copies) {
+                for (key, set) in sets.iter().filter_map(Result::ok) {
+                    let per_cpu = copies.get(&key, 0).ok();
+                    for slot in 0..(set.count as usize).min(MAX_CLIENTS_PER_SET) {
+                        let n: u64 =
+                            per_cpu.as_ref().map_or(0, |v| v.iter().map(|c| c.copies[slot]).sum());
+                        *totals.entry((key.ifindex, set.macs[slot])).or_default() += n;
+                    }
+                }
+            }
+        }
+        totals.into_iter().map(|((i, m), n)| (i, m, n)).collect()
     }
 
     /// Removes a key from `GROUP_PORTS` (absent already: fine).
@@ -658,23 +714,26 @@ impl Dataplane {
         for &key in ifindexes {
             if key & CLIENT_KEY_BIT == 0 {
                 if self.ports_map.get(&key, 0).is_err() {
-                    tracing::debug!(ifindex = key, "skipping a port that is not attached (any more)");
+                    tracing::debug!(
+                        ifindex = key,
+                        "skipping a port that is not attached (any more)"
+                    );
                     continue;
                 }
                 inner.insert(key, key, None, 0).context("filling a group port set")?;
                 continue;
             }
-            let Some(client) = self.clients.get(&(key & !CLIENT_KEY_BIT)) else {
+            let port = (key >> 8) & 0x7fff;
+            let Some(client) = self.client.as_ref() else {
                 tracing::debug!(key, "skipping a per-client entry of a previous daemon");
                 continue;
             };
             let program: &Xdp = client
-                .ebpf
                 .program(CLIENT_PROGRAM)
                 .ok_or_else(|| anyhow!("{CLIENT_PROGRAM} missing"))?
                 .try_into()?;
             inner
-                .insert(key, client.ifindex, Some(program.fd()?), 0)
+                .insert(key, port, Some(program.fd()?), 0)
                 .context("adding a per-client copy to a group port set")?;
         }
         if let Some(pending) = self.pending.as_mut() {
@@ -714,7 +773,8 @@ impl Dataplane {
         if pending.is_empty() {
             return Ok(());
         }
-        let (updates, deletes): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(_, v)| v.is_some());
+        let (updates, deletes): (Vec<_>, Vec<_>) =
+            pending.into_iter().partition(|(_, v)| v.is_some());
         if updates.iter().any(|(k, _)| k.source != [0; 16])
             && self.config.flags & CONFIG_F_SOURCE_ENTRIES == 0
         {

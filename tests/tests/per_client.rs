@@ -58,8 +58,12 @@ impl SharedSegment {
 }
 
 fn start(seg: &SharedSegment, per_client: bool) -> Mcrelay {
+    start_mode(seg, per_client, "auto")
+}
+
+fn start_mode(seg: &SharedSegment, per_client: bool, mode: &str) -> Mcrelay {
     let mut args = vec!["run", "--no-pin", "-i", "lan0", "-i", "shared0", "--query-interval", "20"];
-    args.extend(["--query-response-interval", "1"]);
+    args.extend(["--query-response-interval", "1", "--xdp-mode", mode]);
     if per_client {
         args.extend(["--per-client", "shared0"]);
     }
@@ -144,4 +148,70 @@ fn per_client_copies_reach_only_the_joined_client_ipv4() {
 fn per_client_copies_reach_only_the_joined_client_ipv6() {
     require_testbed!();
     run_case("6", "ff1e::50:1".parse().expect("group"));
+}
+
+/// Both clients joined: each gets exactly one copy of every datagram, addressed to itself — in
+/// native mode and in generic (skb) mode, where the copies are clones of one skb and each
+/// egress program must rewrite its own copy only.
+fn two_clients(tag: &str, mode: &str) {
+    let group: IpAddr = "239.50.1.1".parse().expect("group");
+    let seg = SharedSegment::new(tag);
+    let [c1, c2] = &seg.clients;
+    let _relay = start_mode(&seg, true, mode);
+    let (rx1, rx2) = (
+        McastReceiver::join(c1, group, PORT, "eth0"),
+        McastReceiver::join(c2, group, PORT, "eth0"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let doc = groups_json(&seg.gw);
+        let n = clients(&doc)
+            .iter()
+            .filter(|c| {
+                c["groups"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|g| g.as_str() == Some("239.50.1.1"))
+            })
+            .count();
+        if n == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "both clients not learned:\n{doc:#}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    McastSender::new(&seg.sender, "eth0").send_numbered(
+        group,
+        PORT,
+        COUNT,
+        Duration::from_millis(1),
+    );
+    for rx in [&rx1, &rx2] {
+        assert_eq!(rx.wait_for(COUNT, Duration::from_secs(20)), COUNT, "{rx} ({mode})");
+    }
+    thread::sleep(Duration::from_millis(500));
+    for rx in [&rx1, &rx2] {
+        assert_eq!(
+            rx.count(),
+            COUNT,
+            "{rx} ({mode}): duplicates - copies addressed to the other client?"
+        );
+        assert_eq!(rx.distinct(), COUNT, "{rx} ({mode})");
+    }
+    let doc = groups_json(&seg.gw);
+    let copies: Vec<u64> = clients(&doc).iter().filter_map(|c| c["copies"].as_u64()).collect();
+    assert_eq!(copies, [COUNT, COUNT], "copies per client ({mode}):\n{doc:#}");
+}
+
+#[test]
+fn two_joined_clients_each_get_their_own_copy_native() {
+    require_testbed!();
+    two_clients("2n", "native");
+}
+
+#[test]
+fn two_joined_clients_each_get_their_own_copy_skb() {
+    require_testbed!();
+    two_clients("2s", "skb");
 }
