@@ -618,6 +618,7 @@ impl Daemon {
         let mut flush = tokio::time::interval(Duration::from_millis(250));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut received_at = None;
+        let mut links_closed = false;
         let adoption_ends = start + self.plan.membership.gmi();
         // systemd's watchdog (WatchdogSec=): ping at half the interval.
         let watchdog = sd_notify::watchdog_enabled();
@@ -646,9 +647,16 @@ impl Daemon {
                     received_at = Some(tokio::time::Instant::now());
                     control.on_frame(start.elapsed(), r.ifindex, &r.frame);
                 }
-                Some(event) = links.recv() => match event {
-                    LinkEvent::New(link) => self.on_link_new(control, link).await,
-                    LinkEvent::Removed(ifindex) => self.on_link_removed(control, ifindex),
+                event = links.recv(), if !links_closed => match event {
+                    Some(LinkEvent::New(link)) => self.on_link_new(control, link).await,
+                    Some(LinkEvent::Removed(ifindex)) => self.on_link_removed(control, ifindex),
+                    None => {
+                        links_closed = true;
+                        tracing::error!(
+                            "the netlink link monitor stopped: interfaces that appear or vanish \
+                             from now on are not noticed (restart mcrelay)"
+                        );
+                    }
                 },
                 () = tokio::time::sleep_until(deadline) => {
                     control.engine.tick(start.elapsed());

@@ -238,6 +238,11 @@ impl Dataplane {
 
     /// Sets the ports that lead to multicast routers (targets for unknown groups).
     pub fn set_router_ports(&mut self, ifindexes: &[u32]) -> anyhow::Result<()> {
+        if ifindexes.is_empty() {
+            // No router port left: make the program stop using the map before emptying it, so
+            // no frame is redirected into an empty map meanwhile.
+            self.write_config(Config { router_ports: 0, ..self.config })?;
+        }
         let mut map: DevMapHash<_> =
             DevMapHash::try_from(map_mut(&mut self.ebpf, pins::ROUTER_PORTS)?)?;
         for &old in &self.router_ports {
@@ -375,7 +380,10 @@ impl Dataplane {
             .ports_map
             .get(&link.index, 0)
             .ok()
-            .filter(|info| info.name.starts_with(link.name.as_bytes()))
+            .filter(|info| {
+                let len = info.name.iter().position(|&b| b == 0).unwrap_or(info.name.len());
+                info.name[..len] == *link.name.as_bytes()
+            })
             .and_then(|info| AttachMode::from_u32(info.attach_mode));
         let mismatch = matches!(
             (wanted, mode),

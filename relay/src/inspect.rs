@@ -115,15 +115,30 @@ pub fn read_groups(pin_dir: &Path) -> anyhow::Result<Vec<GroupRow>> {
     let mut rows = Vec::new();
     for key in outer.keys() {
         let key = key.context("reading GROUP_PORTS")?;
-        let inner = outer.get(&key, 0).context("reading a group's port set")?;
+        // Entries may change between listing and reading: skip the ones that went away.
+        let Ok(inner) = outer.get(&key, 0) else { continue };
         let mut ports: Vec<String> = Vec::new();
-        for ifindex in inner.keys() {
-            let ifindex = ifindex.context("reading a group's port set")?;
-            ports
-                .push(names.get(&ifindex).cloned().unwrap_or_else(|| format!("ifindex {ifindex}")));
+        for k in inner.keys().filter_map(Result::ok) {
+            let name = if k & crate::dataplane::CLIENT_KEY_BIT != 0 {
+                let port = (k >> 8) & 0x7fff;
+                let port = names.get(&port).cloned().unwrap_or_else(|| format!("ifindex {port}"));
+                format!("{port}/client{}", k & 0xff)
+            } else {
+                names.get(&k).cloned().unwrap_or_else(|| format!("ifindex {k}"))
+            };
+            ports.push(name);
         }
         ports.sort();
-        rows.push(GroupRow { group: key_group(&key).to_string(), ports, kind: "static" });
+        let group = key_group(&key).to_string();
+        let group = if key.source == [0; 16] {
+            group
+        } else {
+            let source = key_group(&GroupKey { group: key.source, source: [0; 16] });
+            format!("({source},{group})")
+        };
+        // Without a running daemon nothing is learned or expires: what the maps hold stays as
+        // it is, like a static entry (the contract knows only static and learned).
+        rows.push(GroupRow { group, ports, kind: "static" });
     }
     rows.sort_by(|a, b| a.group.cmp(&b.group));
     Ok(rows)
