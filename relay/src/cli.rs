@@ -7,7 +7,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// mcrelay: relays IP multicast between network segments at XDP speed, only to the segments
 /// that have receivers.
 #[derive(Debug, Parser)]
-#[command(name = "mcrelay", version, about, long_about = None)]
+#[command(
+    name = "mcrelay",
+    version,
+    about = "Relays IP multicast between network segments at XDP speed, only to the segments \
+             that have receivers",
+    long_about = None
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -23,7 +29,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Attach to the interfaces and relay multicast until SIGINT/SIGTERM.
+    /// Attach to the interfaces, learn memberships and relay multicast until SIGINT/SIGTERM
+    /// (the pinned dataplane keeps forwarding after the daemon exits, unless --no-pin).
     Run(RunArgs),
     /// Show groups and their ports (like `bridge mdb show`).
     Groups(OutputArgs),
