@@ -294,6 +294,17 @@ pub async fn run(
     let mut control = match daemon.start_up().await {
         Ok(c) => c,
         Err(e) => {
+            if daemon.dp.adopted() {
+                // Taking over failed: undo only what this run attached; the previous daemon's
+                // pinned links and maps keep forwarding as before.
+                tracing::error!("take-over failed, leaving the pinned dataplane as it was: {e:#}");
+                let own: Vec<u32> =
+                    daemon.dp.ports().filter(|p| !p.adopted).map(|p| p.link.index).collect();
+                for ifindex in own {
+                    daemon.dp.detach(ifindex);
+                }
+                return Err(e);
+            }
             tracing::error!("setup failed, rolling back: {e:#}");
             teardown(&daemon.handle, daemon.dp, &daemon.allmulti_set).await;
             return Err(e);

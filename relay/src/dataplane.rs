@@ -49,6 +49,8 @@ pub const XDP_PROGRAM: &str = "mcrelay_xdp";
 pub struct AttachedPort {
     pub link: Link,
     pub mode: AttachMode,
+    /// Taken over from a previous daemon's pinned link (not attached by this one).
+    pub adopted: bool,
     port_link: PortLink,
 }
 
@@ -343,8 +345,10 @@ impl Dataplane {
             }
             None => PortLink::Owned(link_id),
         };
-        self.attached
-            .insert(link.index, AttachedPort { link: link.clone(), mode: used, port_link });
+        self.attached.insert(
+            link.index,
+            AttachedPort { link: link.clone(), mode: used, adopted: false, port_link },
+        );
         if let Err(e) = self.register_port(link.index, &link.name, used) {
             self.detach(link.index);
             return Err(e);
@@ -409,6 +413,7 @@ impl Dataplane {
                 AttachedPort {
                     link: link.clone(),
                     mode,
+                    adopted: true,
                     port_link: PortLink::Pinned(path.clone()),
                 },
             );
