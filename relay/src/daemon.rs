@@ -630,6 +630,7 @@ impl Daemon {
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut received_at = None;
         let mut links_closed = false;
+        let mut flushes: u64 = 0;
         let adoption_ends = start + self.plan.membership.gmi();
         // systemd's watchdog (WatchdogSec=): ping at half the interval.
         let watchdog = sd_notify::watchdog_enabled();
@@ -684,7 +685,10 @@ impl Daemon {
                     let _ = sd_notify::notify(&[NotifyState::Watchdog]);
                 }
                 _ = flush.tick() => {
-                    if control.dirty {
+                    // Rewrite after changes, and at least once a second: counters (per-client
+                    // copies, remaining timers) move without any control-plane event.
+                    flushes += 1;
+                    if control.dirty || flushes % 4 == 0 {
                         control.dirty = false;
                         let status = format!(
                             "{} port(s), {} group(s), {} queries sent",

@@ -63,11 +63,17 @@ fn case(tag: &str, group: IpAddr) {
         0,
         "{other}: OpenVPN delivered a copy to the client that did not join"
     );
-    let doc = mcrelay_json(&bed.gw, &["groups", "--json"]);
+    // The state file is rewritten at least once a second: poll for the counters.
+    let total = |d: &Value| clients(d).iter().filter_map(|c| c["copies"].as_u64()).sum::<u64>();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut doc = mcrelay_json(&bed.gw, &["groups", "--json"]);
+    while total(&doc) < COUNT && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+        doc = mcrelay_json(&bed.gw, &["groups", "--json"]);
+    }
     let list = clients(&doc);
-    let copies: u64 = list.iter().filter_map(|c| c["copies"].as_u64()).sum();
     eprintln!("{tag}: per-client copies on {tap}: {list:?}");
-    assert_eq!(copies, COUNT, "copies per client: {list:?}");
+    assert_eq!(total(&doc), COUNT, "copies per client: {list:?}");
     let status = relay.stop();
     assert!(status.success(), "{status}");
     let _ = mcrelay_output(&bed.gw, &["detach"]);

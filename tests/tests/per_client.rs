@@ -123,11 +123,13 @@ fn run_case(tag: &str, group: IpAddr) {
     thread::sleep(Duration::from_millis(500));
     assert_eq!(rx1.distinct(), COUNT, "{rx1}: duplicates");
     assert_eq!(wire2.count(group), 0, "{wire2}: the other client got copies");
-    let doc = groups_json(&seg.gw);
-    let list = clients(&doc);
-    let copies: u64 = list.iter().filter_map(|c| c["copies"].as_u64()).sum();
-    eprintln!("{tag}: per-client copies: {list:?}");
-    assert_eq!(copies, COUNT, "copies counted per client: {list:?}");
+    // The state file is rewritten at least once a second: poll for the counters.
+    let total = |d: &Value| clients(d).iter().filter_map(|c| c["copies"].as_u64()).sum::<u64>();
+    let (doc, _) = wait_groups(&seg.gw, "the copies to be counted", Duration::from_secs(10), |d| {
+        total(d) >= COUNT
+    });
+    eprintln!("{tag}: per-client copies: {:?}", clients(&doc));
+    assert_eq!(total(&doc), COUNT, "copies counted per client:\n{doc:#}");
 
     // The client leaves: copies stop (the port-level state expires later, nothing floods).
     drop(rx1);
@@ -199,9 +201,13 @@ fn two_clients(tag: &str, mode: &str) {
         );
         assert_eq!(rx.distinct(), COUNT, "{rx} ({mode})");
     }
-    let doc = groups_json(&seg.gw);
-    let copies: Vec<u64> = clients(&doc).iter().filter_map(|c| c["copies"].as_u64()).collect();
-    assert_eq!(copies, [COUNT, COUNT], "copies per client ({mode}):\n{doc:#}");
+    let per_client = |d: &Value| -> Vec<u64> {
+        clients(d).iter().filter_map(|c| c["copies"].as_u64()).collect()
+    };
+    let (doc, _) = wait_groups(&seg.gw, "the copies to be counted", Duration::from_secs(10), |d| {
+        per_client(d).iter().sum::<u64>() >= 2 * COUNT
+    });
+    assert_eq!(per_client(&doc), [COUNT, COUNT], "copies per client ({mode}):\n{doc:#}");
 }
 
 #[test]
