@@ -688,7 +688,7 @@ impl Daemon {
                     // Rewrite after changes, and at least once a second: counters (per-client
                     // copies, remaining timers) move without any control-plane event.
                     flushes += 1;
-                    if control.dirty || flushes % 4 == 0 {
+                    if control.dirty || flushes.is_multiple_of(4) {
                         control.dirty = false;
                         let status = format!(
                             "{} port(s), {} group(s), {} queries sent",
