@@ -1,3 +1,33 @@
-//! This file exists so the crate has a library target, which lets `relay` list it as a
-//! build-dependency (and rebuild when it changes). The programs are in `main.rs`.
+//! Code shared by mcrelay's kernel programs (`relay` and `client` binaries). It also gives the
+//! crate a library target, which lets `relay` list it as a build-dependency (and rebuild when
+//! it changes).
 #![no_std]
+
+use relay_common::parse::Frame;
+
+/// The packet between `data` and `data_end`, read with bounds checks the verifier accepts.
+/// Every packet read of the programs goes through [`Frame::read`].
+pub struct PacketFrame {
+    /// `ctx.data()`.
+    pub start: usize,
+    /// `ctx.data_end()`.
+    pub end: usize,
+}
+
+impl Frame for PacketFrame {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    #[inline(always)]
+    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        let at = self.start + offset;
+        if at + N > self.end {
+            return None;
+        }
+        // SAFETY: `at..at + N` lies inside the packet, checked just above (the program's
+        // context guarantees `start..end` is the packet).
+        Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) })
+    }
+}

@@ -16,10 +16,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use relay_common::{
-    parse::{classify, Class, Data, Frame},
+    parse::{classify, Class, Data},
     Config, Counter, GroupKey, PortCounters, UnknownPolicy, CONFIG_F_SOURCE_ENTRIES, MAX_GROUPS,
     MAX_PORTS, MAX_PORTS_PER_GROUP,
 };
+use relay_ebpf::PacketFrame;
 
 /// Per-group port sets. Key: [`GroupKey`] with a zero source ((*,G)). Value: an inner
 /// DEVMAP_HASH whose keys and values are the member ports' ifindexes. Written by the daemon's
@@ -55,7 +56,7 @@ const BROADCAST_FLAGS: u64 = (BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) as u64;
 
 #[xdp]
 pub fn mcrelay_xdp(ctx: XdpContext) -> u32 {
-    let frame = XdpFrame { start: ctx.data(), end: ctx.data_end() };
+    let frame = PacketFrame { start: ctx.data(), end: ctx.data_end() };
     let (counter, action) = match classify(&frame) {
         Class::NotMulticast => return xdp_action::XDP_PASS,
         Class::Other => (Counter::PassedOther, xdp_action::XDP_PASS),
@@ -111,29 +112,6 @@ fn count(ifindex: u32, counter: Counter, len: usize) {
             (*stats).packets[i] += 1;
             (*stats).bytes[i] += len as u64;
         }
-    }
-}
-
-/// The packet between `data` and `data_end`, read with bounds checks the verifier accepts.
-struct XdpFrame {
-    start: usize,
-    end: usize,
-}
-
-impl Frame for XdpFrame {
-    #[inline(always)]
-    fn len(&self) -> usize {
-        self.end - self.start
-    }
-
-    #[inline(always)]
-    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        let at = self.start + offset;
-        if at + N > self.end {
-            return None;
-        }
-        // SAFETY: `at..at + N` lies inside the packet, checked just above.
-        Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) })
     }
 }
 

@@ -20,9 +20,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use relay_common::{
-    parse::{classify, Class, Frame},
+    parse::{classify, Class},
     ClientCopies, ClientSet, ClientSetKey, GroupKey, MAX_CLIENTS_PER_SET,
 };
+use relay_ebpf::PacketFrame;
 
 /// (shared port, group) -> the clients' MACs. Written by the daemon.
 #[btf_map]
@@ -38,7 +39,7 @@ static CLIENT_COPIES: PerCpuHashMap<ClientSetKey, ClientCopies, 4096> = PerCpuHa
 
 #[xdp(map = "devmap")]
 pub fn mcrelay_client(ctx: XdpContext) -> u32 {
-    let frame = XdpFrame { start: ctx.data(), end: ctx.data_end() };
+    let frame = PacketFrame { start: ctx.data(), end: ctx.data_end() };
     let Class::Data(data) = classify(&frame) else {
         return xdp_action::XDP_PASS;
     };
@@ -81,29 +82,6 @@ pub fn mcrelay_client(ctx: XdpContext) -> u32 {
         unsafe { (*copies).copies[slot] += 1 };
     }
     xdp_action::XDP_PASS
-}
-
-/// The packet between `data` and `data_end` (same reader as the main program).
-struct XdpFrame {
-    start: usize,
-    end: usize,
-}
-
-impl Frame for XdpFrame {
-    #[inline(always)]
-    fn len(&self) -> usize {
-        self.end - self.start
-    }
-
-    #[inline(always)]
-    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        let at = self.start + offset;
-        if at + N > self.end {
-            return None;
-        }
-        // SAFETY: `at..at + N` lies inside the packet, checked just above.
-        Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) })
-    }
 }
 
 #[cfg(not(test))]
