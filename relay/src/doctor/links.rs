@@ -506,12 +506,11 @@ fn ethtool_flag(iface: &str, cmd: u32) -> Option<bool> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn link(name: &str, kind: Option<&str>) -> DoctorLink {
-        DoctorLink {
-            index: 2,
+impl DoctorLink {
+    /// An up, multicast-capable Ethernet interface with no XDP, bridge or peer (unit tests).
+    pub(crate) fn for_tests(index: u32, name: &str, kind: Option<&str>) -> Self {
+        Self {
+            index,
             name: name.into(),
             kind: kind.map(str::to_owned),
             up: true,
@@ -524,6 +523,15 @@ mod tests {
             link: None,
             link_netnsid: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(name: &str, kind: Option<&str>) -> DoctorLink {
+        DoctorLink::for_tests(2, name, kind)
     }
 
     #[test]

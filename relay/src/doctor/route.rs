@@ -251,20 +251,7 @@ mod tests {
     use crate::doctor::DoctorLink;
 
     fn link(index: u32, name: &str, kind: Option<&str>) -> DoctorLink {
-        DoctorLink {
-            index,
-            name: name.into(),
-            kind: kind.map(str::to_owned),
-            up: true,
-            multicast: true,
-            loopback: false,
-            pointopoint: false,
-            ether: true,
-            xdp: None,
-            bridge: None,
-            link: None,
-            link_netnsid: None,
-        }
+        DoctorLink::for_tests(index, name, kind)
     }
 
     fn ctx(iface: Option<&str>) -> Context {

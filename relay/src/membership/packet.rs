@@ -262,59 +262,57 @@ pub struct Message {
 // ---------------------------------------------------------------------------------------------
 // Exponential codes
 
+/// Decodes a floating-point code with `mant_bits` mantissa bits and 3 exponent bits below the
+/// top bit (RFC 3376 4.1.1, RFC 3810 5.1.3): below the top bit the code is the value itself,
+/// else `(mant | 1 << mant_bits) << (exp + 3)`.
+const fn decode_exp(code: u32, mant_bits: u32) -> u32 {
+    let top = 1 << (mant_bits + 3);
+    if code < top {
+        code
+    } else {
+        let mant = code & ((1 << mant_bits) - 1);
+        let exp = (code >> mant_bits) & 0x07;
+        (mant | (1 << mant_bits)) << (exp + 3)
+    }
+}
+
+/// The inverse of [`decode_exp`], rounding down; values above the largest representable one
+/// give the largest code.
+const fn encode_exp(value: u32, mant_bits: u32) -> u32 {
+    let top = 1 << (mant_bits + 3);
+    if value < top {
+        return value;
+    }
+    let mut exp = 0;
+    while exp < 8 {
+        let mant = value >> (exp + 3);
+        if mant < (2 << mant_bits) {
+            return top | (exp << mant_bits) | (mant & ((1 << mant_bits) - 1));
+        }
+        exp += 1;
+    }
+    (top << 1) - 1
+}
+
 /// Decodes an 8-bit IGMPv3 Max Resp Code / IGMPv3 and MLDv2 QQIC (RFC 3376 4.1.1, 4.1.7).
 pub const fn decode_code8(code: u8) -> u32 {
-    if code < 0x80 {
-        code as u32
-    } else {
-        let mant = (code & 0x0f) as u32;
-        let exp = ((code >> 4) & 0x07) as u32;
-        (mant | 0x10) << (exp + 3)
-    }
+    decode_exp(code as u32, 4)
 }
 
 /// Encodes a value as an 8-bit exponential code, rounding down; values above the largest
 /// representable one (31744) give the largest code.
 pub const fn encode_code8(value: u32) -> u8 {
-    if value < 0x80 {
-        return value as u8;
-    }
-    let mut exp = 0;
-    while exp < 8 {
-        let mant = value >> (exp + 3);
-        if mant < 0x20 {
-            return 0x80 | ((exp as u8) << 4) | ((mant & 0x0f) as u8);
-        }
-        exp += 1;
-    }
-    0xff
+    encode_exp(value, 4) as u8
 }
 
 /// Decodes a 16-bit MLDv2 Maximum Response Code (RFC 3810 5.1.3), in milliseconds.
 pub const fn decode_code16(code: u16) -> u32 {
-    if code < 0x8000 {
-        code as u32
-    } else {
-        let mant = (code & 0x0fff) as u32;
-        let exp = ((code >> 12) & 0x07) as u32;
-        (mant | 0x1000) << (exp + 3)
-    }
+    decode_exp(code as u32, 12)
 }
 
 /// Encodes a value as a 16-bit MLDv2 exponential code, rounding down and saturating.
 pub const fn encode_code16(value: u32) -> u16 {
-    if value < 0x8000 {
-        return value as u16;
-    }
-    let mut exp = 0;
-    while exp < 8 {
-        let mant = value >> (exp + 3);
-        if mant < 0x2000 {
-            return 0x8000 | ((exp as u16) << 12) | ((mant & 0x0fff) as u16);
-        }
-        exp += 1;
-    }
-    0xffff
+    encode_exp(value, 12) as u16
 }
 
 fn deciseconds(d: Duration) -> u32 {
