@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub use crate::settings::XdpMode;
+
 /// mcrelay: relays IP multicast between network segments at XDP speed, only to the segments
 /// that have receivers.
 #[derive(Debug, Parser)]
@@ -89,8 +91,8 @@ pub struct RunArgs {
     pub static_groups: Vec<String>,
 
     /// How to attach XDP: auto tries native (driver) mode and falls back to generic (skb) mode.
-    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
-    pub xdp_mode: XdpModeArg,
+    #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
+    pub xdp_mode: XdpMode,
 
     /// What to do with multicast data for groups nobody joined.
     #[arg(long, value_enum, default_value_t = UnknownArg::RouterPorts)]
@@ -150,16 +152,6 @@ pub struct MembershipArgs {
     /// Port that leads to a multicast router: gets all multicast (repeatable).
     #[arg(long = "router-port", value_name = "IFACE")]
     pub router_ports: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum XdpModeArg {
-    /// Native where the driver supports it, generic (skb) elsewhere, with a warning.
-    Auto,
-    /// Native (driver) mode only; fail when the driver cannot.
-    Native,
-    /// Generic (skb) mode only.
-    Skb,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -1,9 +1,5 @@
-//! The control loop: IGMP/MLD frames in, membership engine, group maps out.
-//!
-//! `GroupTable` turns the engine's per-group [`Forwarding`] (plus static members and router
-//! ports) into `GROUP_PORTS` entries: one (*,G) entry with the ports that take every source,
-//! and one (S,G) entry per source some port named. Only keys whose port set changed are
-//! rewritten, each by an atomic inner-map swap.
+//! The control loop: IGMP/MLD frames in, membership engine, group maps out (through the
+//! reconciler, [`crate::reconciler::GroupTable`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -11,265 +7,14 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
-use relay_common::GroupKey;
-
 use crate::{
     capture::ControlSocket,
-    config::GroupPolicy,
     dataplane::Dataplane,
-    groups::{group_key, is_link_local_group},
-    membership::{packet, Action, Engine, Family, Forwarding, Message, MessageKind, ParseError},
+    groups::is_link_local_group,
+    membership::{packet, Action, Engine, Family, Message, MessageKind, ParseError},
+    reconciler::{GroupTable, WriteFailures},
     state::{self, DaemonState},
 };
-
-/// What is installed for one group.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Installed {
-    /// Ports for sources without their own entry: the (*,G) entry.
-    pub any_source: BTreeSet<u32>,
-    /// (S,G) entries.
-    pub per_source: BTreeMap<IpAddr, BTreeSet<u32>>,
-}
-
-/// Desired and installed group port sets.
-#[derive(Debug, Default)]
-pub struct GroupTable {
-    statics: BTreeMap<IpAddr, BTreeSet<u32>>,
-    routers: BTreeSet<u32>,
-    installed: BTreeMap<IpAddr, Installed>,
-    /// Port sets a previous daemon left in the maps (hitless restart). They stay in force,
-    /// united with what is learned, until [`GroupTable::end_adoption`] (one membership
-    /// interval after start: by then every live member has reported again).
-    adopted: BTreeMap<IpAddr, Installed>,
-    /// Groups that may be relayed at all (`[policy]`); others get no entries.
-    policy: GroupPolicy,
-    /// Per-client delivery: for (group, shared port), the inner-map keys of the clients that
-    /// joined through that port. The port itself is replaced by these keys.
-    clients: BTreeMap<(IpAddr, u32), BTreeSet<u32>>,
-}
-
-/// The (S,G) map key.
-pub fn source_key(group: IpAddr, source: IpAddr) -> GroupKey {
-    let mut key = group_key(group);
-    key.source = group_key(source).group;
-    key
-}
-
-impl GroupTable {
-    pub fn new(statics: BTreeMap<IpAddr, BTreeSet<u32>>) -> Self {
-        Self { statics, ..Self::default() }
-    }
-
-    /// What should be installed for `group` given the engine's view.
-    pub fn desired(&self, group: IpAddr, learned: &Forwarding) -> Installed {
-        let mut want = self.desired_now(group, learned);
-        if let Some(old) = self.adopted.get(&group) {
-            want.any_source.extend(old.any_source.iter().copied());
-            for (s, ports) in &old.per_source {
-                want.per_source.entry(*s).or_default().extend(ports.iter().copied());
-            }
-        }
-        want
-    }
-
-    fn desired_now(&self, group: IpAddr, learned: &Forwarding) -> Installed {
-        let mut want = self.desired_ports(group, learned);
-        let substitute = |ports: &mut BTreeSet<u32>| {
-            let shared: Vec<u32> = ports
-                .iter()
-                .copied()
-                .filter(|p| self.clients.get(&(group, *p)).is_some_and(|c| !c.is_empty()))
-                .collect();
-            for p in shared {
-                ports.remove(&p);
-                ports.extend(self.clients[&(group, p)].iter().copied());
-            }
-        };
-        substitute(&mut want.any_source);
-        for ports in want.per_source.values_mut() {
-            substitute(ports);
-        }
-        want
-    }
-
-    /// Sets the per-client keys of a (group, shared port); empty: the port gets plain copies.
-    pub fn set_clients(&mut self, group: IpAddr, port: u32, keys: BTreeSet<u32>) {
-        if keys.is_empty() {
-            self.clients.remove(&(group, port));
-        } else {
-            self.clients.insert((group, port), keys);
-        }
-    }
-
-    fn desired_ports(&self, group: IpAddr, learned: &Forwarding) -> Installed {
-        if !self.policy.permits(group) {
-            return Installed::default();
-        }
-        let statics = self.statics.get(&group);
-        if learned.is_empty() && statics.is_none() {
-            return Installed::default();
-        }
-        let extra: BTreeSet<u32> =
-            statics.into_iter().flatten().chain(self.routers.iter()).copied().collect();
-        let mut any_source: BTreeSet<u32> = learned.any_source.union(&extra).copied().collect();
-        if learned.any_source.is_empty() && statics.is_none() {
-            // Nobody wants "all sources": sources without an entry are an unknown flow.
-            any_source.clear();
-        }
-        let per_source = learned
-            .per_source
-            .iter()
-            .map(|(s, ports)| (*s, ports.union(&extra).copied().collect()))
-            .collect();
-        Installed { any_source, per_source }
-    }
-
-    /// Brings `group`'s map entries in line with `learned`. Returns whether anything changed.
-    pub fn apply(
-        &mut self,
-        dp: &mut Dataplane,
-        group: IpAddr,
-        learned: &Forwarding,
-    ) -> anyhow::Result<bool> {
-        let want = self.desired(group, learned);
-        let have = self.installed.get(&group).cloned().unwrap_or_default();
-        if want == have {
-            return Ok(false);
-        }
-        if want.any_source != have.any_source {
-            let ports: Vec<u32> = want.any_source.iter().copied().collect();
-            dp.set_group(group_key(group), &ports)?;
-        }
-        for (source, ports) in &want.per_source {
-            if have.per_source.get(source) != Some(ports) {
-                // Even an empty set is installed: it keeps a blocked source off the (*,G) ports.
-                let ports: Vec<u32> = ports.iter().copied().collect();
-                dp.install_group(source_key(group, *source), &ports)?;
-            }
-        }
-        for source in have.per_source.keys() {
-            if !want.per_source.contains_key(source) {
-                dp.remove_group(source_key(group, *source))?;
-            }
-        }
-        if want == Installed::default() {
-            self.installed.remove(&group);
-        } else {
-            self.installed.insert(group, want);
-        }
-        Ok(true)
-    }
-
-    /// Changes the router ports; every installed group gets them too.
-    pub fn set_routers(
-        &mut self,
-        dp: &mut Dataplane,
-        engine: &Engine,
-        routers: BTreeSet<u32>,
-    ) -> anyhow::Result<()> {
-        if routers == self.routers {
-            return Ok(());
-        }
-        self.routers = routers;
-        let ports: Vec<u32> = self.routers.iter().copied().collect();
-        dp.set_router_ports(&ports)?;
-        let groups: Vec<IpAddr> = self.installed.keys().copied().collect();
-        for g in groups {
-            self.apply(dp, g, &engine.forwarding(&g))?;
-        }
-        Ok(())
-    }
-
-    /// Replaces the static memberships (ifindexes per group) and rewrites the groups whose
-    /// static ports changed.
-    pub fn set_statics(
-        &mut self,
-        dp: &mut Dataplane,
-        engine: &Engine,
-        statics: BTreeMap<IpAddr, BTreeSet<u32>>,
-    ) -> anyhow::Result<()> {
-        let statics: BTreeMap<IpAddr, BTreeSet<u32>> =
-            statics.into_iter().filter(|(_, ports)| !ports.is_empty()).collect();
-        let mut changed: BTreeSet<IpAddr> = BTreeSet::new();
-        for (g, ports) in &statics {
-            if self.statics.get(g) != Some(ports) {
-                changed.insert(*g);
-            }
-        }
-        changed.extend(self.statics.keys().filter(|g| !statics.contains_key(g)).copied());
-        self.statics = statics;
-        for g in changed {
-            self.apply(dp, g, &engine.forwarding(&g))?;
-        }
-        Ok(())
-    }
-
-    /// Sets which groups may be relayed (call [`GroupTable::reapply_all`] after a change).
-    pub fn set_policy(&mut self, policy: GroupPolicy) {
-        self.policy = policy;
-    }
-
-    /// Recomputes every installed group (after a policy change).
-    pub fn reapply_all(&mut self, dp: &mut Dataplane, engine: &Engine) -> anyhow::Result<()> {
-        let mut groups: BTreeSet<IpAddr> = self.installed.keys().copied().collect();
-        groups.extend(engine.groups(Duration::ZERO).map(|g| g.group));
-        groups.extend(self.statics.keys().copied());
-        for g in groups {
-            self.apply(dp, g, &engine.forwarding(&g))?;
-        }
-        Ok(())
-    }
-
-    /// Removes a vanished port from every remembered set (installed and adopted), so that no
-    /// later rewrite names its ifindex; the engine reports the learned groups that change.
-    pub fn forget_port(&mut self, port: u32) {
-        for sets in [&mut self.installed, &mut self.adopted] {
-            for inst in sets.values_mut() {
-                inst.any_source.remove(&port);
-                for ports in inst.per_source.values_mut() {
-                    ports.remove(&port);
-                }
-            }
-        }
-        self.routers.remove(&port);
-        self.clients.retain(|(_, p), _| *p != port);
-    }
-
-    /// Takes over what a previous daemon installed (the maps were reused).
-    pub fn adopt(&mut self, installed: BTreeMap<IpAddr, Installed>) {
-        self.installed = installed.clone();
-        self.adopted = installed;
-    }
-
-    /// Whether adopted port sets are still in force.
-    pub fn adopting(&self) -> bool {
-        !self.adopted.is_empty()
-    }
-
-    /// Drops the adopted port sets: from now on only learned, static and router ports count.
-    pub fn end_adoption(&mut self, dp: &mut Dataplane, engine: &Engine) -> anyhow::Result<()> {
-        let groups: Vec<IpAddr> = self.adopted.keys().copied().collect();
-        self.adopted.clear();
-        for g in groups {
-            self.apply(dp, g, &engine.forwarding(&g))?;
-        }
-        Ok(())
-    }
-
-    /// Router ports (learned and configured, both families).
-    pub fn routers(&self) -> &BTreeSet<u32> {
-        &self.routers
-    }
-
-    pub fn installed(&self) -> &BTreeMap<IpAddr, Installed> {
-        &self.installed
-    }
-
-    pub fn is_static(&self, group: &IpAddr) -> bool {
-        self.statics.contains_key(group)
-    }
-}
 
 /// Counters of the control plane, shown by `mcrelay groups` / `stats`.
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
@@ -290,11 +35,12 @@ pub struct ControlCounters {
     /// This is the join-to-forwarding latency on the gateway.
     pub last_update_us: u64,
     pub max_update_us: u64,
-    /// Map writes that failed (logged; the group is rewritten on its next change).
+    /// Group map writes that failed (logged; retried on the next round, since the record of
+    /// what is installed keeps the old set).
     #[serde(default)]
     pub map_errors: u64,
-    /// Same, until the update syscalls returned (includes the kernel's RCU grace period that
-    /// map-in-map updates wait for after publishing).
+    /// Time from receiving a report until the update syscalls returned (includes the
+    /// kernel's RCU grace period that map-in-map updates wait for after publishing).
     pub last_update_done_us: u64,
 }
 
@@ -494,7 +240,8 @@ impl Control {
         *self.counters.malformed.entry(e.name().to_owned()).or_default() += 1;
     }
 
-    /// Carries out what the engine asked for.
+    /// Carries out what the engine asked for: queries go out, changed groups are written in
+    /// one round. A failed write is counted and logged; the group is retried next round.
     pub fn process_actions(&mut self, dp: &mut Dataplane) -> anyhow::Result<()> {
         let mut changed: BTreeSet<IpAddr> = BTreeSet::new();
         let mut routers_changed = false;
@@ -509,42 +256,44 @@ impl Control {
         }
         self.log_querier_changes();
         self.sync_clients(dp, &mut changed)?;
-        dp.begin_batch();
-        let result = self.apply_changes(dp, routers_changed, changed);
-        let committed = dp.commit_batch();
-        // Unload the per-client programs of clients that left or timed out.
-        let clients = &self.clients;
-        dp.retain_clients(|port, mac| {
-            clients.iter().any(|((_, p), macs)| *p == port && macs.contains_key(&mac))
-        });
-        result.and(committed)
-    }
-
-    fn apply_changes(
-        &mut self,
-        dp: &mut Dataplane,
-        routers_changed: bool,
-        changed: BTreeSet<IpAddr>,
-    ) -> anyhow::Result<()> {
         if routers_changed {
             let mut routers = self.engine.router_ports(Family::V4);
             routers.extend(self.engine.router_ports(Family::V6));
             tracing::info!(ports = ?routers.iter().map(|p| self.name(*p)).collect::<Vec<_>>(), "router ports");
-            self.table.set_routers(dp, &self.engine, routers)?;
+            let engine = &self.engine;
+            self.table.set_routers(dp, |g| engine.forwarding(g), routers)?;
             self.dirty = true;
         }
-        for g in changed {
-            if is_link_local_group(g) {
-                continue;
-            }
-            let fwd = self.engine.forwarding(&g);
-            if self.table.apply(dp, g, &fwd).with_context(|| format!("updating group {g}"))? {
-                self.counters.group_updates += 1;
-                tracing::debug!(group = %g, ?fwd, "group updated");
-            }
+        let groups: Vec<_> = changed
+            .into_iter()
+            .filter(|g| !is_link_local_group(*g))
+            .map(|g| (g, self.engine.forwarding(&g)))
+            .collect();
+        if !groups.is_empty() {
             self.dirty = true;
         }
-        Ok(())
+        let result = self.table.sync(dp, groups);
+        // Forget the copy totals of clients that left or timed out.
+        let clients = &self.clients;
+        dp.retain_clients(|port, mac| {
+            clients.iter().any(|((_, p), macs)| *p == port && macs.contains_key(&mac))
+        });
+        match result {
+            Ok(n) => {
+                self.counters.group_updates += n as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.count_write_failures(&e);
+                Ok(())
+            }
+        }
+    }
+
+    /// Counts and logs failed group writes (they are retried on the next round).
+    pub fn count_write_failures(&mut self, e: &WriteFailures) {
+        self.counters.map_errors += e.failed.len() as u64;
+        tracing::warn!("{e}");
     }
 
     fn send_query(&mut self, port: u32, source: IpAddr, query: &packet::Query) {

@@ -26,15 +26,16 @@ use tokio::{
 
 use crate::{
     capture::ControlSocket,
-    cli::{MembershipArgs, RunArgs, UnknownArg, XdpModeArg},
+    cli::{MembershipArgs, RunArgs, UnknownArg, XdpMode},
     config::{self, ConfigFile, GroupPolicy},
-    control::{Control, GroupTable, Installed},
+    control::Control,
     dataplane::{remove_pins, Dataplane, CLIENT_KEY_BIT},
     error::UsageError,
     groups::{key_group, parse_static},
     membership::{self, Engine, IgmpVersion, MldVersion, PortOptions},
     paths,
     ports::{self, Link, LinkEvent},
+    reconciler::{GroupTable, GroupWriter as _, Installed},
     state,
 };
 
@@ -50,9 +51,9 @@ pub struct Plan {
     pub statics: BTreeMap<IpAddr, BTreeSet<String>>,
     /// Ports (names/globs) with per-client delivery.
     pub per_client: Vec<String>,
-    pub xdp_mode: XdpModeArg,
+    pub xdp_mode: XdpMode,
     /// XDP mode per interface name from the file's `[[port]]` entries.
-    port_xdp_modes: Vec<(String, XdpModeArg)>,
+    port_xdp_modes: Vec<(String, XdpMode)>,
     /// Which groups may be relayed at all (`[policy]` allow/deny).
     pub policy: GroupPolicy,
     /// Membership engine settings.
@@ -155,7 +156,7 @@ impl Plan {
     }
 
     /// The XDP mode for an interface (a `[[port]]` entry's own mode, else the general one).
-    pub fn xdp_mode_for(&self, iface: &str) -> XdpModeArg {
+    pub fn xdp_mode_for(&self, iface: &str) -> XdpMode {
         self.port_xdp_modes
             .iter()
             .find(|(pattern, _)| ports::matches_any(std::slice::from_ref(pattern), iface))
@@ -269,10 +270,10 @@ pub async fn run(
             if !existed {
                 remove_pins(&pin_dir);
             }
-            return Err(e);
+            return Err(e.into());
         }
     };
-    dp.pin_links = !args.no_pin;
+    dp.set_pin_links(!args.no_pin);
     if dp.adopted() {
         tracing::info!(
             "taking over from the previous daemon (pinned maps and links in {})",
@@ -480,10 +481,14 @@ impl Daemon {
             .iter()
             .map(|(g, names)| (*g, names.iter().filter_map(|n| by_name.get(n).copied()).collect()))
             .collect();
-        self.dp.begin_batch();
-        let result = control.table.set_statics(&mut self.dp, &control.engine, statics);
-        let committed = self.dp.commit_batch();
-        result.and(committed)
+        let engine = &control.engine;
+        match control.table.set_statics(&mut self.dp, |g| engine.forwarding(g), statics) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                control.count_write_failures(&e);
+                Ok(())
+            }
+        }
     }
 
     /// SIGHUP: reads the configuration again and applies the difference. Everything is
@@ -553,7 +558,11 @@ impl Daemon {
         if old.policy != self.plan.policy {
             changes.push("group policy".into());
             control.table.set_policy(self.plan.policy.clone());
-            control.table.reapply_all(&mut self.dp, &control.engine)?;
+            let engine = &control.engine;
+            let learned: Vec<IpAddr> = engine.groups(Duration::ZERO).map(|g| g.group).collect();
+            if let Err(e) = control.table.reapply(&mut self.dp, |g| engine.forwarding(g), learned) {
+                control.count_write_failures(&e);
+            }
         }
         Ok(if changes.is_empty() { "no change".into() } else { changes.join(", ") })
     }
@@ -676,9 +685,10 @@ impl Daemon {
                 }
                 () = tokio::time::sleep_until(adoption_ends), if control.table.adopting() => {
                     tracing::info!("membership interval since take-over passed: dropping adopted port sets nobody renewed");
-                    self.dp.begin_batch();
-                    let result = control.table.end_adoption(&mut self.dp, &control.engine);
-                    self.dp.commit_batch().and(result)?;
+                    let engine = &control.engine;
+                    if let Err(e) = control.table.end_adoption(&mut self.dp, |g| engine.forwarding(g)) {
+                        control.count_write_failures(&e);
+                    }
                     control.dirty = true;
                 }
                 _ = watchdog_tick.tick(), if watchdog.is_some() => {

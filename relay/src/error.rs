@@ -28,7 +28,11 @@ pub const EXIT_USAGE: i32 = 2;
 
 /// The exit status for an error returned by a command.
 pub fn exit_status(err: &anyhow::Error) -> i32 {
-    if err.chain().any(|e| e.downcast_ref::<UsageError>().is_some()) {
+    let usage = |e: &(dyn std::error::Error + 'static)| {
+        e.downcast_ref::<UsageError>().is_some()
+            || e.downcast_ref::<crate::dataplane::DataplaneError>().is_some_and(|d| d.is_usage())
+    };
+    if err.chain().any(usage) {
         EXIT_USAGE
     } else {
         EXIT_RUNTIME

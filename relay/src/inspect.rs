@@ -118,9 +118,10 @@ pub fn read_groups(pin_dir: &Path) -> anyhow::Result<Vec<GroupRow>> {
         // Entries may change between listing and reading: skip the ones that went away.
         let Ok(inner) = outer.get(&key, 0) else { continue };
         let mut ports: Vec<String> = Vec::new();
-        for k in inner.keys().filter_map(Result::ok) {
+        for (k, value) in inner.iter().filter_map(Result::ok) {
             let name = if k & crate::dataplane::CLIENT_KEY_BIT != 0 {
-                let port = (k >> 8) & 0x7fff;
+                // A per-client copy: the devmap value names the port it leaves through.
+                let port = value.if_index;
                 let port = names.get(&port).cloned().unwrap_or_else(|| format!("ifindex {port}"));
                 format!("{port}/client{}", k & 0xff)
             } else {

@@ -16,6 +16,8 @@ pub mod membership;
 pub mod metrics;
 pub mod paths;
 pub mod ports;
+pub mod reconciler;
+pub mod settings;
 pub mod state;
 
 pub use dataplane::EBPF_OBJECT;

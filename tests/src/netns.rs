@@ -341,6 +341,32 @@ fn remove_pins_of(netns_path: &Path) {
 
 /// Creates a veth pair with `name_a` in `a` and `name_b` in `b` (each end created directly in its
 /// namespace), brings both ends up and waits until they are operationally up.
+/// A veth pair whose end in `a` gets ifindex `index` (the kernel allocates the other one).
+pub fn veth_pair_with_index(a: &NetNs, name_a: &str, index: u32, b: &NetNs, name_b: &str) {
+    let index = index.to_string();
+    cmd::run(&[
+        "ip",
+        "link",
+        "add",
+        name_a,
+        "index",
+        &index,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        name_b,
+        "netns",
+        b.name(),
+    ]);
+    a.link_up(name_a);
+    b.link_up(name_b);
+    a.wait_oper_up(name_a);
+    b.wait_oper_up(name_b);
+}
+
 pub fn veth_pair(a: &NetNs, name_a: &str, b: &NetNs, name_b: &str) {
     cmd::run(&[
         "ip",

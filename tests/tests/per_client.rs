@@ -9,8 +9,9 @@ use std::{net::IpAddr, thread, time::Duration};
 
 use mcrelay_tests::{
     daemon::{groups_json, wait_groups},
-    mcrelay_output, require_testbed, veth_pair, McastReceiver, McastSender, Mcrelay, NetNs,
-    WireObserver,
+    mcrelay_output,
+    netns::veth_pair_with_index,
+    require_testbed, veth_pair, McastReceiver, McastSender, Mcrelay, NetNs, WireObserver,
 };
 use serde_json::Value;
 
@@ -220,4 +221,66 @@ fn two_joined_clients_each_get_their_own_copy_native() {
 fn two_joined_clients_each_get_their_own_copy_skb() {
     require_testbed!();
     two_clients("2s", "skb");
+}
+
+/// Two per-client ports whose ifindexes are 32,768 apart (40000 and 7232): per-client keys
+/// once kept 15 bits of the ifindex, so the two ports' copies aliased and one client got
+/// nothing. Each port has one joined client; each must get every datagram exactly once.
+#[test]
+fn per_client_ports_with_ifindexes_above_32768_do_not_alias() {
+    require_testbed!();
+    let group: IpAddr = "239.50.2.1".parse().expect("group");
+    let gw = NetNs::new("mcrpchi-gw");
+    let sender = NetNs::new("mcrpchi-s");
+    let clients = [NetNs::new("mcrpchi-c1"), NetNs::new("mcrpchi-c2")];
+    veth_pair(&gw, "lan0", &sender, "eth0");
+    sender.add_addr("eth0", "198.18.30.2/24");
+    sender.tx_off("eth0");
+    sender.gro_on("eth0");
+    for (i, (c, index)) in clients.iter().zip([40_000u32, 40_000 - 32_768]).enumerate() {
+        let port = format!("shared{i}");
+        veth_pair_with_index(&gw, &port, index, c, "eth0");
+        assert_eq!(gw.ifindex(&port), index, "{port} got the ifindex asked for");
+        c.add_addr("eth0", &format!("198.18.3{}.2/24", i + 1));
+        c.gro_on("eth0");
+        c.tx_off("eth0");
+    }
+    let args = [
+        "run",
+        "--no-pin",
+        "-i",
+        "lan0",
+        "-i",
+        "shared0",
+        "-i",
+        "shared1",
+        "--per-client",
+        "shared*",
+        "--query-interval",
+        "20",
+        "--query-response-interval",
+        "1",
+    ];
+    let _relay = Mcrelay::start_ready(&gw, &args);
+    let rx: Vec<McastReceiver> =
+        clients.iter().map(|c| McastReceiver::join(c, group, PORT, "eth0")).collect();
+    wait_groups(&gw, "both clients to be learned", Duration::from_secs(20), |d| {
+        clients_of(d)
+            .iter()
+            .filter(|c| c["groups"].as_array().is_some_and(|g| !g.is_empty()))
+            .count()
+            == 2
+    });
+    McastSender::new(&sender, "eth0").send_numbered(group, PORT, COUNT, Duration::from_millis(1));
+    for r in &rx {
+        assert_eq!(r.wait_for(COUNT, Duration::from_secs(20)), COUNT, "{r}");
+    }
+    thread::sleep(Duration::from_millis(300));
+    for r in &rx {
+        assert_eq!(r.count(), COUNT, "{r}: duplicates");
+    }
+}
+
+fn clients_of(doc: &Value) -> Vec<Value> {
+    clients(doc).to_vec()
 }

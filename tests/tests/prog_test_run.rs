@@ -7,6 +7,7 @@
 use std::net::IpAddr;
 
 use aya::programs::{TestRun as _, TestRunOptions};
+use relay::reconciler::GroupWriter as _;
 use relay::{dataplane::Dataplane, groups::group_key};
 use relay_common::{
     frames::*,

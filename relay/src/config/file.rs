@@ -7,7 +7,8 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
-use crate::cli::{UnknownArg, XdpModeArg};
+use crate::cli::UnknownArg;
+pub use crate::settings::XdpMode;
 
 /// `/etc/mcrelay/mcrelay.toml`, as written by the user (validated by [`super::load`]).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -93,26 +94,6 @@ pub enum PortRole {
     Member,
     /// A multicast router (RFC 4541: gets all multicast).
     Router,
-}
-
-/// `xdp_mode`: how XDP is attached (the values of `--xdp-mode`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum XdpMode {
-    #[default]
-    Auto,
-    Native,
-    Skb,
-}
-
-impl From<XdpMode> for XdpModeArg {
-    fn from(mode: XdpMode) -> Self {
-        match mode {
-            XdpMode::Auto => Self::Auto,
-            XdpMode::Native => Self::Native,
-            XdpMode::Skb => Self::Skb,
-        }
-    }
 }
 
 /// One `[[static]]` entry: a group relayed to `ports` whether or not anyone joined it.

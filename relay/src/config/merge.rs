@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use clap::{parser::ValueSource, ArgMatches};
 
 use super::file::{ConfigFile, PortRole};
-use crate::cli::{RunArgs, XdpModeArg};
+use crate::cli::{RunArgs, XdpMode};
 
 /// Whether the argument with clap id `id` (the field name in [`RunArgs`]) was given by the user
 /// rather than defaulted.
@@ -46,7 +46,7 @@ pub fn merge(file: &ConfigFile, mut args: RunArgs, matches: &ArgMatches) -> RunA
     args.static_groups = statics;
 
     if !given(matches, "xdp_mode") {
-        args.xdp_mode = file.xdp_mode.into();
+        args.xdp_mode = file.xdp_mode;
     }
     if !given(matches, "unknown") {
         args.unknown = file.policy.unknown.into();
@@ -111,11 +111,11 @@ pub fn xdp_mode_for(
     args: &RunArgs,
     matches: &ArgMatches,
     iface: &str,
-) -> XdpModeArg {
+) -> XdpMode {
     if given(matches, "xdp_mode") {
         return args.xdp_mode;
     }
-    file.port_for(iface).and_then(|p| p.xdp_mode).map_or(args.xdp_mode, Into::into)
+    file.port_for(iface).and_then(|p| p.xdp_mode).unwrap_or(args.xdp_mode)
 }
 
 /// The pin root: `--pin-root` when given on the command line (a global option, so it shows in
@@ -213,7 +213,7 @@ mld_version = 1
         let merged = merge(&file, args, &matches);
         assert_eq!(merged.ifaces, ["eth1", "tap*"]);
         assert_eq!(merged.static_groups, ["239.1.1.1@eth1,tap0"]);
-        assert_eq!(merged.xdp_mode, XdpModeArg::Skb);
+        assert_eq!(merged.xdp_mode, XdpMode::Skb);
         assert_eq!(merged.unknown, UnknownArg::Drop);
         assert!(merged.no_pin);
         let m = &merged.membership;
@@ -226,9 +226,9 @@ mld_version = 1
         assert_eq!(m.fast_leave, ["tap*"]);
         assert_eq!(m.router_ports, ["eth1"]);
         assert_eq!(pin_root(&file, &pin, &matches), Path::new("/sys/fs/bpf/other"));
-        assert_eq!(xdp_mode_for(&file, &merged, &matches, "tap3"), XdpModeArg::Native);
-        assert_eq!(xdp_mode_for(&file, &merged, &matches, "eth1"), XdpModeArg::Skb);
-        assert_eq!(xdp_mode_for(&file, &merged, &matches, "eth9"), XdpModeArg::Skb);
+        assert_eq!(xdp_mode_for(&file, &merged, &matches, "tap3"), XdpMode::Native);
+        assert_eq!(xdp_mode_for(&file, &merged, &matches, "eth1"), XdpMode::Skb);
+        assert_eq!(xdp_mode_for(&file, &merged, &matches, "eth9"), XdpMode::Skb);
     }
 
     #[test]
@@ -262,7 +262,7 @@ mld_version = 1
         let merged = merge(&file, args, &matches);
         assert_eq!(merged.ifaces, ["eth1", "tap*", "eth2"], "added, without duplicates");
         assert_eq!(merged.static_groups, ["239.1.1.1@eth1,tap0", "239.2.2.2@eth2"]);
-        assert_eq!(merged.xdp_mode, XdpModeArg::Auto);
+        assert_eq!(merged.xdp_mode, XdpMode::Auto);
         assert_eq!(merged.unknown, UnknownArg::RouterPorts);
         let m = &merged.membership;
         assert_eq!(m.query_interval, 125.0);
@@ -276,7 +276,7 @@ mld_version = 1
         assert_eq!(m.router_ports, ["eth1"]);
         assert_eq!(pin_root(&file, &pin, &matches), Path::new("/sys/fs/bpf/mine"));
         // --xdp-mode on the command line beats the per-port setting too.
-        assert_eq!(xdp_mode_for(&file, &merged, &matches, "tap3"), XdpModeArg::Auto);
+        assert_eq!(xdp_mode_for(&file, &merged, &matches, "tap3"), XdpMode::Auto);
     }
 
     #[test]

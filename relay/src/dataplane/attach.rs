@@ -1,0 +1,323 @@
+//! Ports: attaching the XDP program, pinning and adopting its links, and the per-port maps
+//! (`PORTS`, `PORT_STATS`, `FLOOD_PORTS`).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{DevMapHash, HashMap, MapData, PerCpuHashMap, PerCpuValues},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        Xdp, XdpMode as KernelXdpMode,
+    },
+};
+use relay_common::{AttachMode, PortCounters, PortInfo};
+
+use super::{
+    error::{DataplaneError, KernelContext as _},
+    sys::{cpus, error_chain},
+};
+use crate::{paths::pins, ports::Link, settings::XdpMode};
+
+/// A port the program is attached to.
+#[derive(Debug)]
+pub struct AttachedPort {
+    pub link: Link,
+    pub mode: AttachMode,
+    /// Taken over from a previous daemon's pinned link (not attached by this one).
+    pub adopted: bool,
+    port_link: PortLink,
+}
+
+/// Who keeps a port's XDP link alive.
+#[derive(Debug)]
+enum PortLink {
+    /// The loaded program (no pins): dropping the dataplane detaches it.
+    Owned(XdpLinkId),
+    /// A pin in bpffs: the link survives the daemon; removing the pin detaches it.
+    Pinned(PathBuf),
+}
+
+/// The attached ports and their maps.
+pub struct Ports {
+    info: HashMap<MapData, u32, PortInfo>,
+    stats: PerCpuHashMap<MapData, u32, PortCounters>,
+    flood: DevMapHash<MapData>,
+    attached: BTreeMap<u32, AttachedPort>,
+    pin_dir: Option<PathBuf>,
+    /// Pin the XDP links of new attachments (false with `run --no-pin`).
+    pub pin_links: bool,
+}
+
+impl Ports {
+    pub fn new(
+        info: HashMap<MapData, u32, PortInfo>,
+        stats: PerCpuHashMap<MapData, u32, PortCounters>,
+        flood: DevMapHash<MapData>,
+        pin_dir: Option<&Path>,
+    ) -> Self {
+        Self {
+            info,
+            stats,
+            flood,
+            attached: BTreeMap::new(),
+            pin_dir: pin_dir.map(Path::to_owned),
+            pin_links: true,
+        }
+    }
+
+    /// Whether `ifindex` is a registered port (entries naming other ifindexes are skipped).
+    pub fn is_registered(&self, ifindex: u32) -> bool {
+        self.info.get(&ifindex, 0).is_ok()
+    }
+
+    /// Ports attached, by ifindex.
+    pub fn attached(&self) -> impl Iterator<Item = &AttachedPort> {
+        self.attached.values()
+    }
+
+    /// A port's counters, summed over the CPUs.
+    pub fn counters(&self, ifindex: u32) -> Result<PortCounters, DataplaneError> {
+        let mut total = PortCounters::default();
+        for c in self.stats.get(&ifindex, 0).kernel("reading PORT_STATS")?.iter() {
+            total.accumulate(c);
+        }
+        Ok(total)
+    }
+
+    /// Attaches `program` to `link` in the requested mode and registers the port. Returns
+    /// the mode used and, for `auto`, why native mode was not possible.
+    pub fn attach(
+        &mut self,
+        program: &mut Xdp,
+        link: &Link,
+        mode: XdpMode,
+    ) -> Result<(AttachMode, Option<String>), DataplaneError> {
+        if let Some(adopted) = self.adopt_link(program, link, mode) {
+            return Ok((adopted, None));
+        }
+        let pin = self.new_link_pin(link.index)?;
+        let attach = |program: &mut Xdp, m: KernelXdpMode, name: &'static str| {
+            program.attach_to_if_index(link.index, m).map_err(|e| DataplaneError::Attach {
+                iface: link.name.clone(),
+                mode: name,
+                reason: error_chain(&e),
+                hint: if name == "native" { " (try --xdp-mode auto or skb)" } else { "" },
+            })
+        };
+        let (link_id, used, fallback_reason) = match mode {
+            XdpMode::Native => {
+                (attach(program, KernelXdpMode::Driver, "native")?, AttachMode::Native, None)
+            }
+            XdpMode::Skb => (attach(program, KernelXdpMode::Skb, "skb")?, AttachMode::Skb, None),
+            XdpMode::Auto => match attach(program, KernelXdpMode::Driver, "native") {
+                Ok(id) => (id, AttachMode::Native, None),
+                Err(native) => {
+                    let reason = match native {
+                        DataplaneError::Attach { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    let id = attach(program, KernelXdpMode::Skb, "native or skb")?;
+                    (id, AttachMode::Skb, Some(reason))
+                }
+            },
+        };
+        let port_link = match pin {
+            // Pinned links outlive the daemon: forwarding continues across restarts.
+            Some(path) => {
+                let context = format!("pinning the XDP link of {}", link.name);
+                let xdp_link = program.take_link(link_id).kernel(context.clone())?;
+                let fd_link = FdLink::try_from(xdp_link).kernel(context.clone())?;
+                fd_link.pin(&path).kernel(context)?;
+                PortLink::Pinned(path)
+            }
+            None => PortLink::Owned(link_id),
+        };
+        self.attached.insert(
+            link.index,
+            AttachedPort { link: link.clone(), mode: used, adopted: false, port_link },
+        );
+        if let Err(e) = self.register(link.index, &link.name, used) {
+            self.detach(program, link.index);
+            return Err(e);
+        }
+        Ok((used, fallback_reason))
+    }
+
+    /// Where the XDP link of a port is pinned (`None` without pins).
+    fn link_pin(&self, ifindex: u32) -> Option<PathBuf> {
+        self.pin_dir.as_ref().map(|d| d.join(pins::LINKS).join(ifindex.to_string()))
+    }
+
+    /// Where a new attachment's link is pinned, if it is.
+    fn new_link_pin(&self, ifindex: u32) -> Result<Option<PathBuf>, DataplaneError> {
+        let Some(path) = self.link_pin(ifindex).filter(|_| self.pin_links) else {
+            return Ok(None);
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).kernel(format!("creating {}", dir.display()))?;
+        }
+        Ok(Some(path))
+    }
+
+    /// Takes over the pinned link a previous daemon left on this port: the program in the
+    /// link is replaced atomically (BPF_LINK_UPDATE), so no frame goes unprocessed. A pin that
+    /// cannot be used (interface re-created meanwhile) is removed.
+    fn adopt_link(
+        &mut self,
+        program: &mut Xdp,
+        link: &Link,
+        wanted: XdpMode,
+    ) -> Option<AttachMode> {
+        let path = self.link_pin(link.index)?;
+        if !path.exists() {
+            return None;
+        }
+        let mode = self
+            .info
+            .get(&link.index, 0)
+            .ok()
+            .filter(|info| {
+                let len = info.name.iter().position(|&b| b == 0).unwrap_or(info.name.len());
+                info.name[..len] == *link.name.as_bytes()
+            })
+            .and_then(|info| AttachMode::from_u32(info.attach_mode));
+        let mismatch = matches!(
+            (wanted, mode),
+            (XdpMode::Native, Some(AttachMode::Skb)) | (XdpMode::Skb, Some(AttachMode::Native))
+        );
+        if mismatch {
+            tracing::info!(iface = %link.name, "the pinned link has another XDP mode than asked for: re-attaching");
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
+        let result = (|| -> Result<AttachMode, DataplaneError> {
+            let mode =
+                mode.ok_or_else(|| DataplaneError::Missing("a matching PORTS entry".into()))?;
+            let fd_link =
+                FdLink::from(PinnedLink::from_pin(&path).kernel("opening the pinned link")?);
+            let xdp_link = XdpLink::try_from(fd_link).kernel("using the pinned link")?;
+            let id = program.attach_to_link(xdp_link).kernel("replacing the program")?;
+            // The program took an fd of the link; give it up so that the pin is the only
+            // reference and removing it detaches the port.
+            drop(program.take_link(id).kernel("releasing the link")?);
+            self.attached.insert(
+                link.index,
+                AttachedPort {
+                    link: link.clone(),
+                    mode,
+                    adopted: true,
+                    port_link: PortLink::Pinned(path.clone()),
+                },
+            );
+            self.register_adopted(link.index, &link.name, mode)?;
+            Ok(mode)
+        })();
+        match result {
+            Ok(mode) => {
+                tracing::info!(iface = %link.name, "adopted the pinned XDP link (program replaced atomically)");
+                Some(mode)
+            }
+            Err(e) => {
+                tracing::warn!(iface = %link.name, "cannot adopt {}: {e}; attaching anew", path.display());
+                self.attached.remove(&link.index);
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Removes link pins of ports that are not attached now (left by a previous daemon for
+    /// interfaces that are gone or no longer wanted): that detaches them. Also drops their
+    /// entries from PORTS, PORT_STATS and FLOOD_PORTS.
+    pub fn prune_stale(&mut self) {
+        if let Some(dir) = self.pin_dir.as_ref().map(|d| d.join(pins::LINKS)) {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    let stale = entry
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| n.parse::<u32>().ok())
+                        .is_none_or(|i| !self.attached.contains_key(&i));
+                    if stale {
+                        tracing::info!("removing stale link pin {}", entry.path().display());
+                        let _ = std::fs::remove_file(entry.path());
+                    }
+                }
+            }
+        }
+        let stale: Vec<u32> = self
+            .info
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|i| !self.attached.contains_key(i))
+            .collect();
+        for ifindex in stale {
+            self.forget(ifindex);
+        }
+    }
+
+    /// Like [`Self::register`], but keeps the counters an adopted port already has.
+    fn register_adopted(
+        &mut self,
+        ifindex: u32,
+        ifname: &str,
+        mode: AttachMode,
+    ) -> Result<(), DataplaneError> {
+        if self.stats.get(&ifindex, 0).is_ok() {
+            self.flood.insert(ifindex, ifindex, None, 0).kernel("writing FLOOD_PORTS")?;
+            return Ok(());
+        }
+        self.register(ifindex, ifname, mode)
+    }
+
+    /// Enters a port in PORTS, PORT_STATS and FLOOD_PORTS.
+    pub fn register(
+        &mut self,
+        ifindex: u32,
+        ifname: &str,
+        mode: AttachMode,
+    ) -> Result<(), DataplaneError> {
+        let mut name = [0u8; 16];
+        let n = ifname.len().min(15);
+        name[..n].copy_from_slice(&ifname.as_bytes()[..n]);
+        self.info
+            .insert(ifindex, PortInfo { attach_mode: mode as u32, role: 0, name }, 0)
+            .kernel("writing PORTS")?;
+        let cpus = cpus().kernel("counting CPUs")?;
+        let zero = PerCpuValues::try_from(vec![PortCounters::default(); cpus])
+            .kernel("sizing PORT_STATS")?;
+        self.stats.insert(ifindex, zero, 0).kernel("creating the PORT_STATS entry")?;
+        self.flood.insert(ifindex, ifindex, None, 0).kernel("writing FLOOD_PORTS")?;
+        Ok(())
+    }
+
+    /// Detaches the program from a port and forgets the port in the maps (best effort).
+    pub fn detach(&mut self, program: &mut Xdp, ifindex: u32) {
+        if let Some(port) = self.attached.remove(&ifindex) {
+            match port.port_link {
+                PortLink::Owned(id) => {
+                    if let Err(e) = program.detach(id) {
+                        tracing::warn!(iface = %port.link.name, "detaching: {e}");
+                    }
+                }
+                // Removing the last reference (the pin) detaches a pinned link.
+                PortLink::Pinned(path) => {
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        tracing::warn!(iface = %port.link.name, "unpinning {}: {e}", path.display());
+                    }
+                }
+            }
+        }
+        self.forget(ifindex);
+    }
+
+    fn forget(&mut self, ifindex: u32) {
+        let _ = self.info.remove(&ifindex);
+        let _ = self.stats.remove(&ifindex);
+        let _ = self.flood.remove(ifindex);
+    }
+}

@@ -1,0 +1,194 @@
+//! The group map writer: `GROUP_PORTS`, a HASH_OF_MAPS from [`GroupKey`] to an inner
+//! DEVMAP_HASH holding the port set.
+//!
+//! A change builds a new inner map and swaps it in with one outer-map write, so a packet sees
+//! the old port set or the new one, never a half-built one. Every syscall write of a
+//! map-of-maps waits for an RCU grace period (~10 ms here) before it returns; the writes of a
+//! round go out as one BPF_MAP_UPDATE_BATCH and one BPF_MAP_DELETE_BATCH, so 10,000 groups are
+//! written in well under a second. When a batch fails, keys are written one by one so that
+//! every key's outcome is known: the writer's view of the kernel is exact.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd as _, AsRawFd as _, RawFd},
+    time::Instant,
+};
+
+use aya::{
+    maps::{of_maps::HashOfMaps, DevMapHash, Map, MapData},
+    programs::ProgramFd,
+};
+use relay_common::{GroupKey, BPF_MAP_TYPE_DEVMAP_HASH, DEVMAP_VALUE_SIZE, MAX_PORTS_PER_GROUP};
+
+use super::{
+    error::{DataplaneError, KernelContext as _},
+    sys::{delete_batch, is_not_found, update_batch},
+};
+
+/// One entry of a port set: where a copy goes.
+#[derive(Debug, Clone, Copy)]
+pub struct InnerEntry<'a> {
+    /// The inner map key (a port's ifindex, or a per-client key).
+    pub key: u32,
+    /// The interface the copy leaves through.
+    pub ifindex: u32,
+    /// The devmap egress program run on the copy (per-client delivery), if any.
+    pub program: Option<&'a ProgramFd>,
+}
+
+/// `GROUP_PORTS` and the inner maps it refers to, as the kernel has them.
+pub struct GroupMaps {
+    outer: HashOfMaps<MapData, GroupKey, DevMapHash<MapData>>,
+    /// The fd of `outer` (for the batch calls aya does not have).
+    outer_fd: RawFd,
+    /// Inner maps by key, held so their fds stay open while referenced.
+    inner: BTreeMap<GroupKey, DevMapHash<MapData>>,
+    /// When the last `GROUP_PORTS` change was issued. The kernel makes a new entry visible to
+    /// the program at once, then waits for an RCU grace period before the syscall returns;
+    /// this marks the moment forwarding changes.
+    last_publish: Option<Instant>,
+}
+
+impl GroupMaps {
+    /// Wraps the map; with `adopted`, takes over the entries a previous daemon left.
+    pub fn new(outer: Map, adopted: bool) -> Result<Self, DataplaneError> {
+        let Map::HashOfMaps(data) = outer else {
+            return Err(DataplaneError::Missing("GROUP_PORTS of type HASH_OF_MAPS".into()));
+        };
+        let outer_fd = data.fd().as_fd().as_raw_fd();
+        let outer = HashOfMaps::try_from(Map::HashOfMaps(data)).kernel("opening GROUP_PORTS")?;
+        let mut maps = Self { outer, outer_fd, inner: BTreeMap::new(), last_publish: None };
+        if adopted {
+            let keys: Vec<GroupKey> = maps.outer.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                match maps.outer.get(&key, 0) {
+                    Ok(inner) => {
+                        maps.inner.insert(key, inner);
+                    }
+                    Err(e) => tracing::warn!("reading an adopted group entry: {e}"),
+                }
+            }
+        }
+        Ok(maps)
+    }
+
+    /// Port sets (inner keys) of every key in the map.
+    pub fn port_sets(&self) -> BTreeMap<GroupKey, Vec<u32>> {
+        self.inner
+            .iter()
+            .map(|(k, inner)| (*k, inner.keys().filter_map(Result::ok).collect()))
+            .collect()
+    }
+
+    /// Keys currently in `GROUP_PORTS`.
+    pub fn keys(&self) -> impl Iterator<Item = &GroupKey> {
+        self.inner.keys()
+    }
+
+    /// Whether any (S,G) entry exists.
+    pub fn has_source_entries(&self) -> bool {
+        self.inner.keys().any(|k| k.source != [0; 16])
+    }
+
+    pub fn last_publish(&self) -> Option<Instant> {
+        self.last_publish
+    }
+
+    /// Builds an inner map holding `entries` (at most [`MAX_PORTS_PER_GROUP`]; the rest are
+    /// left out with a warning).
+    pub fn build(entries: &[InnerEntry<'_>]) -> Result<InnerMap, DataplaneError> {
+        let mut entries = entries;
+        if entries.len() > MAX_PORTS_PER_GROUP as usize {
+            tracing::warn!(
+                "a group can have at most {MAX_PORTS_PER_GROUP} ports or clients; {} wanted, \
+                 the rest get no copy",
+                entries.len()
+            );
+            entries = &entries[..MAX_PORTS_PER_GROUP as usize];
+        }
+        let obj = aya_obj::Map::new_from_params(
+            BPF_MAP_TYPE_DEVMAP_HASH,
+            4,
+            DEVMAP_VALUE_SIZE,
+            MAX_PORTS_PER_GROUP,
+            0,
+        );
+        let data = MapData::create(obj, "mcrelay_grp", None).kernel("creating a group port set")?;
+        let fd = data.fd().as_fd().as_raw_fd();
+        let mut inner =
+            DevMapHash::try_from(Map::DevMapHash(data)).kernel("creating a group port set")?;
+        for e in entries {
+            inner.insert(e.key, e.ifindex, e.program, 0).kernel("filling a group port set")?;
+        }
+        Ok(InnerMap { map: inner, fd })
+    }
+
+    /// Writes a round of changes: `sets` replace (or create) entries, `removes` delete them.
+    /// Returns the keys whose write failed, with why; those keep what they had.
+    pub fn commit(
+        &mut self,
+        sets: Vec<(GroupKey, InnerMap)>,
+        removes: Vec<GroupKey>,
+    ) -> Vec<(GroupKey, DataplaneError)> {
+        let mut failed = Vec::new();
+        let outer_fd = self.outer_fd;
+        let removes: Vec<GroupKey> =
+            removes.into_iter().filter(|k| self.inner.contains_key(k)).collect();
+        if !removes.is_empty() {
+            self.last_publish = Some(Instant::now());
+            match delete_batch(outer_fd, &removes) {
+                Ok(()) => removes.iter().for_each(|k| {
+                    self.inner.remove(k);
+                }),
+                Err(e) => {
+                    tracing::debug!("delete batch: {e}; deleting one by one");
+                    for key in removes {
+                        match self.outer.remove(&key) {
+                            Err(e) if !is_not_found(&e) => {
+                                failed.push((key, kernel_error("removing a group", e)));
+                            }
+                            _ => {
+                                self.inner.remove(&key);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if !sets.is_empty() {
+            self.last_publish = Some(Instant::now());
+            let keys: Vec<GroupKey> = sets.iter().map(|(k, _)| *k).collect();
+            let fds: Vec<u32> = sets.iter().map(|(_, m)| m.fd as u32).collect();
+            match update_batch(outer_fd, &keys, &fds) {
+                Ok(()) => {
+                    for (key, map) in sets {
+                        self.inner.insert(key, map.map);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!("update batch: {e}; writing one by one");
+                    for (key, map) in sets {
+                        match self.outer.insert(key, &map.map, 0) {
+                            Ok(()) => {
+                                self.inner.insert(key, map.map);
+                            }
+                            Err(e) => failed.push((key, kernel_error("writing GROUP_PORTS", e))),
+                        }
+                    }
+                }
+            }
+        }
+        failed
+    }
+}
+
+/// A port set built and not yet published.
+pub struct InnerMap {
+    map: DevMapHash<MapData>,
+    /// The fd of `map` (valid while `map` lives).
+    fd: RawFd,
+}
+
+fn kernel_error(context: &str, e: aya::maps::MapError) -> DataplaneError {
+    DataplaneError::Kernel { context: context.into(), source: Box::new(e) }
+}

@@ -1,0 +1,349 @@
+//! The kernel side as userspace sees it. [`Dataplane`] is a thin owner of the parts, one
+//! concern each:
+//!
+//! | module | what it does |
+//! | --- | --- |
+//! | `mod.rs` | loading the object and pinning its maps; the facade the daemon uses |
+//! | [`attach`] | attaching the XDP program, pinned links, adoption, `PORTS`/`PORT_STATS`/`FLOOD_PORTS` |
+//! | [`group_maps`] | the `GROUP_PORTS` writer (inner-map swaps, batches, exact per-key outcome) |
+//! | [`kernel_config`] | `CONFIG` and `ROUTER_PORTS` |
+//! | [`clients`] | per-client delivery: the egress program and its maps |
+//! | [`sys`] | raw `bpf(2)` calls aya 0.14 lacks, error helpers |
+//!
+//! The reconciler ([`crate::reconciler`]) talks to it through [`GroupWriter`] only.
+
+pub mod attach;
+pub mod clients;
+pub mod error;
+pub mod group_maps;
+pub mod kernel_config;
+pub mod sys;
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+pub use attach::AttachedPort;
+use aya::{
+    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuHashMap},
+    programs::Xdp,
+    Ebpf, EbpfLoader,
+};
+pub use clients::{CLIENT_KEY_BIT, CLIENT_OBJECT, CLIENT_PROGRAM};
+pub use error::DataplaneError;
+use error::KernelContext as _;
+use group_maps::{GroupMaps, InnerEntry};
+use relay_common::{AttachMode, GroupKey, PortCounters, PortInfo, UnknownPolicy, MAX_PORTS};
+
+use crate::{
+    paths::pins,
+    ports::Link,
+    reconciler::{GroupWrite, GroupWriter},
+    settings::XdpMode,
+};
+
+/// The compiled eBPF object (built by build.rs from the relay-ebpf crate).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay"));
+
+/// Name of the XDP entry point in the object.
+pub const XDP_PROGRAM: &str = "mcrelay_xdp";
+
+/// `BPF_MAP_TYPE_HASH`.
+const BPF_MAP_TYPE_HASH: u32 = 1;
+
+/// Maps of the object that are pinned (and reused by the next daemon).
+const OBJECT_MAPS: [&str; 5] =
+    [pins::GROUP_PORTS, pins::FLOOD_PORTS, pins::ROUTER_PORTS, pins::CONFIG, pins::PORT_STATS];
+
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+/// The loaded object and its parts. Dropping it detaches every port it attached without a
+/// pin (the links belong to the program); [`Dataplane::unpin`] removes the pins.
+pub struct Dataplane {
+    /// Holds the XDP program (the maps were taken out into the parts below).
+    ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+    /// The maps came from a previous daemon's pins.
+    adopted: bool,
+    config: kernel_config::KernelConfig,
+    ports: attach::Ports,
+    groups: GroupMaps,
+    clients: clients::Clients,
+}
+
+impl Dataplane {
+    /// Loads the object and writes the configuration.
+    ///
+    /// With `pin_dir`, the maps are pinned there; when they are already pinned (a previous
+    /// daemon of the same layout version left them), they are reused as they are: forwarding
+    /// state, counters and all. `None`: no pins, everything goes away with this value.
+    pub fn load(pin_dir: Option<&Path>, unknown: UnknownPolicy) -> Result<Self> {
+        let adopted = pin_dir.is_some_and(|d| d.join(pins::GROUP_PORTS).exists());
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            std::fs::create_dir_all(dir)
+                .kernel(format!("creating pin directory {}", dir.display()))?;
+            for name in OBJECT_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
+            if sys::is_permission_error(&e) {
+                DataplaneError::Permission(sys::error_chain(&e))
+            } else {
+                DataplaneError::Kernel {
+                    context: "loading the eBPF object".into(),
+                    source: Box::new(e),
+                }
+            }
+        })?;
+        program_mut(&mut ebpf)?.load().kernel("the kernel rejected the XDP program (verifier)")?;
+
+        let mut take = |name: &str| {
+            ebpf.take_map(name).ok_or_else(|| DataplaneError::Missing(format!("map {name}")))
+        };
+        let config = Array::try_from(take(pins::CONFIG)?).kernel("opening CONFIG")?;
+        let routers =
+            DevMapHash::try_from(take(pins::ROUTER_PORTS)?).kernel("opening ROUTER_PORTS")?;
+        let flood = DevMapHash::try_from(take(pins::FLOOD_PORTS)?).kernel("opening FLOOD_PORTS")?;
+        let stats =
+            PerCpuHashMap::try_from(take(pins::PORT_STATS)?).kernel("opening PORT_STATS")?;
+        let groups = GroupMaps::new(take(pins::GROUP_PORTS)?, adopted)?;
+        let info = ports_map(pin_dir)?;
+
+        let mut config = kernel_config::KernelConfig::new(config, routers, adopted)?;
+        config.set_unknown_policy(unknown)?;
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.map(Path::to_owned),
+            adopted,
+            config,
+            ports: attach::Ports::new(info, stats, flood, pin_dir),
+            groups,
+            clients: clients::Clients::default(),
+        })
+    }
+
+    /// Whether the maps were adopted from a previous daemon.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Pin the XDP links of new attachments (false with `run --no-pin`).
+    pub fn set_pin_links(&mut self, pin: bool) {
+        self.ports.pin_links = pin;
+    }
+
+    /// Port sets found in `GROUP_PORTS` (after adoption: what the previous daemon installed).
+    pub fn group_port_sets(&self) -> BTreeMap<GroupKey, Vec<u32>> {
+        self.groups.port_sets()
+    }
+
+    /// Keys currently in `GROUP_PORTS`.
+    pub fn group_keys(&self) -> impl Iterator<Item = &GroupKey> {
+        self.groups.keys()
+    }
+
+    /// When the last `GROUP_PORTS` change was issued (the moment forwarding changed).
+    pub fn last_publish(&self) -> Option<std::time::Instant> {
+        self.groups.last_publish()
+    }
+
+    /// Changes what happens to data for groups without a port set.
+    pub fn set_unknown_policy(&mut self, unknown: UnknownPolicy) -> Result<()> {
+        self.config.set_unknown_policy(unknown)
+    }
+
+    /// The loaded XDP program (for BPF_PROG_TEST_RUN in tests and benchmarks).
+    pub fn program_mut(&mut self) -> Result<&mut Xdp> {
+        program_mut(&mut self.ebpf)
+    }
+
+    /// A port's counters, summed over the CPUs.
+    pub fn counters(&self, ifindex: u32) -> Result<PortCounters> {
+        self.ports.counters(ifindex)
+    }
+
+    /// Attaches the program to `link` in the requested mode and registers the port in the
+    /// maps. Returns the mode actually used and, for `auto`, why native mode was not possible.
+    pub fn attach(&mut self, link: &Link, mode: XdpMode) -> Result<(AttachMode, Option<String>)> {
+        let program = program_mut(&mut self.ebpf)?;
+        self.ports.attach(program, link, mode)
+    }
+
+    /// Registers a port in the maps without attaching (tests run the program for it).
+    pub fn register_port(&mut self, ifindex: u32, ifname: &str, mode: AttachMode) -> Result<()> {
+        self.ports.register(ifindex, ifname, mode)
+    }
+
+    /// Detaches the program from a port and forgets the port in the maps (best effort).
+    pub fn detach(&mut self, ifindex: u32) {
+        match program_mut(&mut self.ebpf) {
+            Ok(program) => self.ports.detach(program, ifindex),
+            Err(e) => tracing::warn!("detaching ifindex {ifindex}: {e}"),
+        }
+    }
+
+    /// Removes pins and map entries of ports that are not attached now.
+    pub fn prune_stale_ports(&mut self) {
+        self.ports.prune_stale();
+    }
+
+    /// Ports attached, by ifindex.
+    pub fn ports(&self) -> impl Iterator<Item = &AttachedPort> {
+        self.ports.attached()
+    }
+
+    /// Sets one group's port set at once (an empty set removes it): for tests and tools; the
+    /// daemon writes through [`GroupWriter`].
+    pub fn set_group(&mut self, key: GroupKey, ifindexes: &[u32]) -> Result<()> {
+        let write = if ifindexes.is_empty() {
+            GroupWrite::Remove(key)
+        } else {
+            GroupWrite::Set(key, ifindexes.to_vec())
+        };
+        match self.write_groups(vec![write]).into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Sets the clients of a shared port that joined a group; returns the inner-map keys
+    /// that stand for them in the group's port sets (empty: plain copies).
+    pub fn set_client_set(
+        &mut self,
+        ifindex: u32,
+        group: IpAddr,
+        macs: &[[u8; 6]],
+    ) -> Result<Vec<u32>> {
+        self.clients.set(ifindex, group, macs)
+    }
+
+    /// Forgets the copy totals of clients that are gone.
+    pub fn retain_clients(&mut self, keep: impl Fn(u32, [u8; 6]) -> bool) {
+        self.clients.retain(keep);
+    }
+
+    /// Copies sent to each client so far: (port ifindex, MAC, copies).
+    pub fn client_copies(&self) -> Vec<(u32, [u8; 6], u64)> {
+        self.clients.copies()
+    }
+
+    /// Removes this instance's pins (the directory and, if empty, its parents up to the root).
+    pub fn unpin(&self) {
+        if let Some(dir) = &self.pin_dir {
+            remove_pins(dir);
+        }
+    }
+
+    /// The copy targets for a port set: attached ports, and per-client keys of this daemon.
+    fn entries<'a>(&'a self, keys: &[u32]) -> Vec<InnerEntry<'a>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for &key in keys {
+            if key & CLIENT_KEY_BIT == 0 {
+                if self.ports.is_registered(key) {
+                    out.push(InnerEntry { key, ifindex: key, program: None });
+                } else {
+                    tracing::debug!(
+                        ifindex = key,
+                        "skipping a port that is not attached (any more)"
+                    );
+                }
+                continue;
+            }
+            match (self.clients.port_of(key), self.clients.program_fd()) {
+                (Some(ifindex), Some(program)) => {
+                    out.push(InnerEntry { key, ifindex, program: Some(program) });
+                }
+                _ => tracing::debug!(key, "skipping a per-client entry of a previous daemon"),
+            }
+        }
+        out
+    }
+}
+
+impl GroupWriter for Dataplane {
+    fn write_groups(&mut self, writes: Vec<GroupWrite>) -> Vec<(GroupKey, DataplaneError)> {
+        let mut failed = Vec::new();
+        let mut sets = Vec::new();
+        let mut removes = Vec::new();
+        for write in writes {
+            match write {
+                GroupWrite::Set(key, ports) => match GroupMaps::build(&self.entries(&ports)) {
+                    Ok(inner) => sets.push((key, inner)),
+                    Err(e) => failed.push((key, e)),
+                },
+                GroupWrite::Remove(key) => removes.push(key),
+            }
+        }
+        if sets.iter().any(|(k, _)| k.source != [0; 16]) {
+            // Raise the flag first: the program must look (S,G) up once the entries exist.
+            if let Err(e) = self.config.set_source_entries(true) {
+                let (sg, rest): (Vec<_>, Vec<_>) =
+                    sets.into_iter().partition(|(k, _)| k.source != [0; 16]);
+                failed.extend(sg.into_iter().map(|(k, _)| (k, e.repeat())));
+                sets = rest;
+            }
+        }
+        failed.extend(self.groups.commit(sets, removes));
+        if !self.groups.has_source_entries() {
+            if let Err(e) = self.config.set_source_entries(false) {
+                tracing::warn!("clearing the (S,G) flag: {e}");
+            }
+        }
+        failed
+    }
+
+    fn set_router_ports(&mut self, ifindexes: &[u32]) -> Result<()> {
+        self.config.set_router_ports(ifindexes)
+    }
+}
+
+/// Opens (or creates and pins) `PORTS`, the daemon's own map of port names and modes.
+fn ports_map(pin_dir: Option<&Path>) -> Result<HashMap<MapData, u32, PortInfo>> {
+    let path = pin_dir.map(|d| d.join(pins::PORTS));
+    let data = match path.as_ref().filter(|p| p.exists()) {
+        Some(path) => MapData::from_pin(path).kernel("opening the pinned PORTS map")?,
+        None => {
+            let obj = aya_obj::Map::new_from_params(
+                BPF_MAP_TYPE_HASH,
+                4,
+                std::mem::size_of::<PortInfo>() as u32,
+                MAX_PORTS,
+                0,
+            );
+            let data = MapData::create(obj, pins::PORTS, None).kernel("creating the PORTS map")?;
+            if let Some(path) = &path {
+                data.pin(path).kernel("pinning the PORTS map")?;
+            }
+            data
+        }
+    };
+    HashMap::try_from(Map::HashMap(data)).kernel("opening PORTS")
+}
+
+/// Removes a pin directory and then its empty parents (`ns-<id>`, the root).
+pub fn remove_pins(pin_dir: &Path) {
+    if pin_dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(pin_dir) {
+            tracing::warn!("removing {}: {e}", pin_dir.display());
+        }
+    }
+    let mut dir = pin_dir.parent();
+    for _ in 0..2 {
+        let Some(d) = dir else { break };
+        if std::fs::remove_dir(d).is_err() {
+            break;
+        }
+        dir = d.parent();
+    }
+}
+
+fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    ebpf.program_mut(XDP_PROGRAM)
+        .ok_or_else(|| DataplaneError::Missing(format!("program {XDP_PROGRAM}")))?
+        .try_into()
+        .kernel(format!("program {XDP_PROGRAM}"))
+}
