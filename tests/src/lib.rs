@@ -16,6 +16,7 @@ pub mod control;
 pub mod daemon;
 pub mod groups;
 pub mod interrupt;
+pub mod loops;
 pub mod mcast;
 pub mod netns;
 pub mod openvpn;
