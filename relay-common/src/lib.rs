@@ -16,7 +16,7 @@ pub use counters::{Counter, PortCounters, COUNTER_COUNT};
 
 /// Version of the map layout. Pins live in a directory named after it, so a daemon never reuses a
 /// map whose key or value layout differs from what its program expects.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Maximum number of groups (keys of `GROUP_PORTS`).
 pub const MAX_GROUPS: u32 = 16_384;
@@ -111,8 +111,33 @@ pub struct Config {
     pub router_ports: u32,
     /// Explicit padding; zero.
     pub _pad: u32,
+    /// This relay's MAC (loop guard): the source MAC of every frame it relays. Starts with
+    /// [`RELAY_MAC_PREFIX`]; all zero until the daemon picks one.
+    pub relay_mac: [u8; 6],
+    /// Explicit padding; zero.
+    pub _pad2: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 24);
+
+/// [`Config::flags`] bit: some port is in standby (loop guard): look the ingress port up in
+/// `STANDBY_PORTS`. Clear, the program saves that lookup.
+pub const CONFIG_F_STANDBY: u32 = 2;
+
+/// First three bytes of every relay MAC: locally administered, unicast ("mc" after 0x02).
+/// A data frame whose source MAC starts with them was relayed by an mcrelay.
+pub const RELAY_MAC_PREFIX: [u8; 3] = [0x02, 0x6d, 0x63];
+
+/// Key of `LOOP_MACS`: a relay MAC, zero padded to 8 bytes.
+pub const fn loop_mac_key(mac: [u8; 6]) -> [u8; 8] {
+    [mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0]
+}
+
+/// EtherType of mcrelay's hellos (IEEE 802 local experimental EtherType 1).
+pub const HELLO_ETHERTYPE: u16 = 0x88b5;
+
+/// Destination MAC of mcrelay's hellos: locally administered group address, flooded by
+/// bridges and switches (unlike 802.1D reserved addresses).
+pub const HELLO_MAC: [u8; 6] = [0x03, 0x6d, 0x63, 0x72, 0x6c, 0x79];
 
 /// [`Config::flags`] bit: `GROUP_PORTS` holds (S,G) entries, so look up (S,G) before (*,G).
 /// Clear, the program saves that lookup.
@@ -167,6 +192,11 @@ const _: () = assert!(core::mem::size_of::<PortInfo>() == 24);
 
 /// [`PortInfo::role`] bit: the port leads to a multicast router.
 pub const PORT_ROLE_ROUTER: u32 = 1;
+/// [`PortInfo::role`] bit: standby, another of this relay's ports is on the same segment.
+pub const PORT_STANDBY_SAME_SEGMENT: u32 = 2;
+/// [`PortInfo::role`] bit: standby, a relay with a lower relay MAC serves every segment of
+/// this one.
+pub const PORT_STANDBY_PEER: u32 = 4;
 
 /// Clients of one per-client port that joined one group: at most this many get their own copy.
 pub const MAX_CLIENTS_PER_SET: usize = 32;

@@ -4,21 +4,24 @@
 //! userspace (`relay_common::parse`), then
 //! - unicast / broadcast destination MAC: `XDP_PASS` at once, nothing counted;
 //! - IGMP, MLD, link-local groups, non-IP, malformed: `XDP_PASS` to the stack, counted;
-//! - multicast data: look the group up in `GROUP_PORTS` and broadcast the frame to the group's
-//!   port set, never back out of the ingress port; no entry: the unknown-group policy.
+//! - multicast data: the loop guard first (a frame relayed by this relay or by a redundant
+//!   peer relay, or one arriving on a standby port, is not relayed: `drop_loop`), then look
+//!   the group up in `GROUP_PORTS` and broadcast the frame to the group's port set, never back
+//!   out of the ingress port, with this relay's MAC as source; no entry: the unknown-group
+//!   policy.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS},
-    btf_maps::{Array, DevMapHash, HashOfMaps, PerCpuHashMap},
+    btf_maps::{Array, DevMapHash, HashMap, HashOfMaps, PerCpuHashMap},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use relay_common::{
-    parse::{classify, Class, Data},
-    Config, Counter, GroupKey, PortCounters, UnknownPolicy, CONFIG_F_SOURCE_ENTRIES, MAX_GROUPS,
-    MAX_PORTS, MAX_PORTS_PER_GROUP,
+    parse::{classify, Class, Data, Frame as _},
+    loop_mac_key, Config, Counter, GroupKey, PortCounters, UnknownPolicy, CONFIG_F_SOURCE_ENTRIES,
+    CONFIG_F_STANDBY, MAX_GROUPS, MAX_PORTS, MAX_PORTS_PER_GROUP, RELAY_MAC_PREFIX,
 };
 use relay_ebpf::PacketFrame;
 
@@ -51,6 +54,18 @@ static CONFIG: Array<Config, 1> = Array::new();
 #[btf_map]
 static PORT_STATS: PerCpuHashMap<u32, PortCounters, { MAX_PORTS as usize }> = PerCpuHashMap::new();
 
+/// Relay MACs whose frames are never relayed again (loop guard). Key: the MAC, zero padded
+/// ([`loop_mac_key`]). Value: unused (1). Written by the daemon: peer relays that reach this
+/// relay through two or more of its ports (this relay's own MAC is in `CONFIG`).
+#[btf_map]
+static LOOP_MACS: HashMap<[u8; 8], u32, 256> = HashMap::new();
+
+/// Ports in standby (loop guard): their data is not relayed and they get no copies. Key:
+/// ifindex. Value: the `PORT_STANDBY_*` reason bits. Written by the daemon; looked up only
+/// while `CONFIG_F_STANDBY` is set.
+#[btf_map]
+static STANDBY_PORTS: HashMap<u32, u32, { MAX_PORTS as usize }> = HashMap::new();
+
 /// Broadcast to every port of the map except the one the frame came in on.
 const BROADCAST_FLAGS: u64 = (BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) as u64;
 
@@ -63,7 +78,7 @@ pub fn mcrelay_xdp(ctx: XdpContext) -> u32 {
         Class::Control => (Counter::PassedControl, xdp_action::XDP_PASS),
         Class::LinkLocal => (Counter::PassedLinkLocal, xdp_action::XDP_PASS),
         Class::Malformed => (Counter::Malformed, xdp_action::XDP_PASS),
-        Class::Data(data) => forward(&data),
+        Class::Data(data) => forward(&ctx, &frame, &data),
     };
     count(ctx.ingress_ifindex() as u32, counter, frame.end - frame.start);
     action
@@ -71,34 +86,63 @@ pub fn mcrelay_xdp(ctx: XdpContext) -> u32 {
 
 /// Decides what happens to multicast data and performs the redirect.
 #[inline(always)]
-fn forward(data: &Data) -> (Counter, u32) {
+fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> (Counter, u32) {
     let config = CONFIG.get(0).copied().unwrap_or_default();
+    // Loop guard: a frame some mcrelay relayed carries its relay MAC as source. Ours, or a
+    // redundant peer's, means the frame went round a loop: never relay it again.
+    let Some(source) = frame.read::<6>(6) else {
+        return (Counter::Malformed, xdp_action::XDP_PASS);
+    };
+    if source[..3] == RELAY_MAC_PREFIX
+        && (source == config.relay_mac
+            // SAFETY: the value is only tested for presence.
+            || unsafe { LOOP_MACS.get(&loop_mac_key(source)) }.is_some())
+    {
+        return (Counter::DropLoop, xdp_action::XDP_DROP);
+    }
+    if config.flags & CONFIG_F_STANDBY != 0 {
+        // SAFETY: as above.
+        if unsafe { STANDBY_PORTS.get(&(ctx.ingress_ifindex() as u32)) }.is_some() {
+            return (Counter::DropLoop, xdp_action::XDP_PASS);
+        }
+    }
     // (S,G) first, when any exist: its port set is complete for that source.
     if config.flags & CONFIG_F_SOURCE_ENTRIES != 0 {
         // SAFETY: the inner map reference is only used for the redirect helper call.
         if let Some(ports) = unsafe { GROUP_PORTS.get(&data.key) } {
-            return redirect(ports.redirect(0, BROADCAST_FLAGS));
+            return redirect(ctx, &config, ports.redirect(0, BROADCAST_FLAGS));
         }
     }
     let key = GroupKey { group: data.key.group, source: [0; 16] };
     // SAFETY: as above.
     if let Some(ports) = unsafe { GROUP_PORTS.get(&key) } {
-        return redirect(ports.redirect(0, BROADCAST_FLAGS));
+        return redirect(ctx, &config, ports.redirect(0, BROADCAST_FLAGS));
     }
     match UnknownPolicy::from_u32(config.unknown_policy) {
         UnknownPolicy::RouterPorts if config.router_ports > 0 => {
-            redirect(ROUTER_PORTS.redirect(0, BROADCAST_FLAGS))
+            redirect(ctx, &config, ROUTER_PORTS.redirect(0, BROADCAST_FLAGS))
         }
         UnknownPolicy::RouterPorts => (Counter::PassedUnknown, xdp_action::XDP_PASS),
         UnknownPolicy::Drop => (Counter::DropNoMembers, xdp_action::XDP_DROP),
-        UnknownPolicy::Flood => redirect(FLOOD_PORTS.redirect(0, BROADCAST_FLAGS)),
+        UnknownPolicy::Flood => redirect(ctx, &config, FLOOD_PORTS.redirect(0, BROADCAST_FLAGS)),
     }
 }
 
+/// Counts a redirect and, when it was set up, gives the frame this relay's MAC as source:
+/// the copies are made after the program returns, so every copy carries it.
 #[inline(always)]
-fn redirect(result: Result<u32, u32>) -> (Counter, u32) {
+fn redirect(ctx: &XdpContext, config: &Config, result: Result<u32, u32>) -> (Counter, u32) {
     match result {
-        Ok(action) => (Counter::Forwarded, action),
+        Ok(action) => {
+            if config.relay_mac[0] != 0 {
+                let at = ctx.data() + 6;
+                if at + 6 <= ctx.data_end() {
+                    // SAFETY: bytes 6..12 lie inside the packet (checked just above).
+                    unsafe { core::ptr::write_unaligned(at as *mut [u8; 6], config.relay_mac) };
+                }
+            }
+            (Counter::Forwarded, action)
+        }
         Err(_) => (Counter::RedirectFailed, xdp_action::XDP_PASS),
     }
 }

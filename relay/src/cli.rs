@@ -104,6 +104,16 @@ pub struct RunArgs {
     #[arg(long = "per-client", value_name = "IFACE")]
     pub per_client: Vec<String>,
 
+    /// Seconds between loop-guard hellos, sent on every port so that relays on the same
+    /// segments find each other (and a relay finds two of its own ports on one segment).
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    pub hello_interval: f64,
+
+    /// Seconds without a hello after which another relay (or a path between two of this
+    /// relay's ports) counts as gone and standby ports relay again.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3.5)]
+    pub hello_holdtime: f64,
+
     /// Detach everything on exit. By default the XDP links and maps stay pinned when the
     /// daemon exits or dies, so forwarding continues and the next daemon takes over without
     /// losing a packet (`mcrelay detach` removes them).

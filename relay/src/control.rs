@@ -11,6 +11,7 @@ use crate::{
     capture::ControlSocket,
     dataplane::Dataplane,
     groups::is_link_local_group,
+    loop_guard::{self, Decision, LoopGuard},
     membership::{packet, Action, Engine, Family, Message, MessageKind, ParseError},
     reconciler::{GroupTable, WriteFailures},
     state::{self, DaemonState},
@@ -35,6 +36,13 @@ pub struct ControlCounters {
     /// This is the join-to-forwarding latency on the gateway.
     pub last_update_us: u64,
     pub max_update_us: u64,
+    /// Relay hellos received (loop guard).
+    #[serde(default)]
+    pub hellos_received: u64,
+    /// Control frames ignored because they came from this relay's own ports or relay MAC, or
+    /// from a redundant peer relay (they went round a loop).
+    #[serde(default)]
+    pub ignored_loop: u64,
     /// Group map writes that failed (logged; retried on the next round, since the record of
     /// what is installed keeps the old set).
     #[serde(default)]
@@ -62,12 +70,23 @@ pub struct Control {
     clients_changed: BTreeSet<IpAddr>,
     /// The querier last logged per (port, IPv6?), to log changes once.
     queriers_seen: BTreeMap<(u32, bool), (IpAddr, bool)>,
+    /// Hellos between relays and the standby / loop-MAC decisions they lead to.
+    loop_guard: LoopGuard,
+    /// The loop guard's decision now in force.
+    decision: Decision,
 }
 
 impl Control {
     /// A control plane over `socket`, with no port yet.
-    pub fn new(engine: Engine, table: GroupTable, socket: ControlSocket) -> Self {
+    pub fn new(
+        engine: Engine,
+        table: GroupTable,
+        socket: ControlSocket,
+        loop_guard: LoopGuard,
+    ) -> Self {
         Self {
+            loop_guard,
+            decision: Decision::default(),
             engine,
             table,
             socket,
@@ -88,7 +107,24 @@ impl Control {
             self.counters.ignored_other_port += 1;
             return;
         }
+        if loop_guard::is_hello(frame) {
+            if let Some(hello) = loop_guard::parse_hello(frame) {
+                self.counters.hellos_received += 1;
+                self.loop_guard.on_hello(now, ifindex, &hello);
+            }
+            return;
+        }
         self.counters.received += 1;
+        if frame.len() >= 12 {
+            let mut source = [0u8; 6];
+            source.copy_from_slice(&frame[6..12]);
+            if self.loop_guard.is_loop_mac(&source) || self.macs.values().any(|m| *m == source) {
+                // Our own query or relayed report coming back, or one a redundant relay
+                // relayed: acting on it would feed a loop.
+                self.counters.ignored_loop += 1;
+                return;
+            }
+        }
         match packet::parse(frame) {
             Ok(msg) => {
                 tracing::trace!(port = ifindex, ?msg, "control message");
@@ -209,6 +245,9 @@ impl Control {
     /// what hosts behind the relay want); queries of another querier go to every other port
     /// (so hosts there answer). The frame is sent unchanged.
     fn relay_control(&mut self, ingress: u32, frame: &[u8], msg: &Message) {
+        if self.decision.standby.contains_key(&ingress) {
+            return;
+        }
         let targets: Vec<u32> = match &msg.kind {
             MessageKind::V1Report { .. }
             | MessageKind::V2Report { .. }
@@ -221,8 +260,14 @@ impl Control {
             }
             _ => Vec::new(),
         };
-        for port in targets {
-            match self.socket.send(port, frame) {
+        // Relayed frames carry the relay MAC as source, like relayed data: a relay that hears
+        // them come back (or a redundant peer's) ignores them instead of relaying them again.
+        let mut frame = frame.to_vec();
+        if frame.len() >= 12 {
+            frame[6..12].copy_from_slice(&self.loop_guard.relay_mac());
+        }
+        for port in targets.into_iter().filter(|p| !self.decision.standby.contains_key(p)) {
+            match self.socket.send(port, &frame) {
                 Ok(()) => self.counters.relayed += 1,
                 Err(e) => {
                     self.counters.send_errors += 1;
@@ -290,6 +335,67 @@ impl Control {
         }
     }
 
+    /// Sends a hello on every port (loop guard).
+    pub fn send_hellos(&mut self) {
+        for (&port, &mac) in &self.macs {
+            let frame = loop_guard::build_hello(mac, &self.loop_guard.hello(port));
+            if let Err(e) = self.socket.send(port, &frame) {
+                self.counters.send_errors += 1;
+                tracing::debug!(port = %self.names.get(&port).map_or("?", String::as_str), "sending a hello: {e}");
+            }
+        }
+    }
+
+    /// Whether a hello should go out at once (a relay we did not know was heard).
+    pub fn hello_due(&mut self) -> bool {
+        self.loop_guard.take_trigger()
+    }
+
+    /// Expires silent relays and applies a changed loop-guard decision: loop MACs and standby
+    /// ports to the dataplane, standby ports out of every port set.
+    pub fn update_loop_guard(&mut self, now: Duration, dp: &mut Dataplane) -> anyhow::Result<()> {
+        self.loop_guard.expire(now);
+        let ports: BTreeSet<u32> = self.names.keys().copied().collect();
+        let decision = self.loop_guard.decide(&ports);
+        if decision == self.decision {
+            return Ok(());
+        }
+        for mac in decision.loop_macs.difference(&self.decision.loop_macs) {
+            tracing::warn!(
+                relay = %state::mac_string(mac),
+                "loop guard: another relay reaches this one through two or more ports; frames \
+                 it relays are not relayed again"
+            );
+        }
+        for (port, why) in &decision.standby {
+            if self.decision.standby.get(port) != Some(why) {
+                tracing::warn!(port = self.name(*port), reason = standby_reason(*why), "loop guard: port in standby");
+            }
+        }
+        for port in self.decision.standby.keys().filter(|p| !decision.standby.contains_key(p)) {
+            tracing::info!(port = self.name(*port), "loop guard: port relays again");
+        }
+        dp.set_loop_guard(&decision.loop_macs, &decision.standby)?;
+        self.decision = decision;
+        let excluded: BTreeSet<u32> = self.decision.standby.keys().copied().collect();
+        self.table.set_excluded(excluded);
+        let mut routers = self.engine.router_ports(Family::V4);
+        routers.extend(self.engine.router_ports(Family::V6));
+        let engine = &self.engine;
+        self.table.set_routers(dp, |g| engine.forwarding(g), routers)?;
+        let learned: Vec<IpAddr> = engine.groups(Duration::ZERO).map(|g| g.group).collect();
+        if let Err(e) = self.table.reapply(dp, |g| engine.forwarding(g), learned) {
+            self.count_write_failures(&e);
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Standby ports and why (ifindex -> `PORT_STANDBY_*` bits).
+    pub fn standby(&self) -> &BTreeMap<u32, u32> {
+        &self.decision.standby
+    }
+
     /// Counts and logs failed group writes (they are retried on the next round).
     pub fn count_write_failures(&mut self, e: &WriteFailures) {
         self.counters.map_errors += e.failed.len() as u64;
@@ -319,5 +425,16 @@ impl Control {
     /// The state `mcrelay groups` shows.
     pub fn snapshot(&self, now: Duration) -> DaemonState {
         state::snapshot(self, now)
+    }
+}
+
+/// Words for a standby reason (`PORT_STANDBY_*` bits).
+pub fn standby_reason(bits: u32) -> &'static str {
+    if bits & relay_common::PORT_STANDBY_SAME_SEGMENT != 0 {
+        "another port of this relay is on the same segment"
+    } else if bits & relay_common::PORT_STANDBY_PEER != 0 {
+        "a relay with a lower relay MAC serves every segment of this one"
+    } else {
+        ""
     }
 }

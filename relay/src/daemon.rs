@@ -32,6 +32,7 @@ use crate::{
     dataplane::{remove_pins, Dataplane, CLIENT_KEY_BIT},
     error::UsageError,
     groups::{key_group, parse_static},
+    loop_guard::LoopGuard,
     membership::{self, Engine, IgmpVersion, MldVersion, PortOptions},
     paths,
     ports::{self, Link, LinkEvent},
@@ -58,6 +59,9 @@ pub struct Plan {
     pub policy: GroupPolicy,
     /// Membership engine settings.
     pub membership: membership::Config,
+    /// Loop guard: time between hellos, and how long a silent relay is remembered.
+    pub hello_interval: Duration,
+    pub hello_holdtime: Duration,
     membership_args: MembershipArgs,
 }
 
@@ -121,6 +125,14 @@ impl Plan {
         }
         let m = &args.membership;
         let membership = membership_config(m)?;
+        let hello_interval = seconds("hello-interval", args.hello_interval)?;
+        let hello_holdtime = seconds("hello-holdtime", args.hello_holdtime)?;
+        if hello_holdtime <= hello_interval {
+            return Err(UsageError::new(format!(
+                "--hello-holdtime ({}s) must be longer than --hello-interval ({}s)",
+                args.hello_holdtime, args.hello_interval
+            )));
+        }
         for (flag, names) in [("fast-leave", &m.fast_leave), ("router-port", &m.router_ports)] {
             if let Some(name) = names.iter().find(|n| !known(n)) {
                 return Err(UsageError::new(format!(
@@ -151,6 +163,8 @@ impl Plan {
             port_xdp_modes,
             policy,
             membership,
+            hello_interval,
+            hello_holdtime,
             membership_args: m.clone(),
         })
     }
@@ -393,7 +407,10 @@ impl Daemon {
         })?;
         let mut table = GroupTable::new(BTreeMap::new());
         table.set_policy(self.plan.policy.clone());
-        let mut control = Control::new(Engine::new(self.plan.membership.clone()), table, socket);
+        let guard = LoopGuard::new(self.dp.relay_mac(), self.plan.hello_holdtime);
+        tracing::info!(relay_mac = %state::mac_string(&self.dp.relay_mac()), "loop guard: relayed frames carry this source MAC");
+        let mut control =
+            Control::new(Engine::new(self.plan.membership.clone()), table, socket, guard);
         for port in &ports {
             self.add_to_control(&mut control, port).await?;
         }
@@ -646,6 +663,8 @@ impl Daemon {
         let mut last_status = String::new();
         let mut watchdog_tick =
             tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
+        let mut hello_tick = tokio::time::interval(self.plan.hello_interval);
+        hello_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = control
                 .engine
@@ -667,6 +686,19 @@ impl Daemon {
                     let r = received.context("receiving on the packet socket")?;
                     received_at = Some(tokio::time::Instant::now());
                     control.on_frame(start.elapsed(), r.ifindex, &r.frame);
+                    if control.hello_due() {
+                        control.send_hellos();
+                    }
+                    if let Err(e) = control.update_loop_guard(start.elapsed(), &mut self.dp) {
+                        tracing::warn!("loop guard: {e:#}");
+                    }
+                }
+                _ = hello_tick.tick() => {
+                    control.hello_due();
+                    control.send_hellos();
+                    if let Err(e) = control.update_loop_guard(start.elapsed(), &mut self.dp) {
+                        tracing::warn!("loop guard: {e:#}");
+                    }
                 }
                 event = links.recv(), if !links_closed => match event {
                     Some(LinkEvent::New(link)) => self.on_link_new(control, link).await,

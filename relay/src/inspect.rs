@@ -16,6 +16,8 @@ pub struct PortRow {
     pub ifindex: u32,
     pub mode: &'static str,
     pub role: &'static str,
+    /// Why the loop guard keeps the port in standby (empty: it relays).
+    pub standby_reason: &'static str,
     pub counters: PortCounters,
 }
 
@@ -99,6 +101,7 @@ pub fn read_ports(pin_dir: &Path) -> anyhow::Result<Vec<PortRow>> {
             ifindex,
             mode: AttachMode::from_u32(info.attach_mode).map_or("unknown", AttachMode::as_str),
             role: if info.role & PORT_ROLE_ROUTER != 0 { "router" } else { "member" },
+            standby_reason: crate::control::standby_reason(info.role),
             counters,
         });
     }
@@ -159,6 +162,8 @@ pub fn ports(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
             .iter()
             .map(|r| {
                 json!({"iface": r.iface, "ifindex": r.ifindex, "mode": r.mode, "role": r.role,
+                       "standby": !r.standby_reason.is_empty(),
+                       "standby_reason": r.standby_reason,
                        "counters": counters_json(&r.counters.packets)})
             })
             .collect();
@@ -176,7 +181,7 @@ pub fn ports(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
             r.iface,
             r.ifindex,
             r.mode,
-            r.role,
+            if r.standby_reason.is_empty() { r.role } else { "standby" },
             r.counters.packets(Counter::Forwarded),
             passed,
             dropped

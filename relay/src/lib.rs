@@ -11,6 +11,7 @@ pub mod doctor;
 pub mod error;
 pub mod groups;
 pub mod inspect;
+pub mod loop_guard;
 pub mod manpage;
 pub mod membership;
 pub mod metrics;

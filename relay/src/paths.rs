@@ -30,6 +30,8 @@ pub mod pins {
     pub const LINKS: &str = "links";
     pub const CONFIG: &str = "CONFIG";
     pub const PORT_STATS: &str = "PORT_STATS";
+    pub const LOOP_MACS: &str = "LOOP_MACS";
+    pub const STANDBY_PORTS: &str = "STANDBY_PORTS";
     /// Created by the daemon (not part of the object): ifindex -> `PortInfo`.
     pub const PORTS: &str = "PORTS";
 }

@@ -71,6 +71,8 @@ pub struct GroupTable {
     /// Per-client delivery: for (group, shared port), the inner-map keys of the clients that
     /// joined through that port. The port itself is replaced by these keys.
     clients: BTreeMap<(IpAddr, u32), BTreeSet<u32>>,
+    /// Ports that get no copies at all (standby by the loop guard).
+    excluded: BTreeSet<u32>,
 }
 
 /// The (S,G) map key.
@@ -99,6 +101,12 @@ impl GroupTable {
             want.any_source.extend(old.any_source.iter().copied());
             for (s, ports) in &old.per_source {
                 want.per_source.entry(*s).or_default().extend(ports.iter().copied());
+            }
+        }
+        if !self.excluded.is_empty() {
+            want.any_source.retain(|p| !self.excluded.contains(p));
+            for ports in want.per_source.values_mut() {
+                ports.retain(|p| !self.excluded.contains(p));
             }
         }
         want
@@ -131,6 +139,11 @@ impl GroupTable {
         } else {
             self.clients.insert((group, port), keys);
         }
+    }
+
+    /// Ports that must get no copies (call [`GroupTable::reapply`] after a change).
+    pub fn set_excluded(&mut self, ports: BTreeSet<u32>) {
+        self.excluded = ports;
     }
 
     fn desired_ports(&self, group: IpAddr, learned: &Forwarding) -> Installed {
@@ -248,6 +261,8 @@ impl GroupTable {
         forwarding: impl Fn(&IpAddr) -> Forwarding,
         routers: BTreeSet<u32>,
     ) -> anyhow::Result<usize> {
+        let routers: BTreeSet<u32> =
+            routers.into_iter().filter(|p| !self.excluded.contains(p)).collect();
         if routers == self.routers {
             return Ok(0);
         }

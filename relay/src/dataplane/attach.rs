@@ -14,7 +14,9 @@ use aya::{
         Xdp, XdpMode as KernelXdpMode,
     },
 };
-use relay_common::{AttachMode, PortCounters, PortInfo};
+use relay_common::{
+    AttachMode, PortCounters, PortInfo, PORT_STANDBY_PEER, PORT_STANDBY_SAME_SEGMENT,
+};
 
 use super::{
     error::{DataplaneError, KernelContext as _},
@@ -313,6 +315,20 @@ impl Ports {
             }
         }
         self.forget(ifindex);
+    }
+
+    /// Records the standby reason bits of every attached port in `PORTS` (for the CLI).
+    pub fn set_standby(&mut self, standby: &BTreeMap<u32, u32>) -> Result<(), DataplaneError> {
+        let mask = PORT_STANDBY_PEER | PORT_STANDBY_SAME_SEGMENT;
+        for &ifindex in self.attached.keys() {
+            let Ok(mut info) = self.info.get(&ifindex, 0) else { continue };
+            let role = (info.role & !mask) | standby.get(&ifindex).copied().unwrap_or(0);
+            if role != info.role {
+                info.role = role;
+                self.info.insert(ifindex, info, 0).kernel("writing PORTS")?;
+            }
+        }
+        Ok(())
     }
 
     fn forget(&mut self, ifindex: u32) {

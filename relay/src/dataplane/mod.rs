@@ -54,8 +54,15 @@ pub const XDP_PROGRAM: &str = "mcrelay_xdp";
 const BPF_MAP_TYPE_HASH: u32 = 1;
 
 /// Maps of the object that are pinned (and reused by the next daemon).
-const OBJECT_MAPS: [&str; 5] =
-    [pins::GROUP_PORTS, pins::FLOOD_PORTS, pins::ROUTER_PORTS, pins::CONFIG, pins::PORT_STATS];
+const OBJECT_MAPS: [&str; 7] = [
+    pins::GROUP_PORTS,
+    pins::FLOOD_PORTS,
+    pins::ROUTER_PORTS,
+    pins::CONFIG,
+    pins::PORT_STATS,
+    pins::LOOP_MACS,
+    pins::STANDBY_PORTS,
+];
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 
@@ -110,10 +117,14 @@ impl Dataplane {
         let flood = DevMapHash::try_from(take(pins::FLOOD_PORTS)?).kernel("opening FLOOD_PORTS")?;
         let stats =
             PerCpuHashMap::try_from(take(pins::PORT_STATS)?).kernel("opening PORT_STATS")?;
+        let loops = kernel_config::LoopMaps {
+            macs: HashMap::try_from(take(pins::LOOP_MACS)?).kernel("opening LOOP_MACS")?,
+            standby: HashMap::try_from(take(pins::STANDBY_PORTS)?).kernel("opening STANDBY_PORTS")?,
+        };
         let groups = GroupMaps::new(take(pins::GROUP_PORTS)?, adopted)?;
         let info = ports_map(pin_dir)?;
 
-        let mut config = kernel_config::KernelConfig::new(config, routers, adopted)?;
+        let mut config = kernel_config::KernelConfig::new(config, routers, loops, adopted)?;
         config.set_unknown_policy(unknown)?;
         Ok(Self {
             ebpf,
@@ -149,6 +160,23 @@ impl Dataplane {
     /// When the last `GROUP_PORTS` change was issued (the moment forwarding changed).
     pub fn last_publish(&self) -> Option<std::time::Instant> {
         self.groups.last_publish()
+    }
+
+    /// This relay's MAC: the source of every frame it relays (loop guard).
+    pub fn relay_mac(&self) -> [u8; 6] {
+        self.config.relay_mac()
+    }
+
+    /// Applies the loop guard's decisions: relay MACs never relayed again, and standby ports
+    /// (ifindex -> `PORT_STANDBY_*` bits, also recorded in `PORTS` for the CLI).
+    pub fn set_loop_guard(
+        &mut self,
+        loop_macs: &std::collections::BTreeSet<[u8; 6]>,
+        standby: &BTreeMap<u32, u32>,
+    ) -> Result<()> {
+        self.config.set_loop_macs(loop_macs)?;
+        self.config.set_standby(standby)?;
+        self.ports.set_standby(standby)
     }
 
     /// Changes what happens to data for groups without a port set.
