@@ -15,9 +15,10 @@ use std::{
 use tokio::io::unix::AsyncFd;
 
 /// A classic BPF program: accept frames with a multicast destination MAC that carry IPv4
-/// IGMP (2) or PIM (103), or IPv6 whose first next-header is hop-by-hop (0), ICMPv6 (58) or
-/// PIM (103). Userspace parses and checks the rest.
-fn filter() -> [libc::sock_filter; 14] {
+/// IGMP (2) or PIM (103), IPv6 whose first next-header is hop-by-hop (0), ICMPv6 (58) or
+/// PIM (103), or mcrelay's own hellos (EtherType 0x88b5, the loop guard). Userspace parses
+/// and checks the rest.
+fn filter() -> [libc::sock_filter; 15] {
     const fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
         libc::sock_filter { code, jt, jf, k }
     }
@@ -28,19 +29,20 @@ fn filter() -> [libc::sock_filter; 14] {
     const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
     [
         /* 0 */ op(LDB, 0, 0, 0), // destination MAC, first byte
-        /* 1 */ op(JSET, 0, 11, 1), // group bit clear -> drop (13)
+        /* 1 */ op(JSET, 0, 12, 1), // group bit clear -> drop (14)
         /* 2 */ op(LDH, 0, 0, 12), // ethertype
         /* 3 */ op(JEQ, 0, 3, 0x0800), // not IPv4 -> 7
         /* 4 */ op(LDB, 0, 0, 23), // IPv4 protocol
-        /* 5 */ op(JEQ, 6, 0, 2), // IGMP -> accept (12)
-        /* 6 */ op(JEQ, 5, 6, 103), // PIM -> accept, else drop
-        /* 7 */ op(JEQ, 0, 5, 0x86dd), // not IPv6 -> drop (13)
-        /* 8 */ op(LDB, 0, 0, 20), // IPv6 next header
-        /* 9 */ op(JEQ, 2, 0, 0), // hop-by-hop -> accept
-        /* 10 */ op(JEQ, 1, 0, 58), // ICMPv6 -> accept
-        /* 11 */ op(JEQ, 0, 1, 103), // PIM -> accept, else drop
-        /* 12 */ op(RET, 0, 0, 0x0004_0000), // accept (whole frame)
-        /* 13 */ op(RET, 0, 0, 0), // drop
+        /* 5 */ op(JEQ, 7, 0, 2), // IGMP -> accept (13)
+        /* 6 */ op(JEQ, 6, 7, 103), // PIM -> accept, else drop
+        /* 7 */ op(JEQ, 5, 0, relay_common::HELLO_ETHERTYPE as u32), // hello -> accept
+        /* 8 */ op(JEQ, 0, 5, 0x86dd), // not IPv6 -> drop (14)
+        /* 9 */ op(LDB, 0, 0, 20), // IPv6 next header
+        /* 10 */ op(JEQ, 2, 0, 0), // hop-by-hop -> accept
+        /* 11 */ op(JEQ, 1, 0, 58), // ICMPv6 -> accept
+        /* 12 */ op(JEQ, 0, 1, 103), // PIM -> accept, else drop
+        /* 13 */ op(RET, 0, 0, 0x0004_0000), // accept (whole frame)
+        /* 14 */ op(RET, 0, 0, 0), // drop
     ]
 }
 
