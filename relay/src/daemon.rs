@@ -272,7 +272,8 @@ pub async fn run(
     let plan = Plan::new(&args, &links, file.as_ref(), &source.matches)?;
 
     let _lock = lock_instance()?;
-    ensure_bpffs(pin_root)?;
+    let pin_root = crate::bpffs::ensure(pin_root)?;
+    let pin_root = pin_root.as_path();
     let pin_dir = paths::pin_dir(pin_root)?;
     remove_other_layouts(&pin_dir);
     // We hold the instance lock: pins in `pin_dir` belong to a daemon that exited or died;
@@ -856,30 +857,6 @@ pub fn reload() -> anyhow::Result<()> {
         .with_context(|| format!("sending SIGHUP to mcrelay (pid {pid})"))?;
     println!("sent SIGHUP to mcrelay (pid {pid})");
     Ok(())
-}
-
-/// Mounts bpffs at /sys/fs/bpf when the pin root lives there and nothing is mounted yet.
-fn ensure_bpffs(pin_root: &Path) -> anyhow::Result<()> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    if !pin_root.starts_with(paths::BPFFS) {
-        return Ok(());
-    }
-    let fs = nix::sys::statfs::statfs(paths::BPFFS)
-        .with_context(|| format!("statfs {}", paths::BPFFS))?;
-    if fs.filesystem_type().0 as i64 == BPF_FS_MAGIC {
-        return Ok(());
-    }
-    tracing::info!("mounting bpffs at {}", paths::BPFFS);
-    nix::mount::mount(
-        Some("bpf"),
-        paths::BPFFS,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .with_context(|| {
-        format!("mounting bpffs at {} (mount -t bpf bpf {})", paths::BPFFS, paths::BPFFS)
-    })
 }
 
 /// The port sets found in adopted maps, by group.

@@ -156,6 +156,7 @@ fn counters_json(values: &[u64; relay_common::COUNTER_COUNT]) -> Value {
 
 /// `mcrelay ports`.
 pub fn ports(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
+    let pin_root = &crate::bpffs::resolve(pin_root);
     let rows = read_ports(&paths::pin_dir(pin_root)?)?;
     if as_json {
         let ports: Vec<Value> = rows
@@ -225,6 +226,7 @@ fn daemon_running() -> bool {
 /// `mcrelay groups`: the running daemon's state file (learned and static groups, timers,
 /// queriers); without one, the static view from the pinned maps.
 pub fn groups(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
+    let pin_root = &crate::bpffs::resolve(pin_root);
     let state_path = paths::state_file()?;
     let state = if daemon_running() && state_path.exists() {
         Some(crate::state::read(&state_path)?)
@@ -309,6 +311,7 @@ pub fn groups(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
 
 /// `mcrelay stats [--watch SECONDS]`.
 pub fn stats(pin_root: &Path, as_json: bool, watch: Option<u64>) -> anyhow::Result<()> {
+    let pin_root = &crate::bpffs::resolve(pin_root);
     let pin_dir = paths::pin_dir(pin_root)?;
     let mut previous: Option<Vec<PortRow>> = None;
     loop {
@@ -377,6 +380,7 @@ pub fn stats(pin_root: &Path, as_json: bool, watch: Option<u64>) -> anyhow::Resu
 
 /// `mcrelay detach`: removes the pins of this namespace (the daemon must not be running).
 pub fn detach(pin_root: &Path) -> anyhow::Result<()> {
+    let pin_root = &crate::bpffs::resolve(pin_root);
     let lock = paths::lock_file()?;
     if let Ok(file) = std::fs::File::open(&lock) {
         if nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err() {

@@ -1,6 +1,7 @@
 //! mcrelay: eBPF/XDP-accelerated multicast relay. The `mcrelay` binary is a thin shell over
 //! this library; see docs/architecture.md for how the pieces fit.
 
+pub mod bpffs;
 pub mod capture;
 pub mod cli;
 pub mod config;

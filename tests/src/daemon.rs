@@ -124,13 +124,27 @@ impl Mcrelay {
     /// captured. With `own_process_group`, a Ctrl-C on the terminal does not reach the daemon,
     /// so that the caller decides when it stops.
     pub fn start_with(bin: &Path, ns: &NetNs, args: &[&str], own_process_group: bool) -> Self {
-        ensure_bpffs();
         let mut cmd = ns.command(bin);
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.args(args);
         if own_process_group {
             cmd.process_group(0);
         }
         let what = format!("`{}` in {ns}", describe(&cmd));
+        Self::spawn(cmd, what)
+    }
+
+    /// Starts `cmd`, a complete `mcrelay run ...` command line built by the caller (e.g.
+    /// `ip netns exec NS mcrelay run ...`, the way users start it), stderr captured. The
+    /// process started must become the daemon itself (`ip netns exec` and `nsenter` exec it),
+    /// since [`Mcrelay::stop`] signals it.
+    pub fn start_command(cmd: Command) -> Self {
+        let what = format!("`{}`", describe(&cmd));
+        Self::spawn(cmd, what)
+    }
+
+    fn spawn(mut cmd: Command, what: String) -> Self {
+        ensure_bpffs();
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
         let log: Log = Arc::default();
         let reader = child.stderr.take().map(|stderr| {
