@@ -5,7 +5,10 @@
 //! two segments, a relay beside a Linux bridge, or one relay with two ports on one segment
 //! circulate every datagram at XDP speed (measured before the guard: 269,288 datagrams at the
 //! receiver for 200 sent with two relays between two bridged segments), and pinned XDP links
-//! keep the storm going after the daemons exit. The guard's contract, as these tests use it:
+//! keep the storm going after the daemons exit. This file's topologies against the binary before
+//! the guard, 5 datagrams sent, frames of the group on the receiver's wire within 2 s: 129,000
+//! (two relays), 243,000 (two ports on one bridge), 180,000 (relay beside a bridge), 297,000
+//! (two relays, both daemons stopped, pinned links). The guard's contract, as used here:
 //!
 //! - relayed data frames leave with the relay's own "relay MAC" (`02:6d:63:xx:xx:xx`); a data
 //!   frame arriving with the relay's own relay MAC (or that of a redundant peer) is dropped and
