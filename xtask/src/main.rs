@@ -172,7 +172,9 @@ fn bench(
     svg: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("the benchmark needs root (network namespaces, eBPF): run `cargo xtask bench` as root");
+        bail!(
+            "the benchmark needs root (network namespaces, eBPF): run `cargo xtask bench` as root"
+        );
     }
     setup::run(Scope::Full)?;
     let profile = if quick { Profile::Debug } else { Profile::Release };
