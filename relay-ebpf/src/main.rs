@@ -19,8 +19,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use relay_common::{
+    loop_mac_key,
     parse::{classify, Class, Data, Frame as _},
-    loop_mac_key, Config, Counter, GroupKey, PortCounters, UnknownPolicy, CONFIG_F_SOURCE_ENTRIES,
+    Config, Counter, GroupKey, PortCounters, UnknownPolicy, CONFIG_F_SOURCE_ENTRIES,
     CONFIG_F_STANDBY, MAX_GROUPS, MAX_PORTS, MAX_PORTS_PER_GROUP, RELAY_MAC_PREFIX,
 };
 use relay_ebpf::PacketFrame;

@@ -369,7 +369,11 @@ impl Control {
         }
         for (port, why) in &decision.standby {
             if self.decision.standby.get(port) != Some(why) {
-                tracing::warn!(port = self.name(*port), reason = standby_reason(*why), "loop guard: port in standby");
+                tracing::warn!(
+                    port = self.name(*port),
+                    reason = standby_reason(*why),
+                    "loop guard: port in standby"
+                );
             }
         }
         for port in self.decision.standby.keys().filter(|p| !decision.standby.contains_key(p)) {

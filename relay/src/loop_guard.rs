@@ -257,7 +257,10 @@ mod tests {
         g.on_hello(t(10), 7, &hello(LOWER, 12));
         let d = g.decide(&ports(&[3, 7]));
         assert_eq!(d.loop_macs, [LOWER].into_iter().collect());
-        assert_eq!(d.standby, [(3, PORT_STANDBY_PEER), (7, PORT_STANDBY_PEER)].into_iter().collect());
+        assert_eq!(
+            d.standby,
+            [(3, PORT_STANDBY_PEER), (7, PORT_STANDBY_PEER)].into_iter().collect()
+        );
         // The lower relay goes silent: after the hold time this one forwards again, and its
         // MAC stays a loop MAC (its pinned dataplane may still be forwarding).
         g.expire(t(3_011));

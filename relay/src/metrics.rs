@@ -454,7 +454,14 @@ mod tests {
         counters.packets[PortCounter::Forwarded as usize] = forwarded;
         counters.bytes[PortCounter::Forwarded as usize] = forwarded * 100;
         counters.packets[PortCounter::Malformed as usize] = 2;
-        PortRow { iface: iface.into(), ifindex, mode: "native", role: "member", standby_reason: "", counters }
+        PortRow {
+            iface: iface.into(),
+            ifindex,
+            mode: "native",
+            role: "member",
+            standby_reason: "",
+            counters,
+        }
     }
 
     fn state() -> DaemonState {

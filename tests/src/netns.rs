@@ -343,46 +343,21 @@ fn remove_pins_of(netns_path: &Path) {
 /// namespace), brings both ends up and waits until they are operationally up.
 /// A veth pair whose end in `a` gets ifindex `index` (the kernel allocates the other one).
 pub fn veth_pair_with_index(a: &NetNs, name_a: &str, index: u32, b: &NetNs, name_b: &str) {
-    let index = index.to_string();
-    cmd::run(&[
-        "ip",
-        "link",
-        "add",
-        name_a,
-        "index",
-        &index,
-        "netns",
-        a.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        name_b,
-        "netns",
-        b.name(),
-    ]);
-    a.link_up(name_a);
-    b.link_up(name_b);
-    a.wait_oper_up(name_a);
-    b.wait_oper_up(name_b);
+    add_veth_pair(a, name_a, Some(index), b, name_b);
 }
 
 pub fn veth_pair(a: &NetNs, name_a: &str, b: &NetNs, name_b: &str) {
-    cmd::run(&[
-        "ip",
-        "link",
-        "add",
-        name_a,
-        "netns",
-        a.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        name_b,
-        "netns",
-        b.name(),
-    ]);
+    add_veth_pair(a, name_a, None, b, name_b);
+}
+
+fn add_veth_pair(a: &NetNs, name_a: &str, index: Option<u32>, b: &NetNs, name_b: &str) {
+    let index = index.map(|i| i.to_string());
+    let mut argv = vec!["ip", "link", "add", name_a];
+    if let Some(index) = &index {
+        argv.extend(["index", index.as_str()]);
+    }
+    argv.extend(["netns", a.name(), "type", "veth", "peer", "name", name_b, "netns", b.name()]);
+    cmd::run(&argv);
     a.link_up(name_a);
     b.link_up(name_b);
     a.wait_oper_up(name_a);

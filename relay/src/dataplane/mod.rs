@@ -119,7 +119,8 @@ impl Dataplane {
             PerCpuHashMap::try_from(take(pins::PORT_STATS)?).kernel("opening PORT_STATS")?;
         let loops = kernel_config::LoopMaps {
             macs: HashMap::try_from(take(pins::LOOP_MACS)?).kernel("opening LOOP_MACS")?,
-            standby: HashMap::try_from(take(pins::STANDBY_PORTS)?).kernel("opening STANDBY_PORTS")?,
+            standby: HashMap::try_from(take(pins::STANDBY_PORTS)?)
+                .kernel("opening STANDBY_PORTS")?,
         };
         let groups = GroupMaps::new(take(pins::GROUP_PORTS)?, adopted)?;
         let info = ports_map(pin_dir)?;
