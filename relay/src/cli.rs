@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
-pub use crate::settings::XdpMode;
+use crate::groups::{parse_static, StaticGroup};
+pub use crate::settings::{UnknownGroups, XdpMode};
 
 /// mcrelay: relays IP multicast between network segments at XDP speed, only to the segments
 /// that have receivers.
@@ -24,16 +25,23 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
-    /// Directory under a bpffs mount where mcrelay pins its maps.
-    #[arg(long, global = true, value_name = "DIR", default_value = crate::paths::PIN_ROOT)]
-    pub pin_root: PathBuf,
+    /// Directory under a bpffs mount where mcrelay pins its maps [default: /sys/fs/bpf/mcrelay].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub pin_root: Option<PathBuf>,
+}
+
+impl Cli {
+    /// `--pin-root`, else the default (`run` also looks at the configuration file).
+    pub fn pin_root(&self) -> PathBuf {
+        self.pin_root.clone().unwrap_or_else(|| PathBuf::from(crate::paths::PIN_ROOT))
+    }
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Attach to the interfaces, learn memberships and relay multicast until SIGINT/SIGTERM
     /// (the pinned dataplane keeps forwarding after the daemon exits, unless --no-pin).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show groups and their ports (like `bridge mdb show`).
     Groups(OutputArgs),
     /// Show attached ports: interface, attach mode, role, counters.
@@ -87,16 +95,17 @@ pub struct RunArgs {
 
     /// Static group membership: GROUP@IFACE[,IFACE...], e.g. 239.1.1.1@b0,c0 or ff3e::1@b0
     /// (repeatable). Every interface must be one of the -i interfaces.
-    #[arg(long = "static", value_name = "GROUP@IFACES")]
-    pub static_groups: Vec<String>,
+    #[arg(long = "static", value_name = "GROUP@IFACES", value_parser = parse_static)]
+    pub static_groups: Vec<StaticGroup>,
 
-    /// How to attach XDP: auto tries native (driver) mode and falls back to generic (skb) mode.
-    #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
-    pub xdp_mode: XdpMode,
+    /// How to attach XDP: auto tries native (driver) mode and falls back to generic (skb) mode
+    /// [default: auto].
+    #[arg(long, value_enum)]
+    pub xdp_mode: Option<XdpMode>,
 
-    /// What to do with multicast data for groups nobody joined.
-    #[arg(long, value_enum, default_value_t = UnknownArg::RouterPorts)]
-    pub unknown: UnknownArg,
+    /// What to do with multicast data for groups nobody joined [default: router-ports].
+    #[arg(long, value_enum)]
+    pub unknown: Option<UnknownGroups>,
 
     /// Per-client delivery on this port (a shared TAP of an OpenVPN `dev tap` server): each
     /// client that joins gets its own copy addressed to its unicast MAC, so OpenVPN delivers
@@ -105,14 +114,15 @@ pub struct RunArgs {
     pub per_client: Vec<String>,
 
     /// Seconds between loop-guard hellos, sent on every port so that relays on the same
-    /// segments find each other (and a relay finds two of its own ports on one segment).
-    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
-    pub hello_interval: f64,
+    /// segments find each other (and a relay finds two of its own ports on one segment)
+    /// [default: 1].
+    #[arg(long, value_name = "SECONDS")]
+    pub hello_interval: Option<f64>,
 
     /// Seconds without a hello after which another relay (or a path between two of this
-    /// relay's ports) counts as gone and standby ports relay again.
-    #[arg(long, value_name = "SECONDS", default_value_t = 3.5)]
-    pub hello_holdtime: f64,
+    /// relay's ports) counts as gone and standby ports relay again [default: 3.5].
+    #[arg(long, value_name = "SECONDS")]
+    pub hello_holdtime: Option<f64>,
 
     /// Detach everything on exit. By default the XDP links and maps stay pinned when the
     /// daemon exits or dies, so forwarding continues and the next daemon takes over without
@@ -124,32 +134,35 @@ pub struct RunArgs {
     pub membership: MembershipArgs,
 }
 
-/// IGMP/MLD timers and querier settings (RFC 3376 / RFC 3810 defaults).
+/// IGMP/MLD timers and querier settings (RFC 3376 / RFC 3810 defaults). An option left out
+/// takes the configuration file's value, else the default shown.
 #[derive(Debug, Args, Clone)]
 pub struct MembershipArgs {
-    /// Query interval in seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 125.0)]
-    pub query_interval: f64,
+    /// Query interval in seconds [default: 125].
+    #[arg(long, value_name = "SECONDS")]
+    pub query_interval: Option<f64>,
 
-    /// Query response interval (max response time of general queries) in seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
-    pub query_response_interval: f64,
+    /// Query response interval (max response time of general queries) in seconds
+    /// [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    pub query_response_interval: Option<f64>,
 
-    /// Last member query interval in seconds (group-specific queries after a leave).
-    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
-    pub last_member_interval: f64,
+    /// Last member query interval in seconds (group-specific queries after a leave)
+    /// [default: 1].
+    #[arg(long, value_name = "SECONDS")]
+    pub last_member_interval: Option<f64>,
 
-    /// Robustness variable (also the last member query count).
-    #[arg(long, value_name = "N", default_value_t = 2)]
-    pub robustness: u32,
+    /// Robustness variable (also the last member query count) [default: 2].
+    #[arg(long, value_name = "N")]
+    pub robustness: Option<u32>,
 
-    /// IGMP version mcrelay queries with (2 or 3).
-    #[arg(long, value_name = "2|3", default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=3))]
-    pub igmp_version: u8,
+    /// IGMP version mcrelay queries with (2 or 3) [default: 3].
+    #[arg(long, value_name = "2|3", value_parser = clap::value_parser!(u8).range(2..=3))]
+    pub igmp_version: Option<u8>,
 
-    /// MLD version mcrelay queries with (1 or 2).
-    #[arg(long, value_name = "1|2", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
-    pub mld_version: u8,
+    /// MLD version mcrelay queries with (1 or 2) [default: 2].
+    #[arg(long, value_name = "1|2", value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub mld_version: Option<u8>,
 
     /// Never act as querier (another router queries on every port).
     #[arg(long)]
@@ -162,26 +175,6 @@ pub struct MembershipArgs {
     /// Port that leads to a multicast router: gets all multicast (repeatable).
     #[arg(long = "router-port", value_name = "IFACE")]
     pub router_ports: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum UnknownArg {
-    /// RFC 4541: towards router ports (until router ports are learned: to the local stack).
-    RouterPorts,
-    /// Drop, counted as drop_no_members.
-    Drop,
-    /// Flood to every port except the ingress port.
-    Flood,
-}
-
-impl From<UnknownArg> for relay_common::UnknownPolicy {
-    fn from(value: UnknownArg) -> Self {
-        match value {
-            UnknownArg::RouterPorts => Self::RouterPorts,
-            UnknownArg::Drop => Self::Drop,
-            UnknownArg::Flood => Self::Flood,
-        }
-    }
 }
 
 #[derive(Debug, Args)]

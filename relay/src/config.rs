@@ -7,10 +7,9 @@
 //! names, ranges, cross references). Nothing here touches the system: no BPF, no netlink;
 //! [`warnings`] only lists interface names.
 //!
-//! The command line overrides the file ([`merge`]).
+//! The command line overrides the file: [`crate::settings::Settings`] combines the two.
 
 mod file;
-mod merge;
 mod policy;
 mod span;
 mod validate;
@@ -30,10 +29,9 @@ use toml::{
 use self::span::{line_col, Issue, Locator};
 pub use self::{
     file::{
-        ConfigFile, PolicyConfig, PortConfig, PortRole, QuerierConfig, StaticConfig, TimersConfig,
-        UnknownPolicy, XdpMode,
+        ConfigFile, LoopGuardConfig, PolicyConfig, PortConfig, PortRole, QuerierConfig,
+        StaticConfig, TimersConfig, UnknownGroups, XdpMode,
     },
-    merge::{merge, pin_root, run_config_path, xdp_mode_for},
     policy::{parse_prefix, GroupPolicy},
     span::LineCol,
 };
@@ -331,7 +329,7 @@ mld_version = 1
         assert!(file.ports[1].fast_leave && file.ports[1].per_client);
         assert_eq!(file.ports[1].role, PortRole::Member);
         assert_eq!(file.port_for("tap3").map(|p| p.name.as_str()), Some("tap*"));
-        assert_eq!(file.policy.unknown, UnknownPolicy::Flood);
+        assert_eq!(file.policy.unknown, UnknownGroups::Flood);
         assert_eq!(file.timers.query_interval, 30.0);
         assert_eq!(file.timers.query_response_interval, 2.5);
         assert!(!file.querier.enabled);
@@ -417,6 +415,23 @@ mld_version = 1
         assert_error("pin_root = \"relative\"\n", 1, "absolute");
         assert_error("[[port]]\nname = \"averyveryverylongname\"\n", 2, "longer than 15");
         assert_error("[[port]]\nname = \"tap[\"\n", 2, "glob");
+    }
+
+    #[test]
+    fn loop_guard_timers_are_checked_like_the_command_line_flags() {
+        assert_error(
+            "[loop_guard]\nhello_interval = 0\n",
+            2,
+            "hello_interval = 0: expected seconds",
+        );
+        assert_error(
+            "[loop_guard]\nhello_interval = 2\nholdtime = 2\n",
+            3,
+            "hello_interval (2s) must be shorter than holdtime (2s)",
+        );
+        let file =
+            parse_str("[loop_guard]\nhello_interval = 0.2\nholdtime = 0.7\n").expect("valid");
+        assert_eq!(file.loop_guard.holdtime, 0.7);
     }
 
     #[test]

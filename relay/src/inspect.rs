@@ -1,13 +1,75 @@
 //! `mcrelay groups|ports|stats|detach`: read the daemon's pinned maps (no daemon round-trip).
 
-use std::{collections::BTreeMap, io::Write as _, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use anyhow::{anyhow, Context as _};
+use anyhow::Context as _;
 use aya::maps::{of_maps::HashOfMaps, DevMapHash, HashMap, Map, MapData, PerCpuHashMap};
 use relay_common::{AttachMode, Counter, GroupKey, PortCounters, PortInfo, PORT_ROLE_ROUTER};
 use serde_json::{json, Value};
 
-use crate::{dataplane::remove_pins, groups::key_group, paths, paths::pins};
+use crate::{
+    dataplane::remove_pins,
+    groups::key_group,
+    instance::{self, InstanceError, InstanceLock},
+    paths,
+    paths::pins,
+};
+
+/// Why the pinned maps cannot be read (or removed).
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// Nothing is pinned: no daemon ever ran here (or `mcrelay detach` removed it).
+    #[error("no mcrelay dataplane in this network namespace ({} does not exist); start one with `mcrelay run`", path.display())]
+    NoDataplane { path: PathBuf },
+    /// A pinned map could not be opened (EPERM/EACCES: needs root or CAP_BPF).
+    #[error("opening {}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A map could not be read.
+    #[error("reading {map}")]
+    Read {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// `detach` while a daemon runs.
+    #[error(
+        "an mcrelay daemon is running in this network namespace; stop it first (with \
+         `run --no-pin` it detaches as it exits; otherwise run `mcrelay detach` after it stopped)"
+    )]
+    DaemonRunning,
+    /// The network namespace or the pin directory could not be identified.
+    #[error("finding the pins: {0:#}")]
+    Paths(anyhow::Error),
+}
+
+impl InspectError {
+    /// Whether the user can fix this (exit status 2).
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Self::Open { source, .. } => source.kind() == std::io::ErrorKind::PermissionDenied,
+            Self::DaemonRunning => true,
+            Self::NoDataplane { .. } | Self::Read { .. } | Self::Paths(_) => false,
+        }
+    }
+}
+
+fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> InspectError {
+    move |source| InspectError::Read { map, source }
+}
+
+/// The pin directory of this namespace's current map layout.
+fn pin_dir(pin_root: &Path) -> Result<PathBuf, InspectError> {
+    paths::pin_dir(&crate::bpffs::resolve(pin_root)).map_err(InspectError::Paths)
+}
 
 /// One attached port with its summed counters.
 #[derive(Debug, Clone)]
@@ -29,20 +91,17 @@ pub struct GroupRow {
     pub kind: &'static str,
 }
 
-fn open(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
+fn open(pin_dir: &Path, name: &str) -> Result<MapData, InspectError> {
     let path = pin_dir.join(name);
     if !path.exists() {
-        return Err(anyhow!(
-            "no mcrelay daemon in this network namespace ({} does not exist)",
-            path.display()
-        ));
+        return Err(InspectError::NoDataplane { path });
     }
-    open_read_only(&path).with_context(|| format!("opening {}", path.display()))
+    open_read_only(&path).map_err(|source| InspectError::Open { path, source })
 }
 
 /// Opens a pinned map read-only (BPF_OBJ_GET with BPF_F_RDONLY): the CLI can never change the
 /// daemon's maps, and the kernel checks that too. (`MapData::from_pin` opens read-write.)
-fn open_read_only(path: &Path) -> anyhow::Result<MapData> {
+fn open_read_only(path: &Path) -> std::io::Result<MapData> {
     use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_F_RDONLY: u32 = 1 << 3;
@@ -54,7 +113,8 @@ fn open_read_only(path: &Path) -> anyhow::Result<MapData> {
         path_fd: i32,
         _pad: u32,
     }
-    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let attr = ObjGetAttr {
         pathname: cpath.as_ptr() as u64,
         bpf_fd: 0,
@@ -73,22 +133,23 @@ fn open_read_only(path: &Path) -> anyhow::Result<MapData> {
         )
     };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("BPF_OBJ_GET (read-only)");
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: the kernel just returned this descriptor; we own it.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    Ok(MapData::from_fd(fd)?)
+    MapData::from_fd(fd).map_err(std::io::Error::other)
 }
 
 /// Reads every attached port and its counters.
-pub fn read_ports(pin_dir: &Path) -> anyhow::Result<Vec<PortRow>> {
+pub fn read_ports(pin_dir: &Path) -> Result<Vec<PortRow>, InspectError> {
     let ports: HashMap<_, u32, PortInfo> =
-        HashMap::try_from(Map::HashMap(open(pin_dir, pins::PORTS)?))?;
+        HashMap::try_from(Map::HashMap(open(pin_dir, pins::PORTS)?)).map_err(map_error("PORTS"))?;
     let stats: PerCpuHashMap<_, u32, PortCounters> =
-        PerCpuHashMap::try_from(Map::PerCpuHashMap(open(pin_dir, pins::PORT_STATS)?))?;
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(open(pin_dir, pins::PORT_STATS)?))
+            .map_err(map_error("PORT_STATS"))?;
     let mut rows = Vec::new();
     for entry in ports.iter() {
-        let (ifindex, info) = entry.context("reading PORTS")?;
+        let (ifindex, info) = entry.map_err(map_error("PORTS"))?;
         let mut counters = PortCounters::default();
         if let Ok(per_cpu) = stats.get(&ifindex, 0) {
             for c in per_cpu.iter() {
@@ -101,7 +162,7 @@ pub fn read_ports(pin_dir: &Path) -> anyhow::Result<Vec<PortRow>> {
             ifindex,
             mode: AttachMode::from_u32(info.attach_mode).map_or("unknown", AttachMode::as_str),
             role: if info.role & PORT_ROLE_ROUTER != 0 { "router" } else { "member" },
-            standby_reason: crate::control::standby_reason(info.role),
+            standby_reason: crate::loop_guard::standby_reason(info.role),
             counters,
         });
     }
@@ -110,14 +171,15 @@ pub fn read_ports(pin_dir: &Path) -> anyhow::Result<Vec<PortRow>> {
 }
 
 /// Reads every group and its ports.
-pub fn read_groups(pin_dir: &Path) -> anyhow::Result<Vec<GroupRow>> {
+pub fn read_groups(pin_dir: &Path) -> Result<Vec<GroupRow>, InspectError> {
     let names: BTreeMap<u32, String> =
         read_ports(pin_dir)?.into_iter().map(|p| (p.ifindex, p.iface)).collect();
     let outer: HashOfMaps<_, GroupKey, DevMapHash<MapData>> =
-        HashOfMaps::try_from(Map::HashOfMaps(open(pin_dir, pins::GROUP_PORTS)?))?;
+        HashOfMaps::try_from(Map::HashOfMaps(open(pin_dir, pins::GROUP_PORTS)?))
+            .map_err(map_error("GROUP_PORTS"))?;
     let mut rows = Vec::new();
     for key in outer.keys() {
-        let key = key.context("reading GROUP_PORTS")?;
+        let key = key.map_err(map_error("GROUP_PORTS"))?;
         // Entries may change between listing and reading: skip the ones that went away.
         let Ok(inner) = outer.get(&key, 0) else { continue };
         let mut ports: Vec<String> = Vec::new();
@@ -156,8 +218,7 @@ fn counters_json(values: &[u64; relay_common::COUNTER_COUNT]) -> Value {
 
 /// `mcrelay ports`.
 pub fn ports(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
-    let pin_root = &crate::bpffs::resolve(pin_root);
-    let rows = read_ports(&paths::pin_dir(pin_root)?)?;
+    let rows = read_ports(&pin_dir(pin_root)?)?;
     if as_json {
         let ports: Vec<Value> = rows
             .iter()
@@ -216,25 +277,17 @@ fn passed_dropped(c: &PortCounters) -> (u64, u64) {
     (passed, dropped)
 }
 
-/// Whether a daemon holds this namespace's lock.
-fn daemon_running() -> bool {
-    let Ok(lock) = paths::lock_file() else { return false };
-    let Ok(file) = std::fs::File::open(lock) else { return false };
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
-}
-
 /// `mcrelay groups`: the running daemon's state file (learned and static groups, timers,
 /// queriers); without one, the static view from the pinned maps.
 pub fn groups(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
-    let pin_root = &crate::bpffs::resolve(pin_root);
     let state_path = paths::state_file()?;
-    let state = if daemon_running() && state_path.exists() {
+    let state = if instance::is_running() && state_path.exists() {
         Some(crate::state::read(&state_path)?)
     } else {
         None
     };
     let Some(state) = state else {
-        let rows = read_groups(&paths::pin_dir(pin_root)?)?;
+        let rows = read_groups(&pin_dir(pin_root)?)?;
         if as_json {
             let groups: Vec<Value> = rows
                 .iter()
@@ -311,8 +364,7 @@ pub fn groups(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
 
 /// `mcrelay stats [--watch SECONDS]`.
 pub fn stats(pin_root: &Path, as_json: bool, watch: Option<u64>) -> anyhow::Result<()> {
-    let pin_root = &crate::bpffs::resolve(pin_root);
-    let pin_dir = paths::pin_dir(pin_root)?;
+    let pin_dir = pin_dir(pin_root)?;
     let mut previous: Option<Vec<PortRow>> = None;
     loop {
         let rows = read_ports(&pin_dir)?;
@@ -381,16 +433,13 @@ pub fn stats(pin_root: &Path, as_json: bool, watch: Option<u64>) -> anyhow::Resu
 /// `mcrelay detach`: removes the pins of this namespace (the daemon must not be running).
 pub fn detach(pin_root: &Path) -> anyhow::Result<()> {
     let pin_root = &crate::bpffs::resolve(pin_root);
-    let lock = paths::lock_file()?;
-    if let Ok(file) = std::fs::File::open(&lock) {
-        if nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err() {
-            return Err(anyhow!(
-                "an mcrelay daemon is running in this network namespace; stop it (SIGTERM) and \
-                 it detaches by itself"
-            ));
-        }
-    }
-    let root = paths::netns_pin_root(pin_root)?;
+    // Held while the pins go, so that no daemon starts in between.
+    let _lock = match InstanceLock::acquire() {
+        Ok(lock) => lock,
+        Err(InstanceError::Running { .. }) => return Err(InspectError::DaemonRunning.into()),
+        Err(e) => return Err(e.into()),
+    };
+    let root = paths::netns_pin_root(pin_root).map_err(InspectError::Paths)?;
     if !root.exists() {
         println!("nothing to detach ({} does not exist)", root.display());
         return Ok(());

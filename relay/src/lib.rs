@@ -12,6 +12,7 @@ pub mod doctor;
 pub mod error;
 pub mod groups;
 pub mod inspect;
+pub mod instance;
 pub mod loop_guard;
 pub mod manpage;
 pub mod membership;

@@ -202,6 +202,17 @@ impl LoopGuard {
     }
 }
 
+/// Words for a standby reason (`PORT_STANDBY_*` bits).
+pub fn standby_reason(bits: u32) -> &'static str {
+    if bits & relay_common::PORT_STANDBY_SAME_SEGMENT != 0 {
+        "another port of this relay is on the same segment"
+    } else if bits & relay_common::PORT_STANDBY_PEER != 0 {
+        "a relay with a lower relay MAC serves every segment of this one"
+    } else {
+        ""
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

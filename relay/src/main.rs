@@ -1,22 +1,19 @@
 //! The `mcrelay` command.
 
-use clap::{CommandFactory as _, FromArgMatches as _};
+use clap::Parser as _;
 use relay::{
     cli::{Cli, Command},
     error::exit_status,
+    settings::SettingsSource,
 };
 use tracing_subscriber::EnvFilter;
 
 fn main() {
-    let matches = Cli::command().get_matches();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let cli = Cli::parse();
     init_logging(cli.verbose);
-    // `run` needs to tell options given on the command line from clap's defaults (they
-    // override the configuration file).
-    let run_matches = matches.subcommand_matches("run").cloned().unwrap_or_default();
     let result =
         match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-            Ok(rt) => rt.block_on(dispatch(cli, run_matches)),
+            Ok(rt) => rt.block_on(dispatch(cli)),
             Err(e) => Err(anyhow::Error::new(e).context("starting the async runtime")),
         };
     if let Err(err) = result {
@@ -25,10 +22,10 @@ fn main() {
     }
 }
 
-async fn dispatch(cli: Cli, run_matches: clap::ArgMatches) -> anyhow::Result<()> {
-    let pin_root = cli.pin_root;
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let pin_root = cli.pin_root();
     match cli.command {
-        Command::Run(args) => relay::daemon::run(args, &pin_root, run_matches).await,
+        Command::Run(args) => relay::daemon::run(SettingsSource::new(*args, cli.pin_root)).await,
         Command::Groups(o) => relay::inspect::groups(&pin_root, o.json),
         Command::Ports(o) => relay::inspect::ports(&pin_root, o.json),
         Command::Stats(s) => relay::inspect::stats(&pin_root, s.json, s.watch),

@@ -1,8 +1,33 @@
-//! Typed settings shared by the command line, the configuration file and the layers below
-//! them. The CLI and the file parser produce these values; the dataplane and the daemon only
-//! ever see them, never clap's argument types or strings to parse again.
+//! The one validated model of what `mcrelay run` was asked to do, built in one place
+//! ([`Settings::new`]) from the configuration file and the command line.
+//!
+//! Precedence: an option given on the command line wins; otherwise the file's value; otherwise
+//! the default. `-i`, `--static`, `--fast-leave`, `--router-port` and `--per-client` add to
+//! what the file lists. The command line leaves every overridable option `None` unless the user
+//! gave it, so "given" needs no clap internals.
+//!
+//! Each rule (a timer range, "response shorter than interval", versions) has one validator in
+//! [`rules`], used both here (messages name the flag) and by the file validator (messages
+//! point at the line).
+//!
+//! Nothing below this module sees clap types or strings to parse again.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::Deserialize;
+
+use crate::{
+    cli::RunArgs,
+    config::{self, ConfigFile, GroupPolicy, PortRole},
+    error::UsageError,
+    groups::{parse_group, StaticGroup},
+    membership::{self, IgmpVersion, MldVersion, PortOptions},
+    ports,
+};
 
 /// How the XDP program is attached to a port (`--xdp-mode`, `xdp_mode` in the file).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -16,3 +41,341 @@ pub enum XdpMode {
     /// Generic (skb) mode only.
     Skb,
 }
+
+/// What happens to multicast data for groups nobody joined (`--unknown`, `[policy] unknown`).
+///
+/// The dataplane stores it as [`relay_common::UnknownPolicy`], the value the XDP program reads
+/// from its CONFIG map; this is the one user-facing type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownGroups {
+    /// RFC 4541: towards router ports (until router ports are learned: to the local stack).
+    #[default]
+    RouterPorts,
+    /// Drop, counted as drop_no_members.
+    Drop,
+    /// Flood to every port except the ingress port.
+    Flood,
+}
+
+impl From<UnknownGroups> for relay_common::UnknownPolicy {
+    fn from(value: UnknownGroups) -> Self {
+        match value {
+            UnknownGroups::RouterPorts => Self::RouterPorts,
+            UnknownGroups::Drop => Self::Drop,
+            UnknownGroups::Flood => Self::Flood,
+        }
+    }
+}
+
+/// Defaults of the overridable options (the file's defaults are the same values).
+pub mod defaults {
+    /// RFC 3376 8.1.
+    pub const ROBUSTNESS: u32 = 2;
+    /// RFC 3376 8.2, seconds.
+    pub const QUERY_INTERVAL: f64 = 125.0;
+    /// RFC 3376 8.3, seconds.
+    pub const QUERY_RESPONSE_INTERVAL: f64 = 10.0;
+    /// RFC 3376 8.8, seconds.
+    pub const LAST_MEMBER_INTERVAL: f64 = 1.0;
+    pub const IGMP_VERSION: u8 = 3;
+    pub const MLD_VERSION: u8 = 2;
+    /// Loop guard, seconds.
+    pub const HELLO_INTERVAL: f64 = 1.0;
+    /// Loop guard, seconds.
+    pub const HELLO_HOLDTIME: f64 = 3.5;
+}
+
+/// One validator per rule. Each returns the problem in words without naming where the value
+/// came from; the caller adds the flag name or the file position.
+pub mod rules {
+    use std::time::Duration;
+
+    /// A duration in seconds: finite, more than 0, less than a day.
+    pub fn seconds(value: f64) -> Result<Duration, String> {
+        if value.is_finite() && value > 0.0 && value < 86_400.0 {
+            Ok(Duration::from_secs_f64(value))
+        } else {
+            Err(format!("{value}: expected seconds, more than 0 and less than a day"))
+        }
+    }
+
+    /// The robustness variable (RFC 3376 8.1): 1 to 7 (a 3-bit field in queries).
+    pub fn robustness(value: u32) -> Result<u32, String> {
+        if (1..=7).contains(&value) {
+            Ok(value)
+        } else {
+            Err(format!("{value}: expected 1 to 7 (the RFC default is 2)"))
+        }
+    }
+
+    /// Two durations that must be ordered: hosts answer within one query interval (the
+    /// response interval is shorter), and a relay misses more than one hello before it counts
+    /// as gone (the hello interval is shorter than the holdtime). Each value comes with the
+    /// name the user knows it by.
+    pub fn shorter_than(shorter: (&str, f64), longer: (&str, f64)) -> Result<(), String> {
+        if shorter.1 < longer.1 {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} ({}s) must be shorter than {} ({}s)",
+                shorter.0, shorter.1, longer.0, longer.1
+            ))
+        }
+    }
+
+    /// IGMP version of mcrelay's queries.
+    pub fn igmp_version(value: u8) -> Result<super::IgmpVersion, String> {
+        match value {
+            2 => Ok(super::IgmpVersion::V2),
+            3 => Ok(super::IgmpVersion::V3),
+            _ => Err(format!("{value}: expected 2 or 3")),
+        }
+    }
+
+    /// MLD version of mcrelay's queries.
+    pub fn mld_version(value: u8) -> Result<super::MldVersion, String> {
+        match value {
+            1 => Ok(super::MldVersion::V1),
+            2 => Ok(super::MldVersion::V2),
+            _ => Err(format!("{value}: expected 1 or 2")),
+        }
+    }
+}
+
+/// Everything `mcrelay run` needs, validated; interfaces are names and globs (they are
+/// resolved against the system by the daemon's plan).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// The configuration file read, if any (read again on reload).
+    pub config_path: Option<PathBuf>,
+    /// Directory under a bpffs mount for the pins.
+    pub pin_root: PathBuf,
+    /// Keep links and maps pinned when the daemon exits.
+    pub pin: bool,
+    /// Prometheus endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Interface names and globs to relay between (file ports first, then `-i`).
+    pub patterns: Vec<String>,
+    /// Static memberships by interface name (or a name a glob matches).
+    pub statics: Vec<StaticGroup>,
+    /// Names/globs of ports with per-client delivery.
+    pub per_client: Vec<String>,
+    /// Names/globs of ports with a single host behind them.
+    pub fast_leave: Vec<String>,
+    /// Names/globs of configured router ports.
+    pub router_ports: Vec<String>,
+    /// The XDP mode of ports without one of their own.
+    pub xdp_mode: XdpMode,
+    /// Per-port XDP modes from `[[port]]` entries (empty when `--xdp-mode` was given: the
+    /// command line wins over every port).
+    pub port_xdp_modes: Vec<(String, XdpMode)>,
+    pub unknown: UnknownGroups,
+    /// `[policy]` allow/deny.
+    pub policy: GroupPolicy,
+    /// IGMP/MLD timers.
+    pub membership: membership::Config,
+    /// Take part in querier election.
+    pub querier: bool,
+    pub igmp_version: IgmpVersion,
+    pub mld_version: MldVersion,
+    /// Loop guard timers.
+    pub hello_interval: Duration,
+    pub hello_holdtime: Duration,
+}
+
+/// Appends the items of `more` not already in `list`.
+fn extend_unique(list: &mut Vec<String>, more: impl IntoIterator<Item = String>) {
+    for item in more {
+        if !list.contains(&item) {
+            list.push(item);
+        }
+    }
+}
+
+/// A flag's value, checked by `rule`; the error names the flag.
+fn checked<T, U>(
+    flag: &str,
+    value: T,
+    rule: impl Fn(T) -> Result<U, String>,
+) -> Result<U, UsageError>
+where
+    T: Copy,
+{
+    rule(value).map_err(|e| UsageError::new(format!("--{flag} {e}")))
+}
+
+impl Settings {
+    /// Reads the configuration file `run` uses (`--config FILE`, else
+    /// /etc/mcrelay/mcrelay.toml when it exists) and builds the settings. Warnings about the
+    /// file (ports that match nothing yet, planned options) are logged.
+    pub fn load(cli: &RunArgs, cli_pin_root: Option<&Path>) -> Result<Self, UsageError> {
+        let path = cli.config.clone().or_else(|| {
+            let default = Path::new(crate::paths::CONFIG_FILE);
+            default.exists().then(|| default.to_path_buf())
+        });
+        let file = match &path {
+            Some(path) => {
+                let file = config::load(path)?;
+                for warning in config::warnings(&file) {
+                    tracing::warn!("{}: {warning}", path.display());
+                }
+                Some(file)
+            }
+            None => None,
+        };
+        let mut settings = Self::new(cli, cli_pin_root, file.as_ref())?;
+        settings.config_path = path;
+        Ok(settings)
+    }
+
+    /// Combines a validated file (if any) with the command line. Touches nothing.
+    pub fn new(
+        cli: &RunArgs,
+        cli_pin_root: Option<&Path>,
+        file: Option<&ConfigFile>,
+    ) -> Result<Self, UsageError> {
+        let default_file = ConfigFile::default();
+        let f = file.unwrap_or(&default_file);
+        let m = &cli.membership;
+
+        let mut patterns: Vec<String> = Vec::new();
+        extend_unique(&mut patterns, f.ports.iter().map(|p| p.name.clone()));
+        extend_unique(&mut patterns, cli.ifaces.iter().cloned());
+        let from_ports = |keep: fn(&config::PortConfig) -> bool| -> Vec<String> {
+            f.ports.iter().filter(|p| keep(p)).map(|p| p.name.clone()).collect()
+        };
+        let mut fast_leave = from_ports(|p| p.fast_leave);
+        extend_unique(&mut fast_leave, m.fast_leave.iter().cloned());
+        let mut router_ports = from_ports(|p| p.role == PortRole::Router);
+        extend_unique(&mut router_ports, m.router_ports.iter().cloned());
+        let mut per_client = from_ports(|p| p.per_client);
+        extend_unique(&mut per_client, cli.per_client.iter().cloned());
+
+        let mut statics = Vec::new();
+        for st in &f.statics {
+            // The file validator checked the address already.
+            let group = parse_group(&st.group)?;
+            statics.push(StaticGroup { group, ifaces: st.ports.clone() });
+        }
+        statics.extend(cli.static_groups.iter().cloned());
+
+        let port_xdp_modes = match cli.xdp_mode {
+            Some(_) => Vec::new(),
+            None => f.ports.iter().filter_map(|p| Some((p.name.clone(), p.xdp_mode?))).collect(),
+        };
+
+        let t = &f.timers;
+        let robustness =
+            checked("robustness", m.robustness.unwrap_or(t.robustness), rules::robustness)?;
+        let qi = m.query_interval.unwrap_or(t.query_interval);
+        let qri = m.query_response_interval.unwrap_or(t.query_response_interval);
+        let lmi = m.last_member_interval.unwrap_or(t.last_member_interval);
+        let membership = membership::Config {
+            robustness,
+            query_interval: checked("query-interval", qi, rules::seconds)?,
+            query_response_interval: checked("query-response-interval", qri, rules::seconds)?,
+            last_member_query_interval: checked("last-member-interval", lmi, rules::seconds)?,
+            ..membership::Config::default()
+        };
+        rules::shorter_than(("--query-response-interval", qri), ("--query-interval", qi))
+            .map_err(UsageError::new)?;
+
+        let q = &f.querier;
+        let igmp_version =
+            checked("igmp-version", m.igmp_version.unwrap_or(q.igmp_version), rules::igmp_version)?;
+        let mld_version =
+            checked("mld-version", m.mld_version.unwrap_or(q.mld_version), rules::mld_version)?;
+
+        let g = &f.loop_guard;
+        let hello = cli.hello_interval.unwrap_or(g.hello_interval);
+        let holdtime = cli.hello_holdtime.unwrap_or(g.holdtime);
+        let hello_interval = checked("hello-interval", hello, rules::seconds)?;
+        let hello_holdtime = checked("hello-holdtime", holdtime, rules::seconds)?;
+        rules::shorter_than(("--hello-interval", hello), ("--hello-holdtime", holdtime))
+            .map_err(UsageError::new)?;
+
+        let pin_root = cli_pin_root
+            .map(Path::to_path_buf)
+            .or_else(|| f.pin_root.clone())
+            .unwrap_or_else(|| PathBuf::from(crate::paths::PIN_ROOT));
+
+        let settings = Self {
+            config_path: cli.config.clone(),
+            pin_root,
+            pin: !cli.no_pin && f.pin,
+            metrics_listen: f.metrics_listen,
+            patterns,
+            statics,
+            per_client,
+            fast_leave,
+            router_ports,
+            xdp_mode: cli.xdp_mode.unwrap_or(f.xdp_mode),
+            port_xdp_modes,
+            unknown: cli.unknown.unwrap_or(f.policy.unknown),
+            policy: config::policy(f),
+            membership,
+            querier: !cli.membership.no_querier && q.enabled,
+            igmp_version,
+            mld_version,
+            hello_interval,
+            hello_holdtime,
+        };
+        if let Some(denied) = settings.statics.iter().find(|s| !settings.policy.permits(s.group)) {
+            return Err(UsageError::new(format!(
+                "--static {}: the group is denied by the configuration's [policy]",
+                denied.group
+            )));
+        }
+        Ok(settings)
+    }
+
+    /// The XDP mode for an interface (a `[[port]]` entry's own mode, else the general one).
+    pub fn xdp_mode_for(&self, iface: &str) -> XdpMode {
+        self.port_xdp_modes
+            .iter()
+            .find(|(pattern, _)| ports::matches_any(std::slice::from_ref(pattern), iface))
+            .map_or(self.xdp_mode, |(_, mode)| *mode)
+    }
+
+    /// Membership options of the port named `name` (its addresses are filled in by the
+    /// caller).
+    pub fn port_options(&self, name: &str) -> PortOptions {
+        PortOptions {
+            fast_leave: ports::matches_any(&self.fast_leave, name),
+            querier: self.querier,
+            igmp_version: self.igmp_version,
+            mld_version: self.mld_version,
+            router_port: ports::matches_any(&self.router_ports, name),
+            ..PortOptions::default()
+        }
+    }
+
+    /// Whether the port named `name` has per-client delivery.
+    pub fn is_per_client(&self, name: &str) -> bool {
+        ports::matches_any(&self.per_client, name)
+    }
+}
+
+/// Where the settings come from: the command line (and through it the configuration file).
+/// The daemon keeps it to read the file again on reload.
+#[derive(Debug, Clone)]
+pub struct SettingsSource {
+    cli: RunArgs,
+    pin_root: Option<PathBuf>,
+}
+
+impl SettingsSource {
+    /// `run`'s arguments and the global `--pin-root`, if given.
+    pub fn new(cli: RunArgs, pin_root: Option<PathBuf>) -> Self {
+        Self { cli, pin_root }
+    }
+
+    /// Reads the file (if any) and builds the settings.
+    pub fn load(&self) -> Result<Settings, UsageError> {
+        Settings::load(&self.cli, self.pin_root.as_deref())
+    }
+}
+
+#[cfg(test)]
+mod tests;

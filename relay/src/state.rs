@@ -3,7 +3,6 @@
 //! when the file was written plus the write time, so readers can show live countdowns.
 
 use std::{
-    net::IpAddr,
     path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -11,10 +10,40 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    control::{Control, ControlCounters},
-    membership::{CompatMode, Family, FilterMode},
-};
+/// Counters of the control plane, shown by `mcrelay groups` / `stats`.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct ControlCounters {
+    pub received: u64,
+    pub ignored_other_port: u64,
+    /// Frames the filter let through that are not IGMP/MLD/PIM (ICMPv6 neighbour discovery).
+    pub ignored_not_membership: u64,
+    pub malformed: std::collections::BTreeMap<String, u64>,
+    pub queries_sent: u64,
+    pub send_errors: u64,
+    pub group_updates: u64,
+    /// Reports and leaves relayed to router ports, queries of other queriers relayed to all
+    /// other ports (RFC 4541 2.1.1).
+    pub relayed: u64,
+    /// Time from receiving a report to the moment the map update it caused was issued (the
+    /// entry is visible to the XDP program from then on): last and worst, in microseconds.
+    /// This is the join-to-forwarding latency on the gateway.
+    pub last_update_us: u64,
+    pub max_update_us: u64,
+    /// Relay hellos received (loop guard).
+    #[serde(default)]
+    pub hellos_received: u64,
+    /// Control frames ignored because they came from this relay's own ports or relay MAC, or
+    /// from a redundant peer relay (they went round a loop).
+    #[serde(default)]
+    pub ignored_loop: u64,
+    /// Group map writes that failed (logged; retried on the next round, since the record of
+    /// what is installed keeps the old set).
+    #[serde(default)]
+    pub map_errors: u64,
+    /// Time from receiving a report until the update syscalls returned (includes the
+    /// kernel's RCU grace period that map-in-map updates wait for after publishing).
+    pub last_update_done_us: u64,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DaemonState {
@@ -94,97 +123,8 @@ pub struct QuerierState {
     pub is_self: bool,
 }
 
-fn ms(d: Duration) -> u64 {
+pub fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
-}
-
-fn compat_name(c: CompatMode) -> &'static str {
-    match c {
-        CompatMode::IgmpV1 => "igmpv1",
-        CompatMode::IgmpV2 => "igmpv2",
-        CompatMode::IgmpV3 => "igmpv3",
-        CompatMode::MldV1 => "mldv1",
-        CompatMode::MldV2 => "mldv2",
-    }
-}
-
-/// Builds the state of a running control loop.
-pub fn snapshot(control: &Control, now: Duration) -> DaemonState {
-    let names = |ports: &mut dyn Iterator<Item = u32>| -> Vec<String> {
-        ports.map(|p| control.name(p)).collect()
-    };
-    let mut groups: Vec<GroupState> = Vec::new();
-    let learned: std::collections::BTreeMap<IpAddr, _> =
-        control.engine.groups(now).map(|g| (g.group, g)).collect();
-    let mut all: std::collections::BTreeSet<IpAddr> =
-        control.table.installed().keys().copied().collect();
-    all.extend(learned.keys().copied());
-    for group in all {
-        let installed = control.table.installed().get(&group).cloned().unwrap_or_default();
-        let members = learned
-            .get(&group)
-            .map(|g| {
-                g.ports
-                    .iter()
-                    .map(|p| MemberState {
-                        port: control.name(p.port),
-                        mode: match p.mode {
-                            FilterMode::Include => "include".into(),
-                            FilterMode::Exclude => "exclude".into(),
-                        },
-                        timer_ms: p.group_timer.map(ms),
-                        compat: compat_name(p.compat).into(),
-                        sources: p
-                            .sources
-                            .iter()
-                            .map(|s| SourceTimer {
-                                source: s.source.to_string(),
-                                timer_ms: s.timer.map(ms),
-                            })
-                            .collect(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        groups.push(GroupState {
-            group: group.to_string(),
-            kind: if control.table.is_static(&group) { "static" } else { "learned" }.into(),
-            ports: names(&mut installed.any_source.iter().copied()),
-            sources: installed
-                .per_source
-                .iter()
-                .map(|(s, ports)| SourcePorts {
-                    source: s.to_string(),
-                    ports: names(&mut ports.iter().copied()),
-                })
-                .collect(),
-            members,
-        });
-    }
-    let mut queriers = Vec::new();
-    for port in control.engine.ports() {
-        for (family, fname) in [(Family::V4, "ipv4"), (Family::V6, "ipv6")] {
-            if let Some(q) = control.engine.querier(port, family) {
-                queriers.push(QuerierState {
-                    port: control.name(port),
-                    family: fname.into(),
-                    address: q.address.to_string(),
-                    is_self: q.is_self,
-                });
-            }
-        }
-    }
-    let mut routers = control.engine.router_ports(Family::V4);
-    routers.extend(control.engine.router_ports(Family::V6));
-    DaemonState {
-        written_unix_ms: unix_ms(),
-        pid: std::process::id(),
-        groups,
-        queriers,
-        router_ports: names(&mut routers.into_iter()),
-        control: control.counters.clone(),
-        clients: Vec::new(),
-    }
 }
 
 /// Milliseconds since the Unix epoch.

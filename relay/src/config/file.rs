@@ -7,8 +7,8 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
-use crate::cli::UnknownArg;
-pub use crate::settings::XdpMode;
+use crate::settings::defaults;
+pub use crate::settings::{UnknownGroups, XdpMode};
 
 /// `/etc/mcrelay/mcrelay.toml`, as written by the user (validated by [`super::load`]).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -35,6 +35,8 @@ pub struct ConfigFile {
     pub timers: TimersConfig,
     /// `[querier]`: whether and how mcrelay queries.
     pub querier: QuerierConfig,
+    /// `[loop_guard]`: hello timers.
+    pub loop_guard: LoopGuardConfig,
 }
 
 impl Default for ConfigFile {
@@ -49,6 +51,7 @@ impl Default for ConfigFile {
             policy: PolicyConfig::default(),
             timers: TimersConfig::default(),
             querier: QuerierConfig::default(),
+            loop_guard: LoopGuardConfig::default(),
         }
     }
 }
@@ -115,27 +118,7 @@ pub struct PolicyConfig {
     /// Group prefixes that are never relayed (CIDR); wins over `allow`.
     pub deny: Vec<String>,
     /// Multicast data for groups nobody joined (`--unknown`).
-    pub unknown: UnknownPolicy,
-}
-
-/// `unknown`: the values of `--unknown`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum UnknownPolicy {
-    #[default]
-    RouterPorts,
-    Drop,
-    Flood,
-}
-
-impl From<UnknownPolicy> for UnknownArg {
-    fn from(policy: UnknownPolicy) -> Self {
-        match policy {
-            UnknownPolicy::RouterPorts => Self::RouterPorts,
-            UnknownPolicy::Drop => Self::Drop,
-            UnknownPolicy::Flood => Self::Flood,
-        }
-    }
+    pub unknown: UnknownGroups,
 }
 
 /// `[timers]`, in seconds (fractions allowed).
@@ -152,10 +135,10 @@ pub struct TimersConfig {
 impl Default for TimersConfig {
     fn default() -> Self {
         Self {
-            robustness: 2,
-            query_interval: 125.0,
-            query_response_interval: 10.0,
-            last_member_interval: 1.0,
+            robustness: defaults::ROBUSTNESS,
+            query_interval: defaults::QUERY_INTERVAL,
+            query_response_interval: defaults::QUERY_RESPONSE_INTERVAL,
+            last_member_interval: defaults::LAST_MEMBER_INTERVAL,
         }
     }
 }
@@ -174,7 +157,27 @@ pub struct QuerierConfig {
 
 impl Default for QuerierConfig {
     fn default() -> Self {
-        Self { enabled: true, igmp_version: 3, mld_version: 2 }
+        Self {
+            enabled: true,
+            igmp_version: defaults::IGMP_VERSION,
+            mld_version: defaults::MLD_VERSION,
+        }
+    }
+}
+
+/// `[loop_guard]`: hellos between relays (and between this relay's own ports), in seconds.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoopGuardConfig {
+    /// Time between hellos (`--hello-interval`).
+    pub hello_interval: f64,
+    /// Time without a hello after which a relay counts as gone (`--hello-holdtime`).
+    pub holdtime: f64,
+}
+
+impl Default for LoopGuardConfig {
+    fn default() -> Self {
+        Self { hello_interval: defaults::HELLO_INTERVAL, holdtime: defaults::HELLO_HOLDTIME }
     }
 }
 

@@ -8,7 +8,7 @@ use super::{
     policy::{parse_prefix, GroupPolicy},
     span::{at, Issue},
 };
-use crate::{groups::parse_group, ports};
+use crate::{groups::parse_group, ports, settings::rules};
 
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
@@ -33,6 +33,7 @@ pub fn validate(file: &ConfigFile) -> Vec<Issue> {
     check_statics(file, &policy, &mut issues);
     check_timers(file, &mut issues);
     check_querier(file, &mut issues);
+    check_loop_guard(file, &mut issues);
     issues
 }
 
@@ -142,11 +143,8 @@ fn check_statics(file: &ConfigFile, policy: &GroupPolicy, issues: &mut Vec<Issue
 
 fn check_timers(file: &ConfigFile, issues: &mut Vec<Issue>) {
     let t = &file.timers;
-    if !(1..=7).contains(&t.robustness) {
-        issues.push(Issue::new(
-            at!["timers", "robustness"],
-            format!("robustness = {}: expected 1 to 7 (the RFC default is 2)", t.robustness),
-        ));
+    if let Err(e) = rules::robustness(t.robustness) {
+        issues.push(Issue::new(at!["timers", "robustness"], format!("robustness = {e}")));
     }
     let mut all_valid = true;
     for (key, value) in [
@@ -154,38 +152,46 @@ fn check_timers(file: &ConfigFile, issues: &mut Vec<Issue>) {
         ("query_response_interval", t.query_response_interval),
         ("last_member_interval", t.last_member_interval),
     ] {
-        if !(value.is_finite() && value > 0.0 && value < 86_400.0) {
+        if let Err(e) = rules::seconds(value) {
             all_valid = false;
-            issues.push(Issue::new(
-                at!["timers", key],
-                format!("{key} = {value}: expected seconds, more than 0 and less than a day"),
-            ));
+            issues.push(Issue::new(at!["timers", key], format!("{key} = {e}")));
         }
     }
-    if all_valid && t.query_response_interval >= t.query_interval {
-        issues.push(Issue::new(
-            at!["timers", "query_response_interval"],
-            format!(
-                "query_response_interval ({}s) must be shorter than query_interval ({}s)",
-                t.query_response_interval, t.query_interval
-            ),
-        ));
+    if all_valid {
+        if let Err(e) = rules::shorter_than(
+            ("query_response_interval", t.query_response_interval),
+            ("query_interval", t.query_interval),
+        ) {
+            issues.push(Issue::new(at!["timers", "query_response_interval"], e));
+        }
     }
 }
 
 fn check_querier(file: &ConfigFile, issues: &mut Vec<Issue>) {
     let q = &file.querier;
-    if !(2..=3).contains(&q.igmp_version) {
-        issues.push(Issue::new(
-            at!["querier", "igmp_version"],
-            format!("igmp_version = {}: expected 2 or 3", q.igmp_version),
-        ));
+    if let Err(e) = rules::igmp_version(q.igmp_version) {
+        issues.push(Issue::new(at!["querier", "igmp_version"], format!("igmp_version = {e}")));
     }
-    if !(1..=2).contains(&q.mld_version) {
-        issues.push(Issue::new(
-            at!["querier", "mld_version"],
-            format!("mld_version = {}: expected 1 or 2", q.mld_version),
-        ));
+    if let Err(e) = rules::mld_version(q.mld_version) {
+        issues.push(Issue::new(at!["querier", "mld_version"], format!("mld_version = {e}")));
+    }
+}
+
+fn check_loop_guard(file: &ConfigFile, issues: &mut Vec<Issue>) {
+    let g = &file.loop_guard;
+    let mut all_valid = true;
+    for (key, value) in [("hello_interval", g.hello_interval), ("holdtime", g.holdtime)] {
+        if let Err(e) = rules::seconds(value) {
+            all_valid = false;
+            issues.push(Issue::new(at!["loop_guard", key], format!("{key} = {e}")));
+        }
+    }
+    if all_valid {
+        if let Err(e) =
+            rules::shorter_than(("hello_interval", g.hello_interval), ("holdtime", g.holdtime))
+        {
+            issues.push(Issue::new(at!["loop_guard", "holdtime"], e));
+        }
     }
 }
 

@@ -1,5 +1,12 @@
-//! The control loop: IGMP/MLD frames in, membership engine, group maps out (through the
-//! reconciler, [`crate::reconciler::GroupTable`]).
+//! The control plane: IGMP/MLD frames in, the membership engine, group maps out (through the
+//! reconciler, [`crate::reconciler::GroupTable`]), and the loop guard's hellos.
+//!
+//! [`Control`] owns everything learned at run time; the daemon drives it through methods (a
+//! port appeared or vanished, a frame arrived, a timer fired) and never reaches into its state.
+
+mod snapshot;
+
+pub use crate::state::ControlCounters;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -8,66 +15,44 @@ use std::{
 };
 
 use crate::{
-    capture::ControlSocket,
+    capture::{ControlSocket, Received},
+    config::GroupPolicy,
     dataplane::Dataplane,
     groups::is_link_local_group,
     loop_guard::{self, Decision, LoopGuard},
-    membership::{packet, Action, Engine, Family, Message, MessageKind, ParseError},
-    reconciler::{GroupTable, WriteFailures},
-    state::{self, DaemonState},
+    membership::{
+        packet, Action, Clients, Engine, Family, Message, MessageKind, ParseError, PortOptions,
+        Remembered,
+    },
+    reconciler::{GroupTable, Installed, WriteFailures},
+    state::{mac_string, DaemonState},
 };
 
-/// Counters of the control plane, shown by `mcrelay groups` / `stats`.
-#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ControlCounters {
-    pub received: u64,
-    pub ignored_other_port: u64,
-    /// Frames the filter let through that are not IGMP/MLD/PIM (ICMPv6 neighbour discovery).
-    pub ignored_not_membership: u64,
-    pub malformed: BTreeMap<String, u64>,
-    pub queries_sent: u64,
-    pub send_errors: u64,
-    pub group_updates: u64,
-    /// Reports and leaves relayed to router ports, queries of other queriers relayed to all
-    /// other ports (RFC 4541 2.1.1).
-    pub relayed: u64,
-    /// Time from receiving a report to the moment the map update it caused was issued (the
-    /// entry is visible to the XDP program from then on): last and worst, in microseconds.
-    /// This is the join-to-forwarding latency on the gateway.
-    pub last_update_us: u64,
-    pub max_update_us: u64,
-    /// Relay hellos received (loop guard).
-    #[serde(default)]
-    pub hellos_received: u64,
-    /// Control frames ignored because they came from this relay's own ports or relay MAC, or
-    /// from a redundant peer relay (they went round a loop).
-    #[serde(default)]
-    pub ignored_loop: u64,
-    /// Group map writes that failed (logged; retried on the next round, since the record of
-    /// what is installed keeps the old set).
-    #[serde(default)]
-    pub map_errors: u64,
-    /// Time from receiving a report until the update syscalls returned (includes the
-    /// kernel's RCU grace period that map-in-map updates wait for after publishing).
-    pub last_update_done_us: u64,
+/// A port as the control plane knows it.
+#[derive(Debug, Clone)]
+pub struct PortSpec {
+    pub ifindex: u32,
+    pub name: String,
+    /// Source MAC of queries and hellos sent on the port.
+    pub mac: Option<[u8; 6]>,
+    /// Per-client delivery (a shared TAP of an OpenVPN server).
+    pub per_client: bool,
 }
 
 /// Everything the control loop works on.
 pub struct Control {
-    pub engine: Engine,
-    pub table: GroupTable,
-    pub socket: ControlSocket,
+    engine: Engine,
+    table: GroupTable,
+    socket: ControlSocket,
     /// MAC of every port (query source).
-    pub macs: BTreeMap<u32, [u8; 6]>,
-    pub names: BTreeMap<u32, String>,
-    pub counters: ControlCounters,
-    pub dirty: bool,
-    /// Ports with per-client delivery (a shared TAP of an OpenVPN server).
-    pub per_client_ports: BTreeSet<u32>,
-    /// Clients seen joining through per-client ports: (group, port) -> MAC -> expiry.
-    pub clients: BTreeMap<(IpAddr, u32), BTreeMap<[u8; 6], Duration>>,
-    /// Groups whose per-client members changed since the last map update.
-    clients_changed: BTreeSet<IpAddr>,
+    macs: BTreeMap<u32, [u8; 6]>,
+    names: BTreeMap<u32, String>,
+    counters: ControlCounters,
+    dirty: bool,
+    /// Per-client memberships on per-client ports.
+    clients: Clients,
+    /// Memberships of vanished ports, by interface name (see [`Remembered`]).
+    remembered: BTreeMap<String, Remembered>,
     /// The querier last logged per (port, IPv6?), to log changes once.
     queriers_seen: BTreeMap<(u32, bool), (IpAddr, bool)>,
     /// Hellos between relays and the standby / loop-MAC decisions they lead to.
@@ -94,11 +79,176 @@ impl Control {
             names: BTreeMap::new(),
             counters: ControlCounters::default(),
             dirty: true,
-            per_client_ports: BTreeSet::new(),
-            clients: BTreeMap::new(),
-            clients_changed: BTreeSet::new(),
+            clients: Clients::default(),
+            remembered: BTreeMap::new(),
             queriers_seen: BTreeMap::new(),
         }
+    }
+
+    /// Registers a port with membership options `opts`. A port re-created under the name of
+    /// one that vanished within a membership interval gets its memberships back.
+    pub fn add_port(&mut self, now: Duration, port: PortSpec, opts: PortOptions) {
+        if let Some(mac) = port.mac {
+            self.macs.insert(port.ifindex, mac);
+        }
+        if port.per_client {
+            tracing::info!(iface = %port.name, "per-client delivery: one copy per joined client, to its unicast MAC");
+            self.clients.add_port(port.ifindex);
+        }
+        self.engine.add_port(now, port.ifindex, opts);
+        if let Some(r) = self.remembered.remove(&port.name) {
+            if r.is_current(now) {
+                tracing::info!(
+                    iface = %port.name,
+                    groups = r.groups(),
+                    "re-created interface: restoring its memberships until members report again"
+                );
+                r.restore(&mut self.engine, &mut self.clients, port.ifindex, now);
+            }
+        }
+        self.names.insert(port.ifindex, port.name);
+        self.dirty = true;
+    }
+
+    /// New membership options for a port that stays.
+    pub fn set_port_options(&mut self, now: Duration, ifindex: u32, opts: PortOptions) {
+        self.engine.add_port(now, ifindex, opts);
+        self.dirty = true;
+    }
+
+    /// Forgets a port and what was learned on it (remembered by name for one membership
+    /// interval). Returns its name, or `None` for a port that was not registered.
+    pub fn remove_port(&mut self, now: Duration, ifindex: u32) -> Option<String> {
+        let name = self.names.remove(&ifindex)?;
+        let remembered = Remembered::of_port(&self.engine, &self.clients, ifindex, now);
+        if !remembered.is_empty() {
+            self.remembered.insert(name.clone(), remembered);
+        }
+        self.table.forget_port(ifindex);
+        self.engine.remove_port(ifindex);
+        self.macs.remove(&ifindex);
+        self.clients.remove_port(ifindex);
+        self.loop_guard.forget_port(ifindex);
+        self.dirty = true;
+        Some(name)
+    }
+
+    /// The registered ports: ifindex and name.
+    pub fn ports(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.names.iter().map(|(i, n)| (*i, n.as_str()))
+    }
+
+    /// Whether `ifindex` is a registered port.
+    pub fn has_port(&self, ifindex: u32) -> bool {
+        self.names.contains_key(&ifindex)
+    }
+
+    /// Static groups by port name; names that are not ports (yet) are skipped. Failed writes
+    /// are counted and retried on the next round.
+    pub fn set_statics(
+        &mut self,
+        dp: &mut Dataplane,
+        statics: &BTreeMap<IpAddr, BTreeSet<String>>,
+    ) {
+        let by_name: BTreeMap<&String, u32> = self.names.iter().map(|(i, n)| (n, *i)).collect();
+        let statics = statics
+            .iter()
+            .map(|(g, names)| (*g, names.iter().filter_map(|n| by_name.get(n).copied()).collect()))
+            .collect();
+        let engine = &self.engine;
+        if let Err(e) = self.table.set_statics(dp, |g| engine.forwarding(g), statics) {
+            self.count_write_failures(&e);
+        }
+    }
+
+    /// A new `[policy]`: every learned group is written again under it.
+    pub fn set_policy(&mut self, dp: &mut Dataplane, policy: GroupPolicy) {
+        self.table.set_policy(policy);
+        self.reapply(dp);
+    }
+
+    /// Writes every learned group again (after a change of policy or of excluded ports).
+    fn reapply(&mut self, dp: &mut Dataplane) {
+        let engine = &self.engine;
+        let learned: Vec<IpAddr> = engine.groups(Duration::ZERO).map(|g| g.group).collect();
+        if let Err(e) = self.table.reapply(dp, |g| engine.forwarding(g), learned) {
+            self.count_write_failures(&e);
+        }
+        self.dirty = true;
+    }
+
+    /// Takes over the port sets a previous daemon left in the pinned maps.
+    pub fn adopt(&mut self, installed: BTreeMap<IpAddr, Installed>) {
+        self.table.adopt(installed);
+    }
+
+    /// Whether adopted port sets are still waiting to be renewed.
+    pub fn adopting(&self) -> bool {
+        self.table.adopting()
+    }
+
+    /// One membership interval after a take-over: adopted port sets nobody renewed go.
+    pub fn end_adoption(&mut self, dp: &mut Dataplane) {
+        let engine = &self.engine;
+        if let Err(e) = self.table.end_adoption(dp, |g| engine.forwarding(g)) {
+            self.count_write_failures(&e);
+        }
+        self.dirty = true;
+    }
+
+    /// When the membership engine next needs [`Control::tick`].
+    pub fn next_deadline(&self) -> Option<Duration> {
+        self.engine.next_deadline()
+    }
+
+    /// Runs the membership timers.
+    pub fn tick(&mut self, now: Duration) {
+        self.engine.tick(now);
+        self.dirty = true;
+    }
+
+    /// The group membership interval.
+    pub fn membership_interval(&self) -> Duration {
+        self.engine.config().gmi()
+    }
+
+    /// The next frame from the packet socket.
+    pub async fn recv(&self) -> std::io::Result<Received> {
+        self.socket.recv().await
+    }
+
+    /// Whether the state changed since the last call (the state file is due).
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Marks the state as changed.
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Control-plane counters.
+    pub fn counters(&self) -> &ControlCounters {
+        &self.counters
+    }
+
+    /// Records how long a report took to reach the maps: `visible` until the update was
+    /// published, `done` until the syscalls returned (microseconds).
+    pub fn record_update_latency(&mut self, visible: u64, done: u64) {
+        let c = &mut self.counters;
+        c.last_update_us = visible;
+        c.max_update_us = c.max_update_us.max(visible);
+        c.last_update_done_us = done;
+    }
+
+    /// One line for systemd's status.
+    pub fn status_line(&self) -> String {
+        format!(
+            "{} port(s), {} group(s), {} queries sent",
+            self.names.len(),
+            self.table.installed().len(),
+            self.counters.queries_sent
+        )
     }
 
     /// Handles one received frame.
@@ -115,67 +265,26 @@ impl Control {
             return;
         }
         self.counters.received += 1;
-        if frame.len() >= 12 {
-            let mut source = [0u8; 6];
-            source.copy_from_slice(&frame[6..12]);
-            if self.loop_guard.is_loop_mac(&source) || self.macs.values().any(|m| *m == source) {
-                // Our own query or relayed report coming back, or one a redundant relay
-                // relayed: acting on it would feed a loop.
-                self.counters.ignored_loop += 1;
-                return;
-            }
+        let Some(source) = frame.get(6..12).and_then(|s| <[u8; 6]>::try_from(s).ok()) else {
+            self.count_malformed(ParseError::Truncated);
+            return;
+        };
+        if self.loop_guard.is_loop_mac(&source) || self.macs.values().any(|m| *m == source) {
+            // Our own query or relayed report coming back, or one a redundant relay
+            // relayed: acting on it would feed a loop.
+            self.counters.ignored_loop += 1;
+            return;
         }
         match packet::parse(frame) {
             Ok(msg) => {
                 tracing::trace!(port = ifindex, ?msg, "control message");
-                if self.per_client_ports.contains(&ifindex) && frame.len() >= 12 {
-                    let mut mac = [0u8; 6];
-                    mac.copy_from_slice(&frame[6..12]);
-                    self.track_client(now, ifindex, mac, &msg);
-                }
+                let expiry = now + self.engine.config().gmi();
+                self.clients.on_message(ifindex, source, &msg, expiry);
                 self.engine.handle(now, ifindex, &msg);
                 self.relay_control(ifindex, frame, &msg);
                 self.dirty = true;
             }
             Err(e) => self.count_malformed(e),
-        }
-    }
-
-    /// Per-client membership on a shared port, keyed by the reporting client's MAC: a join
-    /// (re)arms the client's timer (one group membership interval), a leave ends it at once
-    /// (the port-level state still goes through the normal last-member queries).
-    fn track_client(&mut self, now: Duration, port: u32, mac: [u8; 6], msg: &Message) {
-        let expiry = now + self.engine.config().gmi();
-        let mut joins: Vec<IpAddr> = Vec::new();
-        let mut leaves: Vec<IpAddr> = Vec::new();
-        match &msg.kind {
-            MessageKind::V1Report { group } | MessageKind::V2Report { group } => joins.push(*group),
-            MessageKind::Leave { group } => leaves.push(*group),
-            MessageKind::V3Report { records } => {
-                for r in records {
-                    use crate::membership::RecordType as R;
-                    match r.kind {
-                        R::IsExclude | R::ToExclude => joins.push(r.group),
-                        R::IsInclude | R::AllowNew if !r.sources.is_empty() => joins.push(r.group),
-                        R::ToInclude if r.sources.is_empty() => leaves.push(r.group),
-                        _ => {}
-                    }
-                }
-            }
-            _ => {}
-        }
-        for g in joins.into_iter().filter(crate::membership::engine::is_tracked) {
-            let known = self.clients.entry((g, port)).or_default().insert(mac, expiry).is_some();
-            if !known {
-                self.clients_changed.insert(g);
-            }
-        }
-        for g in leaves {
-            if let Some(m) = self.clients.get_mut(&(g, port)) {
-                if m.remove(&mac).is_some() {
-                    self.clients_changed.insert(g);
-                }
-            }
         }
     }
 
@@ -199,23 +308,9 @@ impl Control {
         }
     }
 
-    /// Puts back a per-client membership (an interface re-created under the same name).
-    pub fn restore_client(&mut self, group: IpAddr, port: u32, mac: [u8; 6], now: Duration) {
-        let expiry = now + self.engine.config().gmi();
-        self.clients.entry((group, port)).or_default().insert(mac, expiry);
-        self.clients_changed.insert(group);
-    }
-
-    /// Drops clients whose membership timed out.
+    /// Drops per-client memberships that timed out.
     pub fn expire_clients(&mut self, now: Duration) {
-        for ((g, _), macs) in &mut self.clients {
-            let before = macs.len();
-            macs.retain(|_, expiry| *expiry > now);
-            if macs.len() != before {
-                self.clients_changed.insert(*g);
-            }
-        }
-        self.clients.retain(|_, macs| !macs.is_empty());
+        self.clients.expire(now);
     }
 
     /// Brings the per-client sets of changed groups into the dataplane and their keys into
@@ -225,15 +320,10 @@ impl Control {
         dp: &mut Dataplane,
         changed: &mut BTreeSet<IpAddr>,
     ) -> anyhow::Result<()> {
-        for g in std::mem::take(&mut self.clients_changed) {
-            for &port in &self.per_client_ports {
-                let macs: Vec<[u8; 6]> = self
-                    .clients
-                    .get(&(g, port))
-                    .into_iter()
-                    .flat_map(|m| m.keys().copied())
-                    .collect();
-                let keys = dp.set_client_set(port, g, &macs)?;
+        for g in self.clients.take_changed() {
+            let ports: Vec<u32> = self.clients.ports().collect();
+            for port in ports {
+                let keys = dp.set_client_set(port, g, &self.clients.members(g, port))?;
                 self.table.set_clients(g, port, keys.into_iter().collect());
             }
             changed.insert(g);
@@ -243,7 +333,7 @@ impl Control {
 
     /// RFC 4541 2.1.1: reports and leaves go on towards router ports (so upstream routers learn
     /// what hosts behind the relay want); queries of another querier go to every other port
-    /// (so hosts there answer). The frame is sent unchanged.
+    /// (so hosts there answer).
     fn relay_control(&mut self, ingress: u32, frame: &[u8], msg: &Message) {
         if self.decision.standby.contains_key(&ingress) {
             return;
@@ -286,8 +376,9 @@ impl Control {
     }
 
     /// Carries out what the engine asked for: queries go out, changed groups are written in
-    /// one round. A failed write is counted and logged; the group is retried next round.
-    pub fn process_actions(&mut self, dp: &mut Dataplane) -> anyhow::Result<()> {
+    /// one round. A failed group write is counted and logged; the group is retried next round.
+    /// Returns whether any group was written.
+    pub fn process_actions(&mut self, dp: &mut Dataplane) -> anyhow::Result<bool> {
         let mut changed: BTreeSet<IpAddr> = BTreeSet::new();
         let mut routers_changed = false;
         for action in self.engine.take_actions() {
@@ -302,8 +393,7 @@ impl Control {
         self.log_querier_changes();
         self.sync_clients(dp, &mut changed)?;
         if routers_changed {
-            let mut routers = self.engine.router_ports(Family::V4);
-            routers.extend(self.engine.router_ports(Family::V6));
+            let routers = self.router_ports();
             tracing::info!(ports = ?routers.iter().map(|p| self.name(*p)).collect::<Vec<_>>(), "router ports");
             let engine = &self.engine;
             self.table.set_routers(dp, |g| engine.forwarding(g), routers)?;
@@ -320,19 +410,23 @@ impl Control {
         let result = self.table.sync(dp, groups);
         // Forget the copy totals of clients that left or timed out.
         let clients = &self.clients;
-        dp.retain_clients(|port, mac| {
-            clients.iter().any(|((_, p), macs)| *p == port && macs.contains_key(&mac))
-        });
-        match result {
-            Ok(n) => {
-                self.counters.group_updates += n as u64;
-                Ok(())
-            }
+        dp.retain_clients(|port, mac| clients.is_member(port, mac));
+        let written = match result {
+            Ok(n) => n,
             Err(e) => {
                 self.count_write_failures(&e);
-                Ok(())
+                0
             }
-        }
+        };
+        self.counters.group_updates += written as u64;
+        Ok(written > 0)
+    }
+
+    /// Router ports of both families.
+    fn router_ports(&self) -> BTreeSet<u32> {
+        let mut routers = self.engine.router_ports(Family::V4);
+        routers.extend(self.engine.router_ports(Family::V6));
+        routers
     }
 
     /// Sends a hello on every port (loop guard).
@@ -362,7 +456,7 @@ impl Control {
         }
         for mac in decision.loop_macs.difference(&self.decision.loop_macs) {
             tracing::warn!(
-                relay = %state::mac_string(mac),
+                relay = %mac_string(mac),
                 "loop guard: another relay reaches this one through two or more ports; frames \
                  it relays are not relayed again"
             );
@@ -371,7 +465,7 @@ impl Control {
             if self.decision.standby.get(port) != Some(why) {
                 tracing::warn!(
                     port = self.name(*port),
-                    reason = standby_reason(*why),
+                    reason = loop_guard::standby_reason(*why),
                     "loop guard: port in standby"
                 );
             }
@@ -383,15 +477,10 @@ impl Control {
         self.decision = decision;
         let excluded: BTreeSet<u32> = self.decision.standby.keys().copied().collect();
         self.table.set_excluded(excluded);
-        let mut routers = self.engine.router_ports(Family::V4);
-        routers.extend(self.engine.router_ports(Family::V6));
+        let routers = self.router_ports();
         let engine = &self.engine;
         self.table.set_routers(dp, |g| engine.forwarding(g), routers)?;
-        let learned: Vec<IpAddr> = engine.groups(Duration::ZERO).map(|g| g.group).collect();
-        if let Err(e) = self.table.reapply(dp, |g| engine.forwarding(g), learned) {
-            self.count_write_failures(&e);
-        }
-        self.dirty = true;
+        self.reapply(dp);
         Ok(())
     }
 
@@ -401,9 +490,14 @@ impl Control {
     }
 
     /// Counts and logs failed group writes (they are retried on the next round).
-    pub fn count_write_failures(&mut self, e: &WriteFailures) {
+    fn count_write_failures(&mut self, e: &WriteFailures) {
         self.counters.map_errors += e.failed.len() as u64;
         tracing::warn!("{e}");
+    }
+
+    /// Counts a failed round of map writes that did not end the daemon.
+    pub fn count_map_error(&mut self) {
+        self.counters.map_errors += 1;
     }
 
     fn send_query(&mut self, port: u32, source: IpAddr, query: &packet::Query) {
@@ -422,23 +516,13 @@ impl Control {
         }
     }
 
+    /// The interface name of a port (or `ifindex N`).
     pub fn name(&self, port: u32) -> String {
         self.names.get(&port).cloned().unwrap_or_else(|| format!("ifindex {port}"))
     }
 
-    /// The state `mcrelay groups` shows.
-    pub fn snapshot(&self, now: Duration) -> DaemonState {
-        state::snapshot(self, now)
-    }
-}
-
-/// Words for a standby reason (`PORT_STANDBY_*` bits).
-pub fn standby_reason(bits: u32) -> &'static str {
-    if bits & relay_common::PORT_STANDBY_SAME_SEGMENT != 0 {
-        "another port of this relay is on the same segment"
-    } else if bits & relay_common::PORT_STANDBY_PEER != 0 {
-        "a relay with a lower relay MAC serves every segment of this one"
-    } else {
-        ""
+    /// The state `mcrelay groups` shows, with per-client copy counts from the dataplane.
+    pub fn snapshot(&self, now: Duration, dp: &Dataplane) -> DaemonState {
+        snapshot::build(self, now, dp)
     }
 }

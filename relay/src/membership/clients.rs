@@ -1,0 +1,219 @@
+//! Per-client membership on shared ports (an OpenVPN `dev tap` server's TAP): which client,
+//! by its unicast MAC, joined which group on which port. The port-level state is the engine's;
+//! this only decides which clients get their own copy.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::Duration,
+};
+
+use super::{engine::is_tracked, Message, MessageKind, RecordType};
+
+/// Clients of the per-client ports and their memberships.
+#[derive(Debug, Default)]
+pub struct Clients {
+    /// Ports with per-client delivery.
+    ports: BTreeSet<u32>,
+    /// (group, port) -> client MAC -> when its membership expires.
+    members: BTreeMap<(IpAddr, u32), BTreeMap<[u8; 6], Duration>>,
+    /// Groups whose members changed since [`Clients::take_changed`].
+    changed: BTreeSet<IpAddr>,
+}
+
+impl Clients {
+    /// Turns per-client delivery on for `port`.
+    pub fn add_port(&mut self, port: u32) {
+        self.ports.insert(port);
+    }
+
+    /// Forgets `port` and its clients.
+    pub fn remove_port(&mut self, port: u32) {
+        self.ports.remove(&port);
+        let changed = &mut self.changed;
+        self.members.retain(|(group, p), _| {
+            let keep = *p != port;
+            if !keep {
+                changed.insert(*group);
+            }
+            keep
+        });
+    }
+
+    /// Whether `port` has per-client delivery.
+    pub fn is_per_client(&self, port: u32) -> bool {
+        self.ports.contains(&port)
+    }
+
+    /// The per-client ports.
+    pub fn ports(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ports.iter().copied()
+    }
+
+    /// A membership message from the client `mac` on `port`: a join (re)arms the client's
+    /// timer until `expiry` (one group membership interval from now), a leave ends it at once
+    /// (the port-level state still goes through the normal last-member queries).
+    pub fn on_message(&mut self, port: u32, mac: [u8; 6], msg: &Message, expiry: Duration) {
+        if !self.is_per_client(port) {
+            return;
+        }
+        let mut joins: Vec<IpAddr> = Vec::new();
+        let mut leaves: Vec<IpAddr> = Vec::new();
+        match &msg.kind {
+            MessageKind::V1Report { group } | MessageKind::V2Report { group } => joins.push(*group),
+            MessageKind::Leave { group } => leaves.push(*group),
+            MessageKind::V3Report { records } => {
+                for r in records {
+                    match r.kind {
+                        RecordType::IsExclude | RecordType::ToExclude => joins.push(r.group),
+                        RecordType::IsInclude | RecordType::AllowNew if !r.sources.is_empty() => {
+                            joins.push(r.group);
+                        }
+                        RecordType::ToInclude if r.sources.is_empty() => leaves.push(r.group),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        for group in joins.into_iter().filter(is_tracked) {
+            self.join(group, port, mac, expiry);
+        }
+        for group in leaves {
+            if let Some(macs) = self.members.get_mut(&(group, port)) {
+                if macs.remove(&mac).is_some() {
+                    self.changed.insert(group);
+                }
+            }
+        }
+    }
+
+    /// Makes `mac` a member of `group` on `port` until `expiry`.
+    pub fn join(&mut self, group: IpAddr, port: u32, mac: [u8; 6], expiry: Duration) {
+        let known = self.members.entry((group, port)).or_default().insert(mac, expiry).is_some();
+        if !known {
+            self.changed.insert(group);
+        }
+    }
+
+    /// Drops memberships that timed out.
+    pub fn expire(&mut self, now: Duration) {
+        for ((group, _), macs) in &mut self.members {
+            let before = macs.len();
+            macs.retain(|_, expiry| *expiry > now);
+            if macs.len() != before {
+                self.changed.insert(*group);
+            }
+        }
+        self.members.retain(|_, macs| !macs.is_empty());
+    }
+
+    /// The groups whose members changed since the last call.
+    pub fn take_changed(&mut self) -> BTreeSet<IpAddr> {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// The clients that are members of `group` on `port`.
+    pub fn members(&self, group: IpAddr, port: u32) -> Vec<[u8; 6]> {
+        self.members.get(&(group, port)).into_iter().flat_map(|m| m.keys().copied()).collect()
+    }
+
+    /// The groups client `mac` on `port` is a member of.
+    pub fn groups_of(&self, port: u32, mac: [u8; 6]) -> Vec<IpAddr> {
+        self.members
+            .iter()
+            .filter(|((_, p), macs)| *p == port && macs.contains_key(&mac))
+            .map(|((group, _), _)| *group)
+            .collect()
+    }
+
+    /// Whether client `mac` on `port` is a member of any group.
+    pub fn is_member(&self, port: u32, mac: [u8; 6]) -> bool {
+        self.members.iter().any(|((_, p), macs)| *p == port && macs.contains_key(&mac))
+    }
+
+    /// Every (group, client) membership on `port`.
+    pub fn of_port(&self, port: u32) -> Vec<(IpAddr, [u8; 6])> {
+        self.members
+            .iter()
+            .filter(|((_, p), _)| *p == port)
+            .flat_map(|((group, _), macs)| macs.keys().map(move |mac| (*group, *mac)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::membership::GroupRecord;
+
+    const A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
+    const B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+    const G: IpAddr = IpAddr::V4(Ipv4Addr::new(239, 1, 1, 1));
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn msg(kind: MessageKind) -> Message {
+        Message { source: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), kind }
+    }
+
+    fn record(kind: RecordType, sources: &[&str]) -> Message {
+        let sources = sources.iter().map(|s| s.parse().expect("address")).collect();
+        msg(MessageKind::V3Report { records: vec![GroupRecord { kind, group: G, sources }] })
+    }
+
+    #[test]
+    fn joins_and_leaves_of_each_client_are_tracked_separately() {
+        let mut c = Clients::default();
+        c.add_port(7);
+        c.on_message(7, A, &msg(MessageKind::V2Report { group: G }), 10 * SECOND);
+        c.on_message(7, B, &record(RecordType::IsExclude, &[]), 10 * SECOND);
+        assert_eq!(c.members(G, 7), [A, B]);
+        assert_eq!(c.take_changed(), BTreeSet::from([G]));
+        // A renewal changes nothing that the dataplane needs to know.
+        c.on_message(7, A, &msg(MessageKind::V2Report { group: G }), 20 * SECOND);
+        assert!(c.take_changed().is_empty());
+        c.on_message(7, A, &msg(MessageKind::Leave { group: G }), 20 * SECOND);
+        assert_eq!(c.members(G, 7), [B]);
+        assert_eq!(c.take_changed(), BTreeSet::from([G]));
+        c.on_message(7, B, &record(RecordType::ToInclude, &[]), 20 * SECOND);
+        assert!(c.members(G, 7).is_empty());
+    }
+
+    #[test]
+    fn source_specific_joins_count_and_empty_includes_do_not() {
+        let mut c = Clients::default();
+        c.add_port(7);
+        c.on_message(7, A, &record(RecordType::IsInclude, &[]), 10 * SECOND);
+        assert!(c.members(G, 7).is_empty());
+        c.on_message(7, A, &record(RecordType::AllowNew, &["10.0.0.9"]), 10 * SECOND);
+        assert_eq!(c.groups_of(7, A), [G]);
+    }
+
+    #[test]
+    fn ports_without_per_client_delivery_and_link_local_groups_are_ignored() {
+        let mut c = Clients::default();
+        c.add_port(7);
+        c.on_message(8, A, &msg(MessageKind::V2Report { group: G }), 10 * SECOND);
+        let local = IpAddr::V4(Ipv4Addr::new(224, 0, 0, 251));
+        c.on_message(7, A, &msg(MessageKind::V2Report { group: local }), 10 * SECOND);
+        assert!(c.of_port(7).is_empty() && c.of_port(8).is_empty());
+    }
+
+    #[test]
+    fn memberships_expire_and_removed_ports_take_their_clients_along() {
+        let mut c = Clients::default();
+        c.add_port(7);
+        c.join(G, 7, A, 5 * SECOND);
+        c.join(G, 7, B, 15 * SECOND);
+        c.take_changed();
+        c.expire(10 * SECOND);
+        assert_eq!(c.members(G, 7), [B]);
+        assert!(c.is_member(7, B) && !c.is_member(7, A));
+        assert_eq!(c.take_changed(), BTreeSet::from([G]));
+        c.remove_port(7);
+        assert!(!c.is_per_client(7) && c.members(G, 7).is_empty());
+        assert_eq!(c.take_changed(), BTreeSet::from([G]));
+    }
+}
