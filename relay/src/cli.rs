@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::groups::{parse_static, StaticGroup};
-pub use crate::settings::{UnknownGroups, XdpMode};
+pub use crate::options::{UnknownGroups, XdpMode};
 
 /// mcrelay: relays IP multicast between network segments at XDP speed, only to the segments
 /// that have receivers.

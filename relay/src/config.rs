@@ -7,7 +7,7 @@
 //! names, ranges, cross references). Nothing here touches the system: no BPF, no netlink;
 //! [`warnings`] only lists interface names.
 //!
-//! The command line overrides the file: [`crate::settings::Settings`] combines the two.
+//! The command line overrides the file; `Settings` (one layer up, settings.rs) combines the two.
 
 mod file;
 mod policy;

@@ -1,4 +1,5 @@
-//! Errors that decide the exit status.
+//! The usage error (exit status 2) and errno helpers shared by the layers. The exit status
+//! itself is decided in `main.rs` from the error types in the chain.
 
 /// A problem with what the user asked for (bad argument, unknown interface, missing privileges,
 /// an attachment the system refused). `mcrelay` exits with status 2 for these, after undoing
@@ -21,11 +22,6 @@ macro_rules! usage_bail {
     };
 }
 
-/// Exit status for a runtime failure.
-pub const EXIT_RUNTIME: i32 = 1;
-/// Exit status for usage and configuration errors.
-pub const EXIT_USAGE: i32 = 2;
-
 /// Whether an OS error somewhere in `err`'s chain is EPERM or EACCES (missing privileges).
 pub fn is_permission_denied(err: &anyhow::Error) -> bool {
     let denied = [nix::errno::Errno::EPERM as i32, nix::errno::Errno::EACCES as i32];
@@ -33,21 +29,4 @@ pub fn is_permission_denied(err: &anyhow::Error) -> bool {
         e.kind() == std::io::ErrorKind::PermissionDenied
             || e.raw_os_error().is_some_and(|code| denied.contains(&code))
     })
-}
-
-/// The exit status for an error returned by a command: decided by the error types in the
-/// chain, never by message text.
-pub fn exit_status(err: &anyhow::Error) -> i32 {
-    let usage = |e: &(dyn std::error::Error + 'static)| {
-        e.downcast_ref::<UsageError>().is_some()
-            || e.downcast_ref::<crate::config::ConfigError>().is_some()
-            || e.downcast_ref::<crate::dataplane::DataplaneError>().is_some_and(|d| d.is_usage())
-            || e.downcast_ref::<crate::instance::InstanceError>().is_some_and(|i| i.is_usage())
-            || e.downcast_ref::<crate::inspect::InspectError>().is_some_and(|i| i.is_usage())
-    };
-    if err.chain().any(usage) {
-        EXIT_USAGE
-    } else {
-        EXIT_RUNTIME
-    }
 }

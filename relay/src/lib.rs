@@ -17,6 +17,7 @@ pub mod loop_guard;
 pub mod manpage;
 pub mod membership;
 pub mod metrics;
+pub mod options;
 pub mod paths;
 pub mod ports;
 pub mod reconciler;

@@ -3,7 +3,6 @@
 use clap::Parser as _;
 use relay::{
     cli::{Cli, Command},
-    error::exit_status,
     settings::SettingsSource,
 };
 use tracing_subscriber::EnvFilter;
@@ -57,4 +56,26 @@ fn init_logging(verbose: u8) {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// Exit status for a runtime failure.
+const EXIT_RUNTIME: i32 = 1;
+/// Exit status for usage and configuration errors.
+const EXIT_USAGE: i32 = 2;
+
+/// The exit status for an error returned by a command: decided by the error types in the
+/// chain, never by message text.
+fn exit_status(err: &anyhow::Error) -> i32 {
+    let usage = |e: &(dyn std::error::Error + 'static)| {
+        e.downcast_ref::<relay::error::UsageError>().is_some()
+            || e.downcast_ref::<relay::config::ConfigError>().is_some()
+            || e.downcast_ref::<relay::dataplane::DataplaneError>().is_some_and(|d| d.is_usage())
+            || e.downcast_ref::<relay::instance::InstanceError>().is_some_and(|i| i.is_usage())
+            || e.downcast_ref::<relay::inspect::InspectError>().is_some_and(|i| i.is_usage())
+    };
+    if err.chain().any(usage) {
+        EXIT_USAGE
+    } else {
+        EXIT_RUNTIME
+    }
 }

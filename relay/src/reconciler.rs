@@ -14,9 +14,7 @@ use std::{
 
 use relay_common::GroupKey;
 
-use crate::{
-    config::GroupPolicy, dataplane::DataplaneError, groups::group_key, membership::Forwarding,
-};
+use crate::{config::GroupPolicy, groups::group_key, membership::Forwarding};
 
 /// One change to `GROUP_PORTS`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,20 +28,23 @@ pub enum GroupWrite {
 
 /// What the reconciler needs from the kernel side.
 pub trait GroupWriter {
+    /// Why a write failed.
+    type Error: std::error::Error + Send + Sync + 'static;
+
     /// Carries out a round of writes. Returns the keys whose write failed; the kernel kept
     /// what it had for those, every other key now holds what was written.
-    fn write_groups(&mut self, writes: Vec<GroupWrite>) -> Vec<(GroupKey, DataplaneError)>;
+    fn write_groups(&mut self, writes: Vec<GroupWrite>) -> Vec<(GroupKey, Self::Error)>;
 
     /// Sets the ports that lead to multicast routers (targets for unknown groups).
-    fn set_router_ports(&mut self, ifindexes: &[u32]) -> Result<(), DataplaneError>;
+    fn set_router_ports(&mut self, ifindexes: &[u32]) -> Result<(), Self::Error>;
 }
 
 /// Writes that failed in a round: the reconciler's record keeps the old sets for them, so the
 /// next round writes them again.
 #[derive(Debug, thiserror::Error)]
 #[error("{} group map write(s) failed (first: {}: {})", .failed.len(), .failed[0].0, .failed[0].1)]
-pub struct WriteFailures {
-    pub failed: Vec<(String, DataplaneError)>,
+pub struct WriteFailures<E: std::error::Error> {
+    pub failed: Vec<(String, E)>,
 }
 
 /// What is installed for one group.
@@ -172,11 +173,11 @@ impl GroupTable {
     /// Brings the entries of `groups` in line with what is wanted, in one round of writes.
     /// Returns how many groups changed; keys whose write failed keep their old record (so the
     /// next round retries them) and are reported in the error.
-    pub fn sync(
+    pub fn sync<W: GroupWriter>(
         &mut self,
-        writer: &mut impl GroupWriter,
+        writer: &mut W,
         groups: impl IntoIterator<Item = (IpAddr, Forwarding)>,
-    ) -> Result<usize, WriteFailures> {
+    ) -> Result<usize, WriteFailures<W::Error>> {
         let mut writes = Vec::new();
         let mut slots: BTreeMap<GroupKey, (Slot, Option<BTreeSet<u32>>)> = BTreeMap::new();
         let mut changed = 0;
@@ -255,9 +256,9 @@ impl GroupTable {
     }
 
     /// Changes the router ports; every installed group gets them too.
-    pub fn set_routers(
+    pub fn set_routers<W: GroupWriter>(
         &mut self,
-        writer: &mut impl GroupWriter,
+        writer: &mut W,
         forwarding: impl Fn(&IpAddr) -> Forwarding,
         routers: BTreeSet<u32>,
     ) -> anyhow::Result<usize> {
@@ -275,12 +276,12 @@ impl GroupTable {
 
     /// Replaces the static memberships (ifindexes per group) and rewrites the groups whose
     /// static ports changed.
-    pub fn set_statics(
+    pub fn set_statics<W: GroupWriter>(
         &mut self,
-        writer: &mut impl GroupWriter,
+        writer: &mut W,
         forwarding: impl Fn(&IpAddr) -> Forwarding,
         statics: BTreeMap<IpAddr, BTreeSet<u32>>,
-    ) -> Result<usize, WriteFailures> {
+    ) -> Result<usize, WriteFailures<W::Error>> {
         let statics: BTreeMap<IpAddr, BTreeSet<u32>> =
             statics.into_iter().filter(|(_, ports)| !ports.is_empty()).collect();
         let mut changed: BTreeSet<IpAddr> = BTreeSet::new();
@@ -300,12 +301,12 @@ impl GroupTable {
     }
 
     /// Recomputes every installed or static group plus `learned` (after a policy change).
-    pub fn reapply(
+    pub fn reapply<W: GroupWriter>(
         &mut self,
-        writer: &mut impl GroupWriter,
+        writer: &mut W,
         forwarding: impl Fn(&IpAddr) -> Forwarding,
         learned: impl IntoIterator<Item = IpAddr>,
-    ) -> Result<usize, WriteFailures> {
+    ) -> Result<usize, WriteFailures<W::Error>> {
         let mut groups: BTreeSet<IpAddr> = self.installed.keys().copied().collect();
         groups.extend(learned);
         groups.extend(self.statics.keys().copied());
@@ -339,11 +340,11 @@ impl GroupTable {
     }
 
     /// Drops the adopted port sets: from now on only learned, static and router ports count.
-    pub fn end_adoption(
+    pub fn end_adoption<W: GroupWriter>(
         &mut self,
-        writer: &mut impl GroupWriter,
+        writer: &mut W,
         forwarding: impl Fn(&IpAddr) -> Forwarding,
-    ) -> Result<usize, WriteFailures> {
+    ) -> Result<usize, WriteFailures<W::Error>> {
         let groups: Vec<IpAddr> = self.adopted.keys().copied().collect();
         self.adopted.clear();
         self.sync(writer, groups.into_iter().map(|g| (g, forwarding(&g))))

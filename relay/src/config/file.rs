@@ -7,8 +7,8 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
-use crate::settings::defaults;
-pub use crate::settings::{UnknownGroups, XdpMode};
+use crate::options::defaults;
+pub use crate::options::{UnknownGroups, XdpMode};
 
 /// `/etc/mcrelay/mcrelay.toml`, as written by the user (validated by [`super::load`]).
 #[derive(Debug, Clone, PartialEq, Deserialize)]

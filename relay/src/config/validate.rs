@@ -8,7 +8,7 @@ use super::{
     policy::{parse_prefix, GroupPolicy},
     span::{at, Issue},
 };
-use crate::{groups::parse_group, ports, settings::rules};
+use crate::{groups::parse_group, options::rules, ports};
 
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;

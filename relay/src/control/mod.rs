@@ -17,7 +17,7 @@ use std::{
 use crate::{
     capture::{ControlSocket, Received},
     config::GroupPolicy,
-    dataplane::Dataplane,
+    dataplane::{Dataplane, DataplaneError},
     groups::is_link_local_group,
     loop_guard::{self, Decision, LoopGuard},
     membership::{
@@ -490,7 +490,7 @@ impl Control {
     }
 
     /// Counts and logs failed group writes (they are retried on the next round).
-    fn count_write_failures(&mut self, e: &WriteFailures) {
+    fn count_write_failures(&mut self, e: &WriteFailures<DataplaneError>) {
         self.counters.map_errors += e.failed.len() as u64;
         tracing::warn!("{e}");
     }

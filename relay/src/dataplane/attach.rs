@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -20,9 +21,9 @@ use relay_common::{
 
 use super::{
     error::{DataplaneError, KernelContext as _},
-    sys::{cpus, error_chain},
+    sys::{self, cpus, error_chain},
 };
-use crate::{paths::pins, ports::Link, settings::XdpMode};
+use crate::{options::XdpMode, paths::pins, ports::Link};
 
 /// A port the program is attached to.
 #[derive(Debug)]
@@ -52,7 +53,13 @@ pub struct Ports {
     pin_dir: Option<PathBuf>,
     /// Pin the XDP links of new attachments (false with `run --no-pin`).
     pub pin_links: bool,
+    /// A pinned link was just unpinned to re-attach in another mode.
+    released_pin: bool,
 }
+
+/// How long an attachment waits for the kernel to release an unpinned link (it does so from a
+/// work item, a moment after the pin is removed).
+const LINK_RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 impl Ports {
     pub fn new(
@@ -68,6 +75,7 @@ impl Ports {
             attached: BTreeMap::new(),
             pin_dir: pin_dir.map(Path::to_owned),
             pin_links: true,
+            released_pin: false,
         }
     }
 
@@ -102,13 +110,29 @@ impl Ports {
             return Ok((adopted, None));
         }
         let pin = self.new_link_pin(link.index)?;
-        let attach = |program: &mut Xdp, m: KernelXdpMode, name: &'static str| {
-            program.attach_to_if_index(link.index, m).map_err(|e| DataplaneError::Attach {
-                iface: link.name.clone(),
-                mode: name,
-                reason: error_chain(&e),
-                hint: if name == "native" { " (try --xdp-mode auto or skb)" } else { "" },
-            })
+        // A link whose pin was just removed (another mode wanted) is released by a kernel
+        // work item shortly after: until then the interface reports EEXIST.
+        let wait =
+            if std::mem::take(&mut self.released_pin) { LINK_RELEASE_WAIT } else { Duration::ZERO };
+        let released_until = Instant::now() + wait;
+        let attach = |program: &mut Xdp, m: KernelXdpMode, name: &'static str| loop {
+            match program.attach_to_if_index(link.index, m) {
+                Ok(id) => return Ok(id),
+                Err(e)
+                    if sys::has_errno(&e, &[libc::EEXIST, libc::EBUSY])
+                        && Instant::now() < released_until =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    return Err(DataplaneError::Attach {
+                        iface: link.name.clone(),
+                        mode: name,
+                        reason: error_chain(&e),
+                        hint: if name == "native" { " (try --xdp-mode auto or skb)" } else { "" },
+                    })
+                }
+            }
         };
         let (link_id, used, fallback_reason) = match mode {
             XdpMode::Native => {
@@ -194,6 +218,7 @@ impl Ports {
         if mismatch {
             tracing::info!(iface = %link.name, "the pinned link has another XDP mode than asked for: re-attaching");
             let _ = std::fs::remove_file(&path);
+            self.released_pin = true;
             return None;
         }
         let result = (|| -> Result<AttachMode, DataplaneError> {

@@ -38,10 +38,10 @@ use group_maps::{GroupMaps, InnerEntry};
 use relay_common::{AttachMode, GroupKey, PortCounters, PortInfo, UnknownPolicy, MAX_PORTS};
 
 use crate::{
+    options::XdpMode,
     paths::pins,
     ports::Link,
     reconciler::{GroupWrite, GroupWriter},
-    settings::XdpMode,
 };
 
 /// The compiled eBPF object (built by build.rs from the relay-ebpf crate).
@@ -294,6 +294,8 @@ impl Dataplane {
 }
 
 impl GroupWriter for Dataplane {
+    type Error = DataplaneError;
+
     fn write_groups(&mut self, writes: Vec<GroupWrite>) -> Vec<(GroupKey, DataplaneError)> {
         let mut failed = Vec::new();
         let mut sets = Vec::new();

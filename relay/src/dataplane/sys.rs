@@ -74,19 +74,24 @@ pub fn is_not_found(e: &MapError) -> bool {
     }
 }
 
-/// Whether loading failed for lack of privileges: an EPERM or EACCES anywhere in the chain
-/// (aya's syscall errors carry the `io::Error` as their source).
-pub fn is_permission_error(e: &EbpfError) -> bool {
+/// Whether an OS error in `e`'s chain is one of `codes` (aya's syscall errors carry the
+/// `io::Error` as their source).
+pub fn has_errno(e: &(dyn std::error::Error + 'static), codes: &[i32]) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES)) {
+            if io.raw_os_error().is_some_and(|code| codes.contains(&code)) {
                 return true;
             }
         }
         source = err.source();
     }
     false
+}
+
+/// Whether loading failed for lack of privileges: an EPERM or EACCES anywhere in the chain.
+pub fn is_permission_error(e: &EbpfError) -> bool {
+    has_errno(e, &[libc::EPERM, libc::EACCES])
 }
 
 /// An error and its sources on one line.

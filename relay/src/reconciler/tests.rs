@@ -19,8 +19,15 @@ struct FakeKernel {
     rounds: usize,
 }
 
+/// A write the fake kernel refused.
+#[derive(Debug, thiserror::Error)]
+#[error("no room in the fake map")]
+struct Full;
+
 impl GroupWriter for FakeKernel {
-    fn write_groups(&mut self, writes: Vec<GroupWrite>) -> Vec<(GroupKey, DataplaneError)> {
+    type Error = Full;
+
+    fn write_groups(&mut self, writes: Vec<GroupWrite>) -> Vec<(GroupKey, Full)> {
         self.rounds += 1;
         let mut failed = Vec::new();
         for write in writes {
@@ -28,7 +35,7 @@ impl GroupWriter for FakeKernel {
                 GroupWrite::Set(k, _) | GroupWrite::Remove(k) => *k,
             };
             if self.refuse.contains(&key) {
-                failed.push((key, DataplaneError::Missing("room in the fake map".into())));
+                failed.push((key, Full));
                 continue;
             }
             match write {
@@ -43,7 +50,7 @@ impl GroupWriter for FakeKernel {
         failed
     }
 
-    fn set_router_ports(&mut self, ifindexes: &[u32]) -> Result<(), DataplaneError> {
+    fn set_router_ports(&mut self, ifindexes: &[u32]) -> Result<(), Full> {
         self.routers = ifindexes.to_vec();
         Ok(())
     }
