@@ -1,9 +1,15 @@
-//! Frame classification shared by the XDP program and the host tests.
+//! Frame parsing shared by the XDP program, the control plane and the host tests.
 //!
-//! [`classify`] reads a frame through the [`Frame`] trait: the kernel side implements it with
+//! Everything reads a frame through the [`Frame`] trait: the kernel side implements it with
 //! bounds-checked reads between `data` and `data_end`, the host side with a byte slice, so the
-//! exact same decision code is unit-tested here and verified in the kernel. All offsets stay
-//! below [`MAX_PARSE_OFFSET`] and every loop has a constant bound, which keeps the verifier happy.
+//! exact same code is unit-tested here and verified in the kernel. Two layers:
+//! - header walks ([`link_layer`], [`ipv4_header`], [`ipv6_header`], [`ipv6_upper_layer`]) find
+//!   the upper-layer protocol and its offset. The XDP program and the control plane's IGMP/MLD
+//!   parser (`relay::membership::packet`) both use them, so the limits below hold for both;
+//! - [`classify`], the XDP program's verdict on a frame, built on the walks.
+//!
+//! All offsets stay below [`MAX_PARSE_OFFSET`] and every loop has a constant bound, which keeps
+//! the verifier happy.
 
 use crate::{v4_mapped, GroupKey};
 
@@ -40,13 +46,253 @@ pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 pub const IPPROTO_IGMP: u8 = 2;
 pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPV4_MIN_HLEN: usize = 20;
 pub const IPV6_HLEN: usize = 40;
-/// VLAN tags parsed at most (802.1ad outer + 802.1Q inner).
+// IPv6 extension headers (RFC 8200 section 4) that the walk skips.
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ROUTING: u8 = 43;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_AH: u8 = 51;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+/// "No next header": what a non-first fragment is treated as, having no upper-layer header.
+pub const IPPROTO_NONE: u8 = 59;
+
+/// VLAN tags parsed at most (802.1ad outer + 802.1Q inner), by the XDP program and by the
+/// control plane alike.
 pub const MAX_VLAN_TAGS: usize = 2;
-/// IPv6 extension headers skipped at most before giving up (counted as malformed).
+/// IPv6 extension headers skipped at most before giving up (counted as malformed by the XDP
+/// program, rejected as "too many extension headers" by the control plane).
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
 /// Parsing never looks further into a frame than this.
 pub const MAX_PARSE_OFFSET: usize = 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Header walks: the part of parsing both sides share. `classify` builds its verdict on them and
+// so does the control plane's IGMP/MLD parser (`relay::membership::packet`), which then reads the
+// message body. They are `#[inline(always)]` so the kernel program compiles to one function.
+
+/// Why a header walk stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderError {
+    /// A header runs past the end of the frame, or past the length the IP header declares.
+    Truncated,
+    /// An IP header contradicts itself: wrong version, header length below the minimum, or a
+    /// total length shorter than the header.
+    Invalid,
+    /// More than [`MAX_IPV6_EXT_HEADERS`] extension headers, or one that would start beyond
+    /// [`MAX_PARSE_OFFSET`].
+    TooManyExtensionHeaders,
+}
+
+/// Where the network-layer header of a frame starts, once VLAN tags are skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkLayer {
+    /// The innermost EtherType read. Still a VLAN TPID when the frame has more than
+    /// [`MAX_VLAN_TAGS`] tags.
+    pub ethertype: u16,
+    /// Offset of the first byte after the Ethernet header and the tags skipped.
+    pub l3_offset: usize,
+}
+
+/// Skips the VLAN tags (802.1Q or 802.1ad, at most [`MAX_VLAN_TAGS`]) that follow the Ethernet
+/// header `eth`, which the caller has already read from the start of `frame`.
+#[inline(always)]
+pub fn link_layer<F: Frame>(frame: &F, eth: &[u8; ETH_HLEN]) -> Result<LinkLayer, HeaderError> {
+    let mut ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    let mut l3_offset = ETH_HLEN;
+    let mut tags = 0;
+    while tags < MAX_VLAN_TAGS && (ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD) {
+        let Some(tag) = frame.read::<VLAN_HLEN>(l3_offset) else {
+            return Err(HeaderError::Truncated);
+        };
+        ethertype = u16::from_be_bytes([tag[2], tag[3]]);
+        l3_offset += VLAN_HLEN;
+        tags += 1;
+    }
+    Ok(LinkLayer { ethertype, l3_offset })
+}
+
+/// A checked IPv4 header: the fixed part and the two lengths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Header {
+    /// The first 20 bytes (options, if any, follow in the frame).
+    pub fixed: [u8; IPV4_MIN_HLEN],
+    /// Header length in bytes, options included (at least 20).
+    pub header_len: usize,
+    /// Total length in bytes (at least `header_len`); the frame holds all of it.
+    pub total_len: usize,
+}
+
+impl Ipv4Header {
+    /// Protocol field.
+    #[inline(always)]
+    pub fn protocol(&self) -> u8 {
+        self.fixed[9]
+    }
+
+    /// Source address, network order.
+    #[inline(always)]
+    pub fn source(&self) -> [u8; 4] {
+        [self.fixed[12], self.fixed[13], self.fixed[14], self.fixed[15]]
+    }
+
+    /// Destination address, network order.
+    #[inline(always)]
+    pub fn destination(&self) -> [u8; 4] {
+        [self.fixed[16], self.fixed[17], self.fixed[18], self.fixed[19]]
+    }
+}
+
+/// Reads and checks the IPv4 header at `l3`: version 4, a header length of at least 20 bytes,
+/// a total length that covers the header and fits in the frame (Ethernet padding after it is
+/// fine).
+#[inline(always)]
+pub fn ipv4_header<F: Frame>(frame: &F, l3: usize) -> Result<Ipv4Header, HeaderError> {
+    let Some(fixed) = frame.read::<IPV4_MIN_HLEN>(l3) else {
+        return Err(HeaderError::Truncated);
+    };
+    let header_len = usize::from(fixed[0] & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes([fixed[2], fixed[3]]));
+    if fixed[0] >> 4 != 4 || header_len < IPV4_MIN_HLEN || total_len < header_len {
+        return Err(HeaderError::Invalid);
+    }
+    if l3 + total_len > frame.len() {
+        return Err(HeaderError::Truncated);
+    }
+    Ok(Ipv4Header { fixed, header_len, total_len })
+}
+
+/// A checked IPv6 fixed header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Header {
+    /// The 40 bytes of the fixed header.
+    pub fixed: [u8; IPV6_HLEN],
+    /// Payload length in bytes (extension headers included); the frame holds all of it.
+    pub payload_len: usize,
+}
+
+impl Ipv6Header {
+    /// Next-header field of the fixed header.
+    #[inline(always)]
+    pub fn next_header(&self) -> u8 {
+        self.fixed[6]
+    }
+
+    /// Source address, network order.
+    #[inline(always)]
+    pub fn source(&self) -> [u8; 16] {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&self.fixed[8..24]);
+        a
+    }
+
+    /// Destination address, network order.
+    #[inline(always)]
+    pub fn destination(&self) -> [u8; 16] {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&self.fixed[24..40]);
+        a
+    }
+}
+
+/// Reads and checks the IPv6 fixed header at `l3`: version 6 and a payload that fits in the
+/// frame.
+#[inline(always)]
+pub fn ipv6_header<F: Frame>(frame: &F, l3: usize) -> Result<Ipv6Header, HeaderError> {
+    let Some(fixed) = frame.read::<IPV6_HLEN>(l3) else {
+        return Err(HeaderError::Truncated);
+    };
+    let payload_len = usize::from(u16::from_be_bytes([fixed[4], fixed[5]]));
+    if fixed[0] >> 4 != 6 {
+        return Err(HeaderError::Invalid);
+    }
+    if l3 + IPV6_HLEN + payload_len > frame.len() {
+        return Err(HeaderError::Truncated);
+    }
+    Ok(Ipv6Header { fixed, payload_len })
+}
+
+/// The upper-layer header of an IPv6 packet, found behind its extension headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpperLayer {
+    /// Protocol of the upper-layer header; [`IPPROTO_NONE`] for a non-first fragment.
+    pub protocol: u8,
+    /// Offset of the upper-layer header in the frame. Nothing has been read there yet: it may
+    /// lie at or past the end of the frame.
+    pub offset: usize,
+    /// A fragment header was skipped on the way.
+    pub fragment: bool,
+}
+
+/// Walks the IPv6 extension headers that start at `offset` (just after the fixed header) with
+/// next-header value `next`, up to the upper-layer header.
+///
+/// Hop-by-hop, routing, fragment, destination-options and authentication headers are skipped,
+/// at most [`MAX_IPV6_EXT_HEADERS`] of them; any other value is the upper-layer protocol. The
+/// walk reads only the first bytes of each header (next header, length, fragment offset), so
+/// it does not notice a header whose body runs past the packet: the caller checks
+/// [`UpperLayer::offset`] before reading there.
+#[inline(always)]
+pub fn ipv6_upper_layer<F: Frame>(
+    frame: &F,
+    next: u8,
+    offset: usize,
+) -> Result<UpperLayer, HeaderError> {
+    let mut next = next;
+    let mut off = offset;
+    let mut fragment = false;
+    let mut skipped = 0;
+    while skipped < MAX_IPV6_EXT_HEADERS {
+        if off > MAX_PARSE_OFFSET {
+            return Err(HeaderError::TooManyExtensionHeaders);
+        }
+        let len = match next {
+            // Length in 8-byte units, not counting the first 8 bytes.
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let Some(h) = frame.read::<2>(off) else {
+                    return Err(HeaderError::Truncated);
+                };
+                next = h[0];
+                (usize::from(h[1]) + 1) * 8
+            }
+            // Always 8 bytes. Only the first fragment carries the upper-layer header.
+            IPPROTO_FRAGMENT => {
+                let Some(h) = frame.read::<4>(off) else {
+                    return Err(HeaderError::Truncated);
+                };
+                next = h[0];
+                fragment = true;
+                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                    next = IPPROTO_NONE;
+                }
+                8
+            }
+            // Length in 4-byte units, not counting the first 8 bytes.
+            IPPROTO_AH => {
+                let Some(h) = frame.read::<2>(off) else {
+                    return Err(HeaderError::Truncated);
+                };
+                next = h[0];
+                (usize::from(h[1]) + 2) * 4
+            }
+            _ => break,
+        };
+        off += len;
+        skipped += 1;
+    }
+    if skipped == MAX_IPV6_EXT_HEADERS
+        && matches!(
+            next,
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_FRAGMENT | IPPROTO_AH | IPPROTO_DSTOPTS
+        )
+    {
+        return Err(HeaderError::TooManyExtensionHeaders);
+    }
+    Ok(UpperLayer { protocol: next, offset: off, fragment })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Classification (the XDP program's view of a frame)
 
 /// What a frame is, as far as forwarding is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,50 +339,33 @@ pub fn classify<F: Frame>(frame: &F) -> Class {
     if eth[0..6] == [0xff; 6] {
         return Class::NotMulticast;
     }
-    let mut proto = u16::from_be_bytes([eth[12], eth[13]]);
-    let mut l3 = ETH_HLEN;
-    let mut tags = 0;
-    while tags < MAX_VLAN_TAGS && (proto == ETH_P_8021Q || proto == ETH_P_8021AD) {
-        let Some(tag) = frame.read::<VLAN_HLEN>(l3) else {
-            return Class::Malformed;
-        };
-        proto = u16::from_be_bytes([tag[2], tag[3]]);
-        l3 += VLAN_HLEN;
-        tags += 1;
-    }
-    match proto {
-        ETH_P_IP => classify_ipv4(frame, l3),
-        ETH_P_IPV6 => classify_ipv6(frame, l3),
+    let Ok(l2) = link_layer(frame, &eth) else {
+        return Class::Malformed;
+    };
+    match l2.ethertype {
+        ETH_P_IPV6 => classify_ipv6(frame, l2.l3_offset),
+        ETH_P_IP => classify_ipv4(frame, l2.l3_offset),
         _ => Class::Other,
     }
 }
 
 #[inline(always)]
 fn classify_ipv4<F: Frame>(frame: &F, l3: usize) -> Class {
-    let Some(ip) = frame.read::<20>(l3) else {
+    let Ok(ip) = ipv4_header(frame, l3) else {
         return Class::Malformed;
     };
-    let version = ip[0] >> 4;
-    let header_len = usize::from(ip[0] & 0x0f) * 4;
-    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    if version != 4 || header_len < 20 || total_len < header_len || l3 + total_len > frame.len() {
-        return Class::Malformed;
-    }
-    let dst = [ip[16], ip[17], ip[18], ip[19]];
+    let dst = ip.destination();
     if dst[0] & 0xf0 != 0xe0 {
         return Class::Other;
     }
-    if ip[9] == IPPROTO_IGMP {
+    if ip.protocol() == IPPROTO_IGMP {
         return Class::Control;
     }
     if dst[0] == 224 && dst[1] == 0 && dst[2] == 0 {
         return Class::LinkLocal;
     }
     Class::Data(Data {
-        key: GroupKey {
-            group: v4_mapped(dst),
-            source: v4_mapped([ip[12], ip[13], ip[14], ip[15]]),
-        },
+        key: GroupKey { group: v4_mapped(dst), source: v4_mapped(ip.source()) },
         l3_offset: l3,
         ipv6: false,
     })
@@ -150,69 +379,23 @@ pub const fn is_mld_type(t: u8) -> bool {
 
 #[inline(always)]
 fn classify_ipv6<F: Frame>(frame: &F, l3: usize) -> Class {
-    let Some(ip) = frame.read::<IPV6_HLEN>(l3) else {
+    let Ok(ip) = ipv6_header(frame, l3) else {
         return Class::Malformed;
     };
-    let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
-    if ip[0] >> 4 != 6 || l3 + IPV6_HLEN + payload_len > frame.len() {
-        return Class::Malformed;
-    }
-    let mut dst = [0u8; 16];
-    dst.copy_from_slice(&ip[24..40]);
+    let dst = ip.destination();
     if dst[0] != 0xff {
         return Class::Other;
     }
-    let mut next = ip[6];
-    let mut off = l3 + IPV6_HLEN;
-    let mut i = 0;
-    // Walk the extension headers up to the upper-layer protocol.
-    while i < MAX_IPV6_EXT_HEADERS {
-        if off > MAX_PARSE_OFFSET {
-            return Class::Malformed;
-        }
-        let len = match next {
-            // Hop-by-hop, routing, destination options: (hdr ext len + 1) * 8.
-            0 | 43 | 60 => {
-                let Some(h) = frame.read::<2>(off) else {
-                    return Class::Malformed;
-                };
-                next = h[0];
-                (usize::from(h[1]) + 1) * 8
-            }
-            // Fragment header: 8 bytes. A non-first fragment carries no upper-layer header.
-            44 => {
-                let Some(h) = frame.read::<4>(off) else {
-                    return Class::Malformed;
-                };
-                next = h[0];
-                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
-                    next = 59;
-                }
-                8
-            }
-            // Authentication header: (payload len + 2) * 4.
-            51 => {
-                let Some(h) = frame.read::<2>(off) else {
-                    return Class::Malformed;
-                };
-                next = h[0];
-                (usize::from(h[1]) + 2) * 4
-            }
-            _ => break,
-        };
-        off += len;
-        i += 1;
-    }
-    if i == MAX_IPV6_EXT_HEADERS && matches!(next, 0 | 43 | 44 | 51 | 60) {
+    let Ok(upper) = ipv6_upper_layer(frame, ip.next_header(), l3 + IPV6_HLEN) else {
         return Class::Malformed;
-    }
-    if next == IPPROTO_ICMPV6 {
-        if off > MAX_PARSE_OFFSET {
+    };
+    if upper.protocol == IPPROTO_ICMPV6 {
+        if upper.offset > MAX_PARSE_OFFSET {
             return Class::Malformed;
         }
         // Two bytes (type, code), never one: LLVM turns a one-byte bounds check into `>=`,
         // which the verifier does not use to widen the packet range.
-        let Some(icmp) = frame.read::<2>(off) else {
+        let Some(icmp) = frame.read::<2>(upper.offset) else {
             return Class::Malformed;
         };
         if is_mld_type(icmp[0]) {
@@ -223,9 +406,11 @@ fn classify_ipv6<F: Frame>(frame: &F, l3: usize) -> Class {
     if dst[1] & 0x0f <= 2 {
         return Class::LinkLocal;
     }
-    let mut source = [0u8; 16];
-    source.copy_from_slice(&ip[8..24]);
-    Class::Data(Data { key: GroupKey { group: dst, source }, l3_offset: l3, ipv6: true })
+    Class::Data(Data {
+        key: GroupKey { group: dst, source: ip.source() },
+        l3_offset: l3,
+        ipv6: true,
+    })
 }
 
 #[cfg(test)]
@@ -383,6 +568,114 @@ mod tests {
         let mut f = udp4_frame(SRC4, G4, b"").build();
         f.resize(60, 0);
         assert!(matches!(class(&f), Class::Data(_)));
+    }
+
+    /// The Ethernet header of `f`, for calling [`link_layer`] directly.
+    fn eth(f: &[u8]) -> [u8; ETH_HLEN] {
+        let mut e = [0u8; ETH_HLEN];
+        e.copy_from_slice(&f[..ETH_HLEN]);
+        e
+    }
+
+    #[test]
+    fn link_layer_skips_up_to_max_vlan_tags() {
+        let untagged = udp4_frame(SRC4, G4, b"x");
+        let cases = [
+            (untagged.clone(), ETH_P_IP, ETH_HLEN),
+            (untagged.clone().vlan(ETH_P_8021Q, 10), ETH_P_IP, ETH_HLEN + VLAN_HLEN),
+            (untagged.clone().vlan(ETH_P_8021AD, 1).vlan(ETH_P_8021Q, 2), ETH_P_IP, 22),
+            // One tag more than the limit: the walk stops at the third TPID.
+            (
+                untagged.clone().vlan(ETH_P_8021AD, 1).vlan(ETH_P_8021Q, 2).vlan(ETH_P_8021Q, 3),
+                ETH_P_8021Q,
+                ETH_HLEN + MAX_VLAN_TAGS * VLAN_HLEN,
+            ),
+        ];
+        for (builder, ethertype, l3_offset) in cases {
+            let f = builder.build();
+            assert_eq!(link_layer(&f.as_slice(), &eth(&f)), Ok(LinkLayer { ethertype, l3_offset }));
+        }
+        // A tag cut short.
+        let f = untagged.vlan(ETH_P_8021Q, 10).build();
+        assert_eq!(link_layer(&&f[..ETH_HLEN + 2], &eth(&f)), Err(HeaderError::Truncated));
+    }
+
+    #[test]
+    fn ip_header_errors_tell_truncation_from_contradiction() {
+        let f = udp4_frame(SRC4, G4, b"x").build();
+        assert!(ipv4_header(&f.as_slice(), ETH_HLEN).is_ok());
+        assert_eq!(ipv4_header(&&f[..f.len() - 1], ETH_HLEN), Err(HeaderError::Truncated));
+        assert_eq!(ipv4_header(&&f[..ETH_HLEN + 19], ETH_HLEN), Err(HeaderError::Truncated));
+        let mut bad = f.clone();
+        bad[ETH_HLEN] = 0x44; // IHL 4
+        assert_eq!(ipv4_header(&bad.as_slice(), ETH_HLEN), Err(HeaderError::Invalid));
+        let f = udp6_frame(SRC6, G6, b"x").build();
+        assert!(ipv6_header(&f.as_slice(), ETH_HLEN).is_ok());
+        assert_eq!(ipv6_header(&&f[..f.len() - 1], ETH_HLEN), Err(HeaderError::Truncated));
+        let mut bad = f.clone();
+        bad[ETH_HLEN] = 0x40;
+        assert_eq!(ipv6_header(&bad.as_slice(), ETH_HLEN), Err(HeaderError::Invalid));
+    }
+
+    /// An MLDv1 report behind a hop-by-hop router alert and `dest` destination-options headers.
+    fn mld_behind(dest: usize) -> Vec<u8> {
+        let mut ext = vec![hop_by_hop_router_alert()];
+        ext.extend((0..dest).map(|_| dest_opts(0)));
+        let mut mld = vec![131, 0, 0, 0, 0, 0, 0, 0];
+        mld.extend_from_slice(&G6);
+        FrameBuilder::new(mac_v6(G6), 0x86dd, ipv6(SRC6, G6, &ext, IPPROTO_ICMPV6, &mld)).build()
+    }
+
+    fn walk(f: &[u8]) -> Result<UpperLayer, HeaderError> {
+        ipv6_upper_layer(&f, f[ETH_HLEN + 6], ETH_HLEN + IPV6_HLEN)
+    }
+
+    #[test]
+    fn extension_header_walk_up_to_and_past_the_limit() {
+        for headers in 1..=MAX_IPV6_EXT_HEADERS {
+            let f = mld_behind(headers - 1);
+            let offset = ETH_HLEN + IPV6_HLEN + 8 * headers;
+            assert_eq!(
+                walk(&f),
+                Ok(UpperLayer { protocol: IPPROTO_ICMPV6, offset, fragment: false }),
+                "{headers} extension headers"
+            );
+            assert_eq!(class(&f), Class::Control, "{headers} extension headers");
+        }
+        for headers in MAX_IPV6_EXT_HEADERS + 1..=MAX_IPV6_EXT_HEADERS + 2 {
+            let f = mld_behind(headers - 1);
+            assert_eq!(walk(&f), Err(HeaderError::TooManyExtensionHeaders), "{headers}");
+            assert_eq!(class(&f), Class::Malformed, "{headers} extension headers");
+        }
+        // An extension header cut short.
+        let f = mld_behind(2);
+        let cut = ETH_HLEN + IPV6_HLEN + 8 * 2 + 1;
+        assert_eq!(walk(&f[..cut]), Err(HeaderError::Truncated));
+    }
+
+    #[test]
+    fn extension_header_walk_stops_beyond_max_parse_offset() {
+        // A hop-by-hop header of 2048 bytes puts the next header beyond MAX_PARSE_OFFSET.
+        let mut big = vec![0u8; 2048];
+        big[1] = 255;
+        let ext = [(0, big), dest_opts(0)];
+        let f = FrameBuilder::new(mac_v6(G6), 0x86dd, ipv6(SRC6, G6, &ext, 17, &udp(1, 2, b"x")))
+            .build();
+        assert_eq!(walk(&f), Err(HeaderError::TooManyExtensionHeaders));
+        assert_eq!(class(&f), Class::Malformed);
+    }
+
+    /// The walk looks through a first fragment and reports it; a later fragment has no
+    /// upper-layer header. (The control plane refuses both; the classifier does not.)
+    #[test]
+    fn extension_header_walk_reports_fragments() {
+        let mld = [131, 0, 0, 0];
+        for (offset, protocol) in [(0, IPPROTO_ICMPV6), (8, IPPROTO_NONE)] {
+            let ext = [hop_by_hop_router_alert(), fragment(offset)];
+            let f = FrameBuilder::new(mac_v6(G6), 0x86dd, ipv6(SRC6, G6, &ext, 58, &mld)).build();
+            let upper = walk(&f).expect("walk");
+            assert_eq!((upper.protocol, upper.fragment), (protocol, true), "offset {offset}");
+        }
     }
 
     /// Every prefix of a valid multicast frame shorter than the whole is malformed (or, when

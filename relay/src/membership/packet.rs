@@ -7,10 +7,46 @@
 //!
 //! Nothing here panics on any input; every rejection carries a [`ParseError`] reason that can be
 //! counted.
+//!
+//! # One header walk with the XDP program
+//!
+//! Up to the upper-layer header, [`parse`] runs the code the XDP classifier runs
+//! ([`relay_common::parse`]): the Ethernet header and at most [`MAX_VLAN_TAGS`] VLAN tags, the
+//! IPv4 header checks, the IPv6 fixed header and at most [`MAX_IPV6_EXT_HEADERS`] extension
+//! headers, none starting beyond [`MAX_PARSE_OFFSET`]. Both sides therefore find the same
+//! protocol at the same offset, and give up on the same frames (too many tags: not IP; too
+//! many extension headers or a cut header: rejected here, `malformed` in the program). Only the
+//! message body (reports, queries, group records) is parsed here alone.
+//!
+//! What this parser does on top, on purpose, because the program must not pay for it on the
+//! forwarding path or does not need it:
+//! - it verifies checksums (IPv4 header, IGMP, ICMPv6, PIM); the program classifies a frame
+//!   with a bad checksum as control all the same and passes it to the stack;
+//! - it refuses fragments (IPv4 MF or offset, any IPv6 fragment header): the control plane does
+//!   not reassemble. The program looks through a first IPv6 fragment and takes a later one as
+//!   having no upper-layer header (data, when it goes to a group beyond link scope);
+//! - it checks that the upper-layer header starts inside the IP packet; the program reads there
+//!   only to tell MLD from other ICMPv6;
+//! - it does not look at the destination address (the capture filter already kept multicast
+//!   MACs), where the program stops at a unicast one before walking extension headers.
+//!
+//! [`parse_ip`] (no Ethernet header) counts offsets from the IP header, so its
+//! [`MAX_PARSE_OFFSET`] bound lies 14 bytes further into the packet. The tests
+//! `classifier_agrees_*` and `control_plane_checks_what_the_classifier_does_not` hold both
+//! sides to this.
+//!
+//! [`MAX_VLAN_TAGS`]: relay_common::parse::MAX_VLAN_TAGS
+//! [`MAX_IPV6_EXT_HEADERS`]: relay_common::parse::MAX_IPV6_EXT_HEADERS
+//! [`MAX_PARSE_OFFSET`]: relay_common::parse::MAX_PARSE_OFFSET
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
+};
+
+use relay_common::parse::{
+    ipv4_header, ipv6_header, ipv6_upper_layer, link_layer, Frame as _, HeaderError, ETH_HLEN,
+    ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMPV6, IPPROTO_IGMP, IPV6_HLEN,
 };
 
 /// Address family of a message, group or querier.
@@ -56,14 +92,7 @@ pub const MLDV2_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16
 pub const ALL_PIM_ROUTERS_V6: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0xd);
 pub const ALL_SNOOPERS_V6: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x6a);
 
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const PROTO_IGMP: u8 = 2;
-const PROTO_ICMPV6: u8 = 58;
-const PROTO_PIM: u8 = 103;
-/// Most IPv6 extension headers walked before giving up.
-const MAX_EXT_HEADERS: usize = 8;
+const IPPROTO_PIM: u8 = 103;
 /// Frames built here stay within a 1500-byte IP MTU.
 const MTU: usize = 1500;
 
@@ -381,18 +410,14 @@ fn pseudo_v6(src: &Ipv6Addr, dst: &Ipv6Addr, len: usize, next: u8) -> u64 {
     acc + (len as u64 & 0xffff_ffff) + u64::from(next)
 }
 
-/// Parses a full Ethernet frame (optionally with one 802.1Q tag).
+/// Parses a full Ethernet frame with up to [`MAX_VLAN_TAGS`](relay_common::parse::MAX_VLAN_TAGS)
+/// VLAN tags, as the XDP program does.
 pub fn parse(frame: &[u8]) -> Result<Message, ParseError> {
-    let mut ethertype = be16(frame, 12)?;
-    let mut l3 = 14;
-    if ethertype == ETH_P_8021Q {
-        ethertype = be16(frame, 16)?;
-        l3 = 18;
-    }
-    let packet = frame.get(l3..).ok_or(ParseError::Truncated)?;
-    match ethertype {
-        ETH_P_IPV4 => parse_ipv4(packet),
-        ETH_P_IPV6 => parse_ipv6(packet),
+    let eth = frame.read::<ETH_HLEN>(0).ok_or(ParseError::Truncated)?;
+    let l2 = link_layer(&frame, &eth)?;
+    match l2.ethertype {
+        ETH_P_IP => parse_ipv4(frame, l2.l3_offset),
+        ETH_P_IPV6 => parse_ipv6(frame, l2.l3_offset),
         _ => Err(ParseError::NotIp),
     }
 }
@@ -400,77 +425,59 @@ pub fn parse(frame: &[u8]) -> Result<Message, ParseError> {
 /// Parses an IP packet without link-layer header (for L3 / tun ports).
 pub fn parse_ip(packet: &[u8]) -> Result<Message, ParseError> {
     match byte(packet, 0)? >> 4 {
-        4 => parse_ipv4(packet),
-        6 => parse_ipv6(packet),
+        4 => parse_ipv4(packet, 0),
+        6 => parse_ipv6(packet, 0),
         _ => Err(ParseError::NotIp),
     }
 }
 
-fn parse_ipv4(p: &[u8]) -> Result<Message, ParseError> {
-    let b0 = byte(p, 0)?;
-    if b0 >> 4 != 4 {
-        return Err(ParseError::BadIpHeader);
+impl From<HeaderError> for ParseError {
+    fn from(e: HeaderError) -> Self {
+        match e {
+            HeaderError::Truncated => ParseError::Truncated,
+            HeaderError::Invalid => ParseError::BadIpHeader,
+            HeaderError::TooManyExtensionHeaders => ParseError::TooManyExtensionHeaders,
+        }
     }
-    let ihl = usize::from(b0 & 0x0f) * 4;
-    if ihl < 20 {
-        return Err(ParseError::BadIpHeader);
-    }
-    let header = slice(p, 0, ihl)?;
-    let total = usize::from(be16(p, 2)?);
-    if total < ihl {
-        return Err(ParseError::BadIpHeader);
-    }
-    let packet = slice(p, 0, total)?;
-    if fold(sum16(header, 0)) != 0 {
+}
+
+/// The IPv4 packet at `l3` of `frame`: header checks shared with the XDP program, then what
+/// only the control plane checks (header checksum, no fragments), then the message.
+fn parse_ipv4(frame: &[u8], l3: usize) -> Result<Message, ParseError> {
+    let ip = ipv4_header(&frame, l3)?;
+    if fold(sum16(slice(frame, l3, ip.header_len)?, 0)) != 0 {
         return Err(ParseError::BadIpChecksum);
     }
-    if be16(p, 6)? & 0x3fff != 0 {
+    if u16::from_be_bytes([ip.fixed[6], ip.fixed[7]]) & 0x3fff != 0 {
         return Err(ParseError::Fragment);
     }
-    let proto = byte(p, 9)?;
-    let src = v4(p, 12)?;
-    let payload = packet.get(ihl..).ok_or(ParseError::Truncated)?;
-    match proto {
-        PROTO_IGMP => parse_igmp(src, payload),
-        PROTO_PIM => parse_pim(IpAddr::V4(src), payload, 0),
+    let src = Ipv4Addr::from(ip.source());
+    let payload = slice(frame, l3 + ip.header_len, ip.total_len - ip.header_len)?;
+    match ip.protocol() {
+        IPPROTO_IGMP => parse_igmp(src, payload),
+        IPPROTO_PIM => parse_pim(IpAddr::V4(src), payload, 0),
         _ => Err(ParseError::NotMembership),
     }
 }
 
-fn parse_ipv6(p: &[u8]) -> Result<Message, ParseError> {
-    if byte(p, 0)? >> 4 != 6 {
-        return Err(ParseError::BadIpHeader);
+/// The IPv6 packet at `l3` of `frame`: fixed header and extension-header walk shared with the
+/// XDP program, then the message. Fragments are refused (the first one included).
+fn parse_ipv6(frame: &[u8], l3: usize) -> Result<Message, ParseError> {
+    let ip = ipv6_header(&frame, l3)?;
+    // The walk sees only the IP packet, not the Ethernet padding after it.
+    let packet = slice(frame, 0, l3 + IPV6_HLEN + ip.payload_len)?;
+    let upper = ipv6_upper_layer(&packet, ip.next_header(), l3 + IPV6_HLEN)?;
+    if upper.fragment {
+        return Err(ParseError::Fragment);
     }
-    let plen = usize::from(be16(p, 4)?);
-    let packet = slice(p, 0, 40 + plen)?;
-    let src = v6(p, 8)?;
-    let dst = v6(p, 24)?;
-    let mut next = byte(p, 6)?;
-    let mut off = 40;
-    for _ in 0..MAX_EXT_HEADERS {
-        let len = match next {
-            PROTO_ICMPV6 => {
-                let m = packet.get(off..).ok_or(ParseError::Truncated)?;
-                return parse_icmpv6(src, dst, m);
-            }
-            PROTO_PIM => {
-                let m = packet.get(off..).ok_or(ParseError::Truncated)?;
-                return parse_pim(IpAddr::V6(src), m, pseudo_v6(&src, &dst, m.len(), PROTO_PIM));
-            }
-            // hop-by-hop, routing, destination options
-            0 | 43 | 60 => (usize::from(byte(packet, off + 1)?) + 1) * 8,
-            // authentication header
-            51 => (usize::from(byte(packet, off + 1)?) + 2) * 4,
-            44 => return Err(ParseError::Fragment),
-            _ => return Err(ParseError::NotMembership),
-        };
-        next = byte(packet, off)?;
-        off += len;
-        if off > packet.len() {
-            return Err(ParseError::Truncated);
-        }
+    let m = packet.get(upper.offset..).ok_or(ParseError::Truncated)?;
+    let src = Ipv6Addr::from(ip.source());
+    let dst = Ipv6Addr::from(ip.destination());
+    match upper.protocol {
+        IPPROTO_ICMPV6 => parse_icmpv6(src, dst, m),
+        IPPROTO_PIM => parse_pim(IpAddr::V6(src), m, pseudo_v6(&src, &dst, m.len(), IPPROTO_PIM)),
+        _ => Err(ParseError::NotMembership),
     }
-    Err(ParseError::TooManyExtensionHeaders)
 }
 
 fn parse_pim(source: IpAddr, m: &[u8], pseudo: u64) -> Result<Message, ParseError> {
@@ -594,7 +601,7 @@ fn parse_icmpv6(src: Ipv6Addr, dst: Ipv6Addr, m: &[u8]) -> Result<Message, Parse
     ) {
         return Err(ParseError::NotMembership);
     }
-    if fold(sum16(m, pseudo_v6(&src, &dst, m.len(), PROTO_ICMPV6))) != 0 {
+    if fold(sum16(m, pseudo_v6(&src, &dst, m.len(), IPPROTO_ICMPV6))) != 0 {
         return Err(ParseError::BadChecksum);
     }
     let group = |m: &[u8]| -> Result<IpAddr, ParseError> {
@@ -716,30 +723,30 @@ pub fn build(src_mac: [u8; 6], msg: &Message) -> Result<Vec<u8>, BuildError> {
             }
             let dst = q.group.unwrap_or(family.all_systems());
             match family {
-                Family::V4 => (dst, igmp_query(q)?, PROTO_IGMP),
-                Family::V6 => (dst, mld_query(q), PROTO_ICMPV6),
+                Family::V4 => (dst, igmp_query(q)?, IPPROTO_IGMP),
+                Family::V6 => (dst, mld_query(q), IPPROTO_ICMPV6),
             }
         }
         (MessageKind::V1Report { group }, Family::V4) => {
             same(group)?;
-            (*group, igmp_simple(IGMP_V1_REPORT, 0, group), PROTO_IGMP)
+            (*group, igmp_simple(IGMP_V1_REPORT, 0, group), IPPROTO_IGMP)
         }
         (MessageKind::V1Report { .. }, Family::V6) => return Err(BuildError::FamilyMismatch),
         (MessageKind::V2Report { group }, Family::V4) => {
             same(group)?;
-            (*group, igmp_simple(IGMP_V2_REPORT, 0, group), PROTO_IGMP)
+            (*group, igmp_simple(IGMP_V2_REPORT, 0, group), IPPROTO_IGMP)
         }
         (MessageKind::Leave { group }, Family::V4) => {
             same(group)?;
-            (IpAddr::V4(ALL_ROUTERS_V4), igmp_simple(IGMP_V2_LEAVE, 0, group), PROTO_IGMP)
+            (IpAddr::V4(ALL_ROUTERS_V4), igmp_simple(IGMP_V2_LEAVE, 0, group), IPPROTO_IGMP)
         }
         (MessageKind::V2Report { group }, Family::V6) => {
             same(group)?;
-            (*group, mld_simple(MLD_V1_REPORT, group), PROTO_ICMPV6)
+            (*group, mld_simple(MLD_V1_REPORT, group), IPPROTO_ICMPV6)
         }
         (MessageKind::Leave { group }, Family::V6) => {
             same(group)?;
-            (IpAddr::V6(ALL_ROUTERS_V6), mld_simple(MLD_V1_DONE, group), PROTO_ICMPV6)
+            (IpAddr::V6(ALL_ROUTERS_V6), mld_simple(MLD_V1_DONE, group), IPPROTO_ICMPV6)
         }
         (MessageKind::V3Report { records }, _) => {
             for r in records {
@@ -748,34 +755,34 @@ pub fn build(src_mac: [u8; 6], msg: &Message) -> Result<Vec<u8>, BuildError> {
             }
             match family {
                 Family::V4 => {
-                    (IpAddr::V4(IGMPV3_ROUTERS), report(IGMP_V3_REPORT, records), PROTO_IGMP)
+                    (IpAddr::V4(IGMPV3_ROUTERS), report(IGMP_V3_REPORT, records), IPPROTO_IGMP)
                 }
                 Family::V6 => {
-                    (IpAddr::V6(MLDV2_ROUTERS), report(MLD_V2_REPORT, records), PROTO_ICMPV6)
+                    (IpAddr::V6(MLDV2_ROUTERS), report(MLD_V2_REPORT, records), IPPROTO_ICMPV6)
                 }
             }
         }
         (MessageKind::PimHello, Family::V4) => {
-            (IpAddr::V4(ALL_PIM_ROUTERS_V4), pim_hello(), PROTO_PIM)
+            (IpAddr::V4(ALL_PIM_ROUTERS_V4), pim_hello(), IPPROTO_PIM)
         }
         (MessageKind::PimHello, Family::V6) => {
-            (IpAddr::V6(ALL_PIM_ROUTERS_V6), pim_hello(), PROTO_PIM)
+            (IpAddr::V6(ALL_PIM_ROUTERS_V6), pim_hello(), IPPROTO_PIM)
         }
         (MessageKind::RouterAdvertisement, Family::V4) => {
-            (IpAddr::V4(ALL_SNOOPERS_V4), mrd_advertisement(IGMP_MRD_ADVERTISEMENT), PROTO_IGMP)
+            (IpAddr::V4(ALL_SNOOPERS_V4), mrd_advertisement(IGMP_MRD_ADVERTISEMENT), IPPROTO_IGMP)
         }
         (MessageKind::RouterAdvertisement, Family::V6) => {
-            (IpAddr::V6(ALL_SNOOPERS_V6), mrd_advertisement(MLD_MRD_ADVERTISEMENT), PROTO_ICMPV6)
+            (IpAddr::V6(ALL_SNOOPERS_V6), mrd_advertisement(MLD_MRD_ADVERTISEMENT), IPPROTO_ICMPV6)
         }
     };
-    let router_alert = proto != PROTO_PIM;
+    let router_alert = proto != IPPROTO_PIM;
     let ip = match (msg.source, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => ipv4_packet(s, d, proto, router_alert, body)?,
         (IpAddr::V6(s), IpAddr::V6(d)) => ipv6_packet(s, d, proto, router_alert, body)?,
         _ => return Err(BuildError::FamilyMismatch),
     };
     let ethertype = match family {
-        Family::V4 => ETH_P_IPV4,
+        Family::V4 => ETH_P_IP,
         Family::V6 => ETH_P_IPV6,
     };
     let mut frame = Vec::with_capacity(14 + ip.len());

@@ -1,3 +1,8 @@
+use relay_common::parse::{
+    classify, Class, ETH_P_8021AD, ETH_P_8021Q, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
+    MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS,
+};
+
 use super::*;
 
 const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
@@ -117,11 +122,7 @@ fn round_trip_every_message() {
         let mut padded = frame.clone();
         padded.resize(frame.len().max(60) + 4, 0);
         assert_eq!(parse(&padded), Ok(m.clone()), "padded {m:?}");
-        // One 802.1Q tag.
-        let mut tagged = frame[..12].to_vec();
-        tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x05]);
-        tagged.extend_from_slice(&frame[12..]);
-        assert_eq!(parse(&tagged), Ok(m.clone()), "tagged {m:?}");
+        // VLAN tags: classifier_agrees_with_zero_one_and_two_vlan_tags.
     }
 }
 
@@ -326,7 +327,7 @@ fn v3_report_aux_data_and_unknown_records_are_skipped() {
     let mut body = vec![IGMP_V3_REPORT, 0, 0, 0, 0, 0, 0, 2];
     body.extend_from_slice(&[7, 1, 0, 0, 239, 0, 0, 9, 0xaa, 0xbb, 0xcc, 0xdd]);
     body.extend_from_slice(&[5, 1, 0, 1, 239, 1, 1, 1, 10, 0, 0, 1, 1, 2, 3, 4]);
-    let ip = ipv4_packet(Ipv4Addr::new(192, 0, 2, 9), IGMPV3_ROUTERS, PROTO_IGMP, true, body)
+    let ip = ipv4_packet(Ipv4Addr::new(192, 0, 2, 9), IGMPV3_ROUTERS, IPPROTO_IGMP, true, body)
         .expect("ip");
     let mut frame = vec![1, 0, 0x5e, 0, 0, 22, 2, 0, 0, 0, 0, 1, 8, 0];
     frame.extend_from_slice(&ip);
@@ -346,7 +347,7 @@ fn v3_report_aux_data_and_unknown_records_are_skipped() {
     body.extend_from_slice(&Ipv6Addr::new(0xff1e, 0, 0, 0, 0, 0, 0, 1).octets());
     body.extend_from_slice(&[9, 9, 9, 9]);
     let src = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
-    let ip = ipv6_packet(src, MLDV2_ROUTERS, PROTO_ICMPV6, true, body).expect("ip");
+    let ip = ipv6_packet(src, MLDV2_ROUTERS, IPPROTO_ICMPV6, true, body).expect("ip");
     let mut frame = vec![0x33, 0x33, 0, 0, 0, 0x16, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
     frame.extend_from_slice(&ip);
     let m = parse(&frame).expect("parse");
@@ -365,16 +366,6 @@ fn v3_report_aux_data_and_unknown_records_are_skipped() {
     bad[62 + 10..62 + 12].copy_from_slice(&[0, 9]);
     refix_v6(&mut bad);
     assert_eq!(parse(&bad), Err(ParseError::BadLength));
-}
-
-#[test]
-fn every_truncation_fails_cleanly() {
-    for m in samples() {
-        let frame = build(MAC, &m).expect("build");
-        for len in 0..frame.len() {
-            assert!(parse(&frame[..len]).is_err(), "{m:?} truncated to {len} parsed");
-        }
-    }
 }
 
 struct XorShift(u64);
@@ -419,5 +410,155 @@ fn parse_ip_without_ethernet() {
     for m in samples() {
         let frame = build(MAC, &m).expect("build");
         assert_eq!(parse_ip(&frame[14..]), Ok(m));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same frames through the XDP program's classifier: where the two share a header walk they
+// must agree; where they differ, the difference is the documented one (see the module doc).
+
+/// `frame` with VLAN tags inserted after the MAC addresses, outermost first.
+fn tagged(frame: &[u8], tpids: &[u16]) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    for (vid, tpid) in tpids.iter().enumerate() {
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&(vid as u16 + 1).to_be_bytes());
+    }
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
+/// What the classifier says about a membership frame it should pass to the stack: IGMP and
+/// MLD are control; PIM hellos and MLD router advertisements (not an MLD type) go to
+/// link-local groups.
+fn expected_class(m: &Message) -> Class {
+    match (&m.kind, Family::of(&m.source)) {
+        (MessageKind::PimHello, _) | (MessageKind::RouterAdvertisement, Family::V6) => {
+            Class::LinkLocal
+        }
+        _ => Class::Control,
+    }
+}
+
+#[test]
+fn classifier_agrees_with_zero_one_and_two_vlan_tags() {
+    for m in samples() {
+        let frame = build(MAC, &m).expect("build");
+        for tpids in [&[][..], &[ETH_P_8021Q], &[ETH_P_8021AD, ETH_P_8021Q]] {
+            let f = tagged(&frame, tpids);
+            assert_eq!(parse(&f), Ok(m.clone()), "{tpids:x?} {m:?}");
+            assert_eq!(classify(&f.as_slice()), expected_class(&m), "{tpids:x?} {m:?}");
+        }
+        // One tag past MAX_VLAN_TAGS: neither side looks further, so neither sees IP.
+        let f = tagged(&frame, &[ETH_P_8021AD, ETH_P_8021Q, ETH_P_8021Q]);
+        assert_eq!(parse(&f), Err(ParseError::NotIp), "{m:?}");
+        assert_eq!(classify(&f.as_slice()), Class::Other, "{m:?}");
+    }
+    assert_eq!(MAX_VLAN_TAGS, 2, "the cases above stop at two tags");
+}
+
+/// An MLDv1 report whose hop-by-hop router alert is followed by `dest` destination-options
+/// headers. The ICMPv6 checksum stays valid: its pseudo-header does not cover them.
+fn mld_report_behind(dest: usize) -> (Message, Vec<u8>) {
+    let m = Message { source: a6("fe80::1"), kind: MessageKind::V2Report { group: a6("ff1e::1") } };
+    let frame = build(MAC, &m).expect("build");
+    let hbh = ETH_HLEN + IPV6_HLEN;
+    let mut f = frame[..hbh + 8].to_vec();
+    // Where the next-header field of the last extension header is.
+    let mut last = hbh;
+    for _ in 0..dest {
+        f[last] = IPPROTO_DSTOPTS;
+        last = f.len();
+        f.extend_from_slice(&[IPPROTO_ICMPV6, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    f.extend_from_slice(&frame[hbh + 8..]);
+    let plen = (f.len() - hbh) as u16;
+    f[ETH_HLEN + 4..ETH_HLEN + 6].copy_from_slice(&plen.to_be_bytes());
+    (m, f)
+}
+
+#[test]
+fn classifier_agrees_on_extension_header_chains() {
+    for headers in 1..=MAX_IPV6_EXT_HEADERS + 2 {
+        let (m, f) = mld_report_behind(headers - 1);
+        if headers <= MAX_IPV6_EXT_HEADERS {
+            assert_eq!(parse(&f), Ok(m), "{headers} extension headers");
+            assert_eq!(classify(&f.as_slice()), Class::Control, "{headers} extension headers");
+        } else {
+            assert_eq!(parse(&f), Err(ParseError::TooManyExtensionHeaders), "{headers}");
+            assert_eq!(classify(&f.as_slice()), Class::Malformed, "{headers} extension headers");
+        }
+    }
+}
+
+#[test]
+fn classifier_agrees_on_every_truncation() {
+    let mut frames: Vec<Vec<u8>> = samples().iter().map(|m| build(MAC, m).expect("b")).collect();
+    frames.push(tagged(&frames[0], &[ETH_P_8021AD, ETH_P_8021Q]));
+    frames.push(mld_report_behind(3).1);
+    for f in &frames {
+        for len in 0..f.len() {
+            let cut = &f[..len];
+            assert_eq!(parse(cut), Err(ParseError::Truncated), "{f:02x?} cut to {len}");
+            assert_eq!(classify(&cut), Class::Malformed, "{f:02x?} cut to {len}");
+        }
+    }
+}
+
+/// What only the control plane checks: checksums and fragments. The classifier passes these
+/// frames to the stack as control (or link-local) all the same; the control plane drops them.
+#[test]
+fn control_plane_checks_what_the_classifier_does_not() {
+    let m =
+        Message { source: a4("192.0.2.1"), kind: MessageKind::V2Report { group: a4("239.1.1.1") } };
+    let mut bad_ip_checksum = build(MAC, &m).expect("build");
+    bad_ip_checksum[22] = 2; // TTL
+    let mut igmp_checksum = build(MAC, &m).expect("build");
+    let last = igmp_checksum.len() - 1;
+    igmp_checksum[last] ^= 1;
+    let mut v4_fragment = build(MAC, &m).expect("build");
+    v4_fragment[20] = 0x20; // more fragments
+    refix_v4_header(&mut v4_fragment);
+    let (_, mut mld_checksum) = mld_report_behind(0);
+    let last = mld_checksum.len() - 1;
+    mld_checksum[last] ^= 1;
+    let cases = [
+        (bad_ip_checksum, ParseError::BadIpChecksum, Class::Control),
+        (igmp_checksum, ParseError::BadChecksum, Class::Control),
+        (v4_fragment, ParseError::Fragment, Class::Control),
+        (mld_checksum, ParseError::BadChecksum, Class::Control),
+        (mld_fragment(0), ParseError::Fragment, Class::Control),
+        // A later fragment has no ICMPv6 header: for the classifier, data to a global group.
+        (mld_fragment(8), ParseError::Fragment, Class::Data(mld_fragment_data())),
+    ];
+    for (f, error, class) in cases {
+        assert_eq!(parse(&f), Err(error), "{f:02x?}");
+        assert_eq!(classify(&f.as_slice()), class, "{f:02x?}");
+    }
+}
+
+/// An MLDv1 report with a fragment header (fragment offset `offset` bytes) after its
+/// hop-by-hop router alert.
+fn mld_fragment(offset: u16) -> Vec<u8> {
+    let (_, frame) = mld_report_behind(0);
+    let hbh = ETH_HLEN + IPV6_HLEN;
+    let mut f = frame[..hbh + 8].to_vec();
+    f[hbh] = IPPROTO_FRAGMENT;
+    f.extend_from_slice(&[IPPROTO_ICMPV6, 0]);
+    f.extend_from_slice(&(offset | 1).to_be_bytes()); // M flag: more fragments follow
+    f.extend_from_slice(&[0, 0, 0, 7]);
+    f.extend_from_slice(&frame[hbh + 8..]);
+    let plen = (f.len() - hbh) as u16;
+    f[ETH_HLEN + 4..ETH_HLEN + 6].copy_from_slice(&plen.to_be_bytes());
+    f
+}
+
+fn mld_fragment_data() -> relay_common::parse::Data {
+    let group = Ipv6Addr::new(0xff1e, 0, 0, 0, 0, 0, 0, 1).octets();
+    let source = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1).octets();
+    relay_common::parse::Data {
+        key: relay_common::GroupKey { group, source },
+        l3_offset: ETH_HLEN,
+        ipv6: true,
     }
 }
