@@ -90,6 +90,42 @@ where
     rule(value).map_err(|e| UsageError::new(format!("--{flag} {e}")))
 }
 
+/// The IGMP/MLD timers: each flag over the file's `[timers]`, checked together.
+fn membership_timers(
+    m: &crate::cli::MembershipArgs,
+    t: &config::TimersConfig,
+) -> Result<membership::Config, UsageError> {
+    let robustness =
+        checked("robustness", m.robustness.unwrap_or(t.robustness), rules::robustness)?;
+    let qi = m.query_interval.unwrap_or(t.query_interval);
+    let qri = m.query_response_interval.unwrap_or(t.query_response_interval);
+    let lmi = m.last_member_interval.unwrap_or(t.last_member_interval);
+    let config = membership::Config {
+        robustness,
+        query_interval: checked("query-interval", qi, rules::seconds)?,
+        query_response_interval: checked("query-response-interval", qri, rules::seconds)?,
+        last_member_query_interval: checked("last-member-interval", lmi, rules::seconds)?,
+        ..membership::Config::default()
+    };
+    rules::shorter_than(("--query-response-interval", qri), ("--query-interval", qi))
+        .map_err(UsageError::new)?;
+    Ok(config)
+}
+
+/// The loop guard's hello interval and holdtime: flags over `[loop_guard]`.
+fn loop_guard_timers(
+    cli: &RunArgs,
+    g: &config::LoopGuardConfig,
+) -> Result<(Duration, Duration), UsageError> {
+    let hello = cli.hello_interval.unwrap_or(g.hello_interval);
+    let holdtime = cli.hello_holdtime.unwrap_or(g.holdtime);
+    let interval = checked("hello-interval", hello, rules::seconds)?;
+    let hold = checked("hello-holdtime", holdtime, rules::seconds)?;
+    rules::shorter_than(("--hello-interval", hello), ("--hello-holdtime", holdtime))
+        .map_err(UsageError::new)?;
+    Ok((interval, hold))
+}
+
 impl Settings {
     /// Reads the configuration file `run` uses (`--config FILE`, else
     /// /etc/mcrelay/mcrelay.toml when it exists) and builds the settings. Warnings about the
@@ -150,35 +186,13 @@ impl Settings {
             None => f.ports.iter().filter_map(|p| Some((p.name.clone(), p.xdp_mode?))).collect(),
         };
 
-        let t = &f.timers;
-        let robustness =
-            checked("robustness", m.robustness.unwrap_or(t.robustness), rules::robustness)?;
-        let qi = m.query_interval.unwrap_or(t.query_interval);
-        let qri = m.query_response_interval.unwrap_or(t.query_response_interval);
-        let lmi = m.last_member_interval.unwrap_or(t.last_member_interval);
-        let membership = membership::Config {
-            robustness,
-            query_interval: checked("query-interval", qi, rules::seconds)?,
-            query_response_interval: checked("query-response-interval", qri, rules::seconds)?,
-            last_member_query_interval: checked("last-member-interval", lmi, rules::seconds)?,
-            ..membership::Config::default()
-        };
-        rules::shorter_than(("--query-response-interval", qri), ("--query-interval", qi))
-            .map_err(UsageError::new)?;
-
+        let membership = membership_timers(m, &f.timers)?;
         let q = &f.querier;
         let igmp_version =
             checked("igmp-version", m.igmp_version.unwrap_or(q.igmp_version), rules::igmp_version)?;
         let mld_version =
             checked("mld-version", m.mld_version.unwrap_or(q.mld_version), rules::mld_version)?;
-
-        let g = &f.loop_guard;
-        let hello = cli.hello_interval.unwrap_or(g.hello_interval);
-        let holdtime = cli.hello_holdtime.unwrap_or(g.holdtime);
-        let hello_interval = checked("hello-interval", hello, rules::seconds)?;
-        let hello_holdtime = checked("hello-holdtime", holdtime, rules::seconds)?;
-        rules::shorter_than(("--hello-interval", hello), ("--hello-holdtime", holdtime))
-            .map_err(UsageError::new)?;
+        let (hello_interval, hello_holdtime) = loop_guard_timers(cli, &f.loop_guard)?;
 
         let pin_root = cli_pin_root
             .map(Path::to_path_buf)
