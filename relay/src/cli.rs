@@ -175,6 +175,12 @@ pub struct MembershipArgs {
     /// Port that leads to a multicast router: gets all multicast (repeatable).
     #[arg(long = "router-port", value_name = "IFACE")]
     pub router_ports: Vec<String>,
+
+    /// Port whose hosts must not become router ports by sending a query, PIM hello or router
+    /// advertisement (which pulls all unknown multicast to them): VPN client ports
+    /// (repeatable; names or globs).
+    #[arg(long = "no-learn-routers", value_name = "IFACE")]
+    pub no_learn_routers: Vec<String>,
 }
 
 #[derive(Debug, Args)]

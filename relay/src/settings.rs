@@ -50,6 +50,8 @@ pub struct Settings {
     pub fast_leave: Vec<String>,
     /// Names/globs of configured router ports.
     pub router_ports: Vec<String>,
+    /// Names/globs of ports that never become router ports by what they hear.
+    pub no_learn_routers: Vec<String>,
     /// The XDP mode of ports without one of their own.
     pub xdp_mode: XdpMode,
     /// Per-port XDP modes from `[[port]]` entries (empty when `--xdp-mode` was given: the
@@ -170,6 +172,8 @@ impl Settings {
         extend_unique(&mut fast_leave, m.fast_leave.iter().cloned());
         let mut router_ports = from_ports(|p| p.role == PortRole::Router);
         extend_unique(&mut router_ports, m.router_ports.iter().cloned());
+        let mut no_learn_routers = from_ports(|p| !p.learn_routers);
+        extend_unique(&mut no_learn_routers, m.no_learn_routers.iter().cloned());
         let mut per_client = from_ports(|p| p.per_client);
         extend_unique(&mut per_client, cli.per_client.iter().cloned());
 
@@ -209,6 +213,7 @@ impl Settings {
             per_client,
             fast_leave,
             router_ports,
+            no_learn_routers,
             xdp_mode: cli.xdp_mode.unwrap_or(f.xdp_mode),
             port_xdp_modes,
             unknown: cli.unknown.unwrap_or(f.policy.unknown),
@@ -246,6 +251,7 @@ impl Settings {
             igmp_version: self.igmp_version,
             mld_version: self.mld_version,
             router_port: ports::matches_any(&self.router_ports, name),
+            learn_routers: !ports::matches_any(&self.no_learn_routers, name),
             ..PortOptions::default()
         }
     }

@@ -36,6 +36,10 @@ pub struct ControlCounters {
     /// from a redundant peer relay (they went round a loop).
     #[serde(default)]
     pub ignored_loop: u64,
+    /// Router signals (queries, PIM hellos, router advertisements) heard on ports that do not
+    /// learn routers (`learn_routers = false`): ignored for the router role.
+    #[serde(default)]
+    pub router_signals_ignored: u64,
     /// Group map writes that failed (logged; retried on the next round, since the record of
     /// what is installed keeps the old set).
     #[serde(default)]

@@ -444,3 +444,45 @@ fn reports_go_to_router_ports_and_queries_to_all_ports() {
         "{wire}: unknown group towards the router port"
     );
 }
+
+/// Router-port learning under control (RFC 4541 2.1.1 lets any query, PIM hello or router
+/// advertisement make a port a router port, which pulls all unknown multicast to it): a VPN
+/// client sending queries and PIM hellos behind a `--no-learn-routers` port stays a member
+/// port and gets no unknown multicast; the same signals on a learning port make it a router
+/// port, which does get it (the control case, so the first half can fail).
+#[test]
+fn ports_that_do_not_learn_routers_stay_member_ports() {
+    require_testbed!();
+    let star = Star::new("nl", 3);
+    let [s, vpn, lan] = &star.hosts[..] else { unreachable!() };
+    let _relay = star.start_relay(&[
+        "--no-learn-routers",
+        &vpn.gw_port,
+        "--query-interval",
+        "20",
+        "--query-response-interval",
+        "1",
+    ]);
+    let client = CraftedHost::with_source(vpn, 7, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9)));
+    let router = CraftedHost::with_source(lan, 8, IpAddr::V4(Ipv4Addr::new(198, 18, 0, 10)));
+    send_message(&client, MessageKind::PimHello);
+    send_message(&client, general_query(Duration::from_secs(20)));
+    send_message(&router, MessageKind::PimHello);
+    wait_groups(&star.gw, "a router port on the learning port only", DELIVERY_TIMEOUT, |d| {
+        let routers: Vec<&str> =
+            d["router_ports"].as_array().into_iter().flatten().filter_map(|p| p.as_str()).collect();
+        routers == [lan.gw_port.as_str()]
+            && d["control"]["router_signals_ignored"].as_u64().unwrap_or(0) >= 2
+    });
+
+    let unknown = addr("239.10.7.99");
+    let (at_vpn, at_lan) = (observe(vpn), observe(lan));
+    send(s, unknown);
+    assert_eq!(
+        at_lan.wait_for(unknown, COUNT, DELIVERY_TIMEOUT),
+        COUNT,
+        "{at_lan}: the learned router port gets the unknown group"
+    );
+    thread::sleep(QUIET);
+    assert_eq!(at_vpn.count(unknown), 0, "{at_vpn}: the VPN client made itself a router port");
+}

@@ -83,6 +83,10 @@ pub struct PortConfig {
     /// client, addressed to its unicast MAC, instead of one multicast copy for all clients.
     #[serde(default)]
     pub per_client: bool,
+    /// Whether a query, PIM hello or router advertisement heard here makes this a router
+    /// port for a while (false for VPN client ports: `--no-learn-routers`).
+    #[serde(default = "yes")]
+    pub learn_routers: bool,
     /// Planned: packets per second relayed out of this port. Accepted, not implemented yet.
     #[serde(default)]
     pub rate_limit_pps: Option<u64>,
@@ -179,6 +183,10 @@ impl Default for LoopGuardConfig {
     fn default() -> Self {
         Self { hello_interval: defaults::HELLO_INTERVAL, holdtime: defaults::HELLO_HOLDTIME }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn socket_addr<'de, D: Deserializer<'de>>(de: D) -> Result<Option<SocketAddr>, D::Error> {

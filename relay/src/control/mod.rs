@@ -22,7 +22,7 @@ use crate::{
     loop_guard::{self, Decision, LoopGuard},
     membership::{
         packet, Action, Clients, Engine, Family, Message, MessageKind, ParseError, PortOptions,
-        Remembered,
+        Remembered, RouterSignal,
     },
     reconciler::{GroupTable, Installed, WriteFailures},
     state::{mac_string, DaemonState},
@@ -53,6 +53,8 @@ pub struct Control {
     clients: Clients,
     /// Memberships of vanished ports, by interface name (see [`Remembered`]).
     remembered: BTreeMap<String, Remembered>,
+    /// Ignored router signals already logged, per port and kind.
+    router_signals_logged: BTreeSet<(u32, RouterSignal)>,
     /// The querier last logged per (port, IPv6?), to log changes once.
     queriers_seen: BTreeMap<(u32, bool), (IpAddr, bool)>,
     /// Hellos between relays and the standby / loop-MAC decisions they lead to.
@@ -82,6 +84,7 @@ impl Control {
             clients: Clients::default(),
             remembered: BTreeMap::new(),
             queriers_seen: BTreeMap::new(),
+            router_signals_logged: BTreeSet::new(),
         }
     }
 
@@ -129,6 +132,7 @@ impl Control {
         self.macs.remove(&ifindex);
         self.clients.remove_port(ifindex);
         self.loop_guard.forget_port(ifindex);
+        self.router_signals_logged.retain(|(port, _)| *port != ifindex);
         self.dirty = true;
         Some(name)
     }
@@ -308,6 +312,31 @@ impl Control {
         }
     }
 
+    /// Says why a port became a router port, and counts router signals a port that does not
+    /// learn routers ignored (logged once per port and signal kind).
+    fn log_router_events(&mut self) {
+        for e in self.engine.take_router_events() {
+            if e.learned {
+                tracing::info!(
+                    port = self.name(e.port),
+                    from = %e.from,
+                    "router port: heard {} (learn_routers = false / --no-learn-routers turns this off)",
+                    e.signal.as_str()
+                );
+            } else {
+                self.counters.router_signals_ignored += 1;
+                if self.router_signals_logged.insert((e.port, e.signal)) {
+                    tracing::warn!(
+                        port = self.name(e.port),
+                        from = %e.from,
+                        "ignoring {} for the router role: the port does not learn routers",
+                        e.signal.as_str()
+                    );
+                }
+            }
+        }
+    }
+
     /// Drops per-client memberships that timed out.
     pub fn expire_clients(&mut self, now: Duration) {
         self.clients.expire(now);
@@ -391,6 +420,7 @@ impl Control {
             }
         }
         self.log_querier_changes();
+        self.log_router_events();
         self.sync_clients(dp, &mut changed)?;
         if routers_changed {
             let routers = self.router_ports();

@@ -38,9 +38,11 @@ impl Plan {
             }
             statics.entry(st.group).or_default().extend(st.ifaces.iter().cloned());
         }
-        for (flag, names) in
-            [("fast-leave", &settings.fast_leave), ("router-port", &settings.router_ports)]
-        {
+        for (flag, names) in [
+            ("fast-leave", &settings.fast_leave),
+            ("router-port", &settings.router_ports),
+            ("no-learn-routers", &settings.no_learn_routers),
+        ] {
             if let Some(name) = names.iter().find(|n| !known(n)) {
                 return Err(UsageError::new(format!(
                     "--{flag} {name}: not one of the -i interfaces"

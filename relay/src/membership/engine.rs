@@ -121,6 +121,10 @@ pub struct PortOptions {
     pub ipv6: Option<Ipv6Addr>,
     /// Configured (permanent) router port.
     pub router_port: bool,
+    /// Become a router port for a while when a query, PIM hello or router advertisement is
+    /// heard (RFC 4541 2.1.1). Off for ports whose hosts must not pull all unknown multicast
+    /// to themselves (VPN clients).
+    pub learn_routers: bool,
 }
 
 impl Default for PortOptions {
@@ -133,6 +137,7 @@ impl Default for PortOptions {
             ipv4: None,
             ipv6: None,
             router_port: false,
+            learn_routers: true,
         }
     }
 }
@@ -164,6 +169,40 @@ pub enum Action {
     GroupChanged(IpAddr),
     /// `router_ports(family)` changed.
     RouterPortsChanged(Family),
+}
+
+/// What a router signal was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RouterSignal {
+    /// A general or group-specific query from a non-zero source.
+    Query,
+    /// A PIM hello (IPv4 224.0.0.13, IPv6 ff02::d).
+    PimHello,
+    /// A multicast router advertisement (RFC 4286).
+    RouterAdvertisement,
+}
+
+impl RouterSignal {
+    /// Words for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Query => "a query",
+            Self::PimHello => "a PIM hello",
+            Self::RouterAdvertisement => "a multicast router advertisement",
+        }
+    }
+}
+
+/// A router signal heard on a port: it made the port a router port (`learned`), or was
+/// ignored because the port does not learn routers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouterEvent {
+    pub port: u32,
+    pub family: Family,
+    pub signal: RouterSignal,
+    /// Who sent it.
+    pub from: IpAddr,
+    pub learned: bool,
 }
 
 /// Router filter mode of a (port, group).
@@ -524,11 +563,18 @@ pub struct Engine {
     ports: BTreeMap<u32, PortState>,
     groups: BTreeMap<IpAddr, BTreeMap<u32, Entry>>,
     actions: Vec<Action>,
+    router_events: Vec<RouterEvent>,
 }
 
 impl Engine {
     pub fn new(cfg: Config) -> Engine {
-        Engine { cfg, ports: BTreeMap::new(), groups: BTreeMap::new(), actions: Vec::new() }
+        Engine {
+            cfg,
+            ports: BTreeMap::new(),
+            groups: BTreeMap::new(),
+            actions: Vec::new(),
+            router_events: Vec::new(),
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -548,6 +594,11 @@ impl Engine {
             router6: None,
         });
         state.opts = opts;
+        if !state.opts.learn_routers {
+            // Learned router roles end with the option; configured ones stay.
+            state.router4 = None;
+            state.router6 = None;
+        }
         let mut start = Vec::new();
         for family in [Family::V4, Family::V6] {
             let enabled = state.opts.querier;
@@ -612,8 +663,11 @@ impl Engine {
         let family = Family::of(&msg.source);
         match &msg.kind {
             MessageKind::Query(q) => self.on_query(now, port, msg.source, q),
-            MessageKind::PimHello | MessageKind::RouterAdvertisement => {
-                self.mark_router(now, port, family)
+            MessageKind::PimHello => {
+                self.mark_router(now, port, family, RouterSignal::PimHello, msg.source)
+            }
+            MessageKind::RouterAdvertisement => {
+                self.mark_router(now, port, family, RouterSignal::RouterAdvertisement, msg.source)
             }
             MessageKind::V1Report { group } => {
                 if family == Family::V4 {
@@ -651,7 +705,7 @@ impl Engine {
             .collect();
         for group in due {
             let before = self.forwarding(&group);
-            let Engine { cfg, ports, groups, actions } = self;
+            let Engine { cfg, ports, groups, actions, .. } = self;
             if let Some(m) = groups.get_mut(&group) {
                 for (port, entry) in m.iter_mut() {
                     if entry.retx_at.is_some_and(|t| t <= now) {
@@ -811,14 +865,33 @@ impl Engine {
         }
     }
 
-    fn mark_router(&mut self, now: Duration, port: u32, family: Family) {
+    fn mark_router(
+        &mut self,
+        now: Duration,
+        port: u32,
+        family: Family,
+        signal: RouterSignal,
+        from: IpAddr,
+    ) {
         let oqpi = self.cfg.other_querier_present();
         let Some(p) = self.ports.get_mut(&port) else { return };
+        if !p.opts.learn_routers {
+            let event = RouterEvent { port, family, signal, from, learned: false };
+            self.router_events.push(event);
+            return;
+        }
         let was = p.is_router(family);
         *p.router_mut(family) = Some(now + oqpi);
         if !was {
             self.actions.push(Action::RouterPortsChanged(family));
+            self.router_events.push(RouterEvent { port, family, signal, from, learned: true });
         }
+    }
+
+    /// Router signals heard since the last call: ports that became router ports, and signals
+    /// ignored on ports that do not learn routers.
+    pub fn take_router_events(&mut self) -> Vec<RouterEvent> {
+        std::mem::take(&mut self.router_events)
     }
 
     fn on_query(&mut self, now: Duration, port: u32, source: IpAddr, q: &Query) {
@@ -832,7 +905,7 @@ impl Engine {
             return; // our own query, looped back
         }
         if !source.is_unspecified() {
-            self.mark_router(now, port, family);
+            self.mark_router(now, port, family, RouterSignal::Query, source);
         }
         let oqpi = self.cfg.other_querier_present();
         if let Some(p) = self.ports.get_mut(&port) {
@@ -891,7 +964,7 @@ impl Engine {
         }
         let ssm = is_ssm(&group);
         let before = self.forwarding(&group);
-        let Engine { cfg, ports, groups, actions } = self;
+        let Engine { cfg, ports, groups, actions, .. } = self;
         let Some(p) = ports.get(&port) else { return };
         let m = groups.entry(group).or_default();
         let entry = m.entry(port).or_default();

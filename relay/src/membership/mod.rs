@@ -10,7 +10,8 @@ mod remembered;
 pub use clients::Clients;
 pub use engine::{
     Action, CompatMode, Config, Engine, FilterMode, Forwarding, GroupSnapshot, IgmpVersion,
-    MldVersion, PortOptions, PortSnapshot, QuerierStatus, SourceSnapshot,
+    MldVersion, PortOptions, PortSnapshot, QuerierStatus, RouterEvent, RouterSignal,
+    SourceSnapshot,
 };
 pub use packet::{
     build, build_query, parse, parse_ip, BuildError, Family, GroupRecord, Message, MessageKind,

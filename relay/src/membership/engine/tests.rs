@@ -832,6 +832,45 @@ fn router_ports_are_learned_and_expire() {
     assert!(h.e.router_ports(Family::V4).is_empty());
 }
 
+#[test]
+fn ports_that_do_not_learn_routers_ignore_router_signals_and_say_so() {
+    let mut e = Engine::new(Config::default());
+    e.add_port(t(0), 1, PortOptions { learn_routers: false, ..opts("192.0.2.1") });
+    e.add_port(t(0), 2, opts("198.51.100.1"));
+    let mut h = H { e };
+    h.take();
+    h.msg(t(1), 1, "192.0.2.5", MessageKind::PimHello);
+    h.msg(t(1), 1, "192.0.2.5", MessageKind::Query(general_v3()));
+    assert!(h.e.router_ports(Family::V4).is_empty(), "a VPN client cannot make itself a router");
+    assert!(!h.take().contains(&Action::RouterPortsChanged(Family::V4)));
+    let ignored = h.e.take_router_events();
+    assert_eq!(ignored.len(), 2);
+    assert!(ignored.iter().all(|e| !e.learned && e.port == 1 && e.from == a("192.0.2.5")));
+    assert_eq!(ignored[0].signal, RouterSignal::PimHello);
+    assert_eq!(ignored[1].signal, RouterSignal::Query);
+
+    // The same signals make a learning port a router port, once per change.
+    h.msg(t(2), 2, "198.51.100.7", MessageKind::PimHello);
+    h.msg(t(3), 2, "198.51.100.7", MessageKind::PimHello);
+    assert_eq!(h.e.router_ports(Family::V4), set(&[2]));
+    let learned = h.e.take_router_events();
+    assert_eq!(learned.len(), 1);
+    assert!(learned[0].learned && learned[0].port == 2);
+
+    // Turning learning off (a reload) ends the learned role at once.
+    h.take();
+    h.e.add_port(t(4), 2, PortOptions { learn_routers: false, ..opts("198.51.100.1") });
+    assert!(h.e.router_ports(Family::V4).is_empty());
+    assert!(h.take().contains(&Action::RouterPortsChanged(Family::V4)));
+    // A configured router port stays one whatever it hears.
+    h.e.add_port(
+        t(5),
+        1,
+        PortOptions { learn_routers: false, router_port: true, ..opts("192.0.2.1") },
+    );
+    assert_eq!(h.e.router_ports(Family::V4), set(&[1]));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Deadlines
 
