@@ -36,6 +36,10 @@ pub struct ControlCounters {
     /// from a redundant peer relay (they went round a loop).
     #[serde(default)]
     pub ignored_loop: u64,
+    /// MLD queries not sent because the port had no IPv6 link-local address (hosts drop
+    /// queries from `::`, RFC 3810 5.1.14).
+    #[serde(default)]
+    pub queries_skipped_no_address: u64,
     /// Router signals (queries, PIM hellos, router advertisements) heard on ports that do not
     /// learn routers (`learn_routers = false`): ignored for the router role.
     #[serde(default)]

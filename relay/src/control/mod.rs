@@ -53,6 +53,8 @@ pub struct Control {
     clients: Clients,
     /// Memberships of vanished ports, by interface name (see [`Remembered`]).
     remembered: BTreeMap<String, Remembered>,
+    /// Ports whose missing link-local address was logged.
+    unaddressed_logged: BTreeSet<u32>,
     /// Ignored router signals already logged, per port and kind.
     router_signals_logged: BTreeSet<(u32, RouterSignal)>,
     /// The querier last logged per (port, IPv6?), to log changes once.
@@ -85,6 +87,7 @@ impl Control {
             remembered: BTreeMap::new(),
             queriers_seen: BTreeMap::new(),
             router_signals_logged: BTreeSet::new(),
+            unaddressed_logged: BTreeSet::new(),
         }
     }
 
@@ -113,8 +116,11 @@ impl Control {
         self.dirty = true;
     }
 
-    /// New membership options for a port that stays.
+    /// New membership options for a port that stays (also: its addresses changed).
     pub fn set_port_options(&mut self, now: Duration, ifindex: u32, opts: PortOptions) {
+        if opts.ipv6.is_some() {
+            self.unaddressed_logged.remove(&ifindex);
+        }
         self.engine.add_port(now, ifindex, opts);
         self.dirty = true;
     }
@@ -534,6 +540,19 @@ impl Control {
         let Some(mac) = self.macs.get(&port).copied() else {
             return;
         };
+        if source.is_ipv6() && source.is_unspecified() {
+            // RFC 3810 5.1.14: hosts drop MLD queries whose source is not link-local. The
+            // port has no link-local address yet (a tap OpenVPN just created): wait for one.
+            self.counters.queries_skipped_no_address += 1;
+            if self.unaddressed_logged.insert(port) {
+                tracing::warn!(
+                    port = self.name(port),
+                    "not sending MLD queries: the port has no IPv6 link-local address yet \
+                     (hosts drop queries from ::); they start when one is configured"
+                );
+            }
+            return;
+        }
         match packet::build_query(mac, source, query) {
             Ok(frame) => match self.socket.send(port, &frame) {
                 Ok(()) => self.counters.queries_sent += 1,

@@ -277,6 +277,28 @@ pub struct QuerierStatus {
     pub is_self: bool,
 }
 
+/// The timers announced by a query of the elected querier, over what it announced before.
+/// IGMPv3/MLDv2 queries carry robustness (QRV, 0 = not given) and the query interval (QQIC);
+/// a general query's maximum response time is the querier's query response interval. An
+/// IGMPv2/MLDv1 query announces only the response time.
+fn announced(q: &Query, before: Option<Announced>, cfg: &Config) -> Announced {
+    let mut a = before.unwrap_or(Announced {
+        robustness: cfg.robustness,
+        query_interval: cfg.query_interval,
+        response_interval: cfg.query_response_interval,
+    });
+    if (1..=7).contains(&q.qrv) {
+        a.robustness = u32::from(q.qrv);
+    }
+    if !q.qqi.is_zero() {
+        a.query_interval = q.qqi;
+    }
+    if q.group.is_none() && !q.max_resp.is_zero() {
+        a.response_interval = q.max_resp;
+    }
+    a
+}
+
 /// Source-specific multicast range: 232.0.0.0/8, ff3x::/96.
 pub fn is_ssm(group: &IpAddr) -> bool {
     match group {
@@ -296,11 +318,23 @@ pub fn is_tracked(group: &IpAddr) -> bool {
     }
 }
 
+/// Timer values the elected querier announced (RFC 3376 4.1.6-4.1.7 and 8.2-8.3, RFC 3810
+/// 5.1.8-5.1.9 and 9.2-9.3): a non-querier uses them, so that memberships do not expire
+/// between the queries of a querier with longer intervals than ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Announced {
+    robustness: u32,
+    query_interval: Duration,
+    response_interval: Duration,
+}
+
 #[derive(Debug, Clone, Default)]
 struct QuerierState {
     /// We are the querier.
     active: bool,
     other: Option<IpAddr>,
+    /// What `other` announced in its queries.
+    announced: Option<Announced>,
     other_until: Option<Duration>,
     next_query: Option<Duration>,
     startup_left: u32,
@@ -348,6 +382,21 @@ impl PortState {
     /// We send queries for this family now.
     fn sends_queries(&self, family: Family) -> bool {
         self.opts.querier && self.querier(family).active
+    }
+
+    /// The timers in force for `family` on this port: the elected other querier's announced
+    /// values while there is one, else ours.
+    fn timers(&self, family: Family, cfg: &Config) -> Config {
+        let q = self.querier(family);
+        match (q.active, q.other, q.announced) {
+            (false, Some(_), Some(a)) => Config {
+                robustness: a.robustness,
+                query_interval: a.query_interval,
+                query_response_interval: a.response_interval,
+                ..cfg.clone()
+            },
+            _ => cfg.clone(),
+        }
     }
 }
 
@@ -586,6 +635,8 @@ impl Engine {
     pub fn add_port(&mut self, now: Duration, port: u32, opts: PortOptions) {
         let was_router =
             self.ports.get(&port).map(|p| [p.is_router(Family::V4), p.is_router(Family::V6)]);
+        let old_addrs =
+            self.ports.get(&port).map(|p| [p.opts.addr(Family::V4), p.opts.addr(Family::V6)]);
         let state = self.ports.entry(port).or_insert_with(|| PortState {
             opts: opts.clone(),
             q4: QuerierState::default(),
@@ -600,8 +651,10 @@ impl Engine {
             state.router6 = None;
         }
         let mut start = Vec::new();
-        for family in [Family::V4, Family::V6] {
+        for (i, family) in [Family::V4, Family::V6].into_iter().enumerate() {
             let enabled = state.opts.querier;
+            let addr = state.opts.addr(family);
+            let readdressed = old_addrs.is_some_and(|old| old[i] != addr);
             let q = state.querier_mut(family);
             if !enabled {
                 q.active = false;
@@ -609,6 +662,11 @@ impl Engine {
                 q.startup_left = 0;
             } else if !q.active && q.other.is_none() {
                 q.active = true;
+                q.startup_left = self.cfg.startup_count();
+                start.push(family);
+            } else if q.active && readdressed {
+                // The port got (another) address: start over from it, so hosts hear a
+                // querier they accept at once (MLD queries from :: are dropped by hosts).
                 q.startup_left = self.cfg.startup_count();
                 start.push(family);
             }
@@ -907,7 +965,7 @@ impl Engine {
         if !source.is_unspecified() {
             self.mark_router(now, port, family, RouterSignal::Query, source);
         }
-        let oqpi = self.cfg.other_querier_present();
+        let cfg = &self.cfg;
         if let Some(p) = self.ports.get_mut(&port) {
             let enabled = p.opts.querier;
             let qs = p.querier_mut(family);
@@ -918,11 +976,16 @@ impl Engine {
                     Some(cur) => cur == source || beats(&source, &cur),
                 };
                 if replace {
+                    if qs.other != Some(source) {
+                        qs.announced = None;
+                    }
+                    qs.announced = Some(announced(q, qs.announced, cfg));
                     qs.active = false;
                     qs.other = Some(source);
-                    qs.other_until = Some(now + oqpi);
                     qs.next_query = None;
                     qs.startup_left = 0;
+                    let oqpi = p.timers(family, cfg).other_querier_present();
+                    p.querier_mut(family).other_until = Some(now + oqpi);
                 }
             }
         }
@@ -966,6 +1029,8 @@ impl Engine {
         let before = self.forwarding(&group);
         let Engine { cfg, ports, groups, actions, .. } = self;
         let Some(p) = ports.get(&port) else { return };
+        let timers = p.timers(family, cfg);
+        let gmi = timers.gmi();
         let m = groups.entry(group).or_default();
         let entry = m.entry(port).or_default();
         entry.expire(now);
@@ -977,11 +1042,11 @@ impl Engine {
         let step = match op {
             Op::V1Report | Op::V2Report if ssm => None,
             Op::V1Report => {
-                entry.v1_host = Some(now + cfg.gmi());
+                entry.v1_host = Some(now + gmi);
                 Some((RecordType::IsExclude, &empty))
             }
             Op::V2Report => {
-                entry.v2_host = Some(now + cfg.gmi());
+                entry.v2_host = Some(now + gmi);
                 Some((RecordType::IsExclude, &empty))
             }
             Op::Leave if ssm || compat == CompatMode::IgmpV1 => None,
@@ -992,7 +1057,7 @@ impl Engine {
             Op::Record(kind) => Some((kind, b)),
         };
         if let Some((kind, sources)) = step {
-            let (qg, qgs) = entry.apply(now, cfg.gmi(), kind, sources);
+            let (qg, qgs) = entry.apply(now, gmi, kind, sources);
             if qg || !qgs.is_empty() {
                 queue_specific_queries(cfg, p, port, group, entry, now, qg, &qgs, actions);
             }

@@ -871,6 +871,67 @@ fn ports_that_do_not_learn_routers_ignore_router_signals_and_say_so() {
     assert_eq!(h.e.router_ports(Family::V4), set(&[1]));
 }
 
+/// RFC 3376 4.1.6-4.1.7, 8.2-8.3: a non-querier uses the elected querier's robustness, query
+/// interval and query response interval, so memberships outlive the gap between its queries.
+#[test]
+fn a_non_querier_uses_the_timers_the_querier_announces() {
+    let mut h = H::new();
+    let slow = Query { qrv: 3, qqi: t(300), max_resp: t(20), ..general_v3() };
+    h.msg(t(0), 1, "192.0.2.0", MessageKind::Query(slow.clone()));
+    assert_eq!(h.e.querier(1, Family::V4).map(|q| q.is_self), Some(false));
+    h.rec(t(1), 1, RecordType::IsExclude, G, &[]);
+    // 3 * 300 + 20 = 920 s, not our own 2 * 125 + 10 = 260 s.
+    assert_eq!(h.mode(t(1)), Some((FilterMode::Exclude, Some(t(920)))));
+    h.e.tick(t(600));
+    assert!(h.mode(t(600)).is_some(), "expired between two of the querier's queries");
+    // The querier keeps being present for its own other-querier-present interval
+    // (3 * 300 + 20 / 2 = 910 s), not ours (255 s): we do not take over at 255.
+    h.e.tick(t(300));
+    assert_eq!(h.e.querier(1, Family::V4).map(|q| q.is_self), Some(false));
+    // An IGMPv2 query announces only its response time; the rest stays.
+    let v2 = Query {
+        version: QueryVersion::IgmpV2,
+        qrv: 0,
+        qqi: Duration::ZERO,
+        max_resp: t(5),
+        ..general_v3()
+    };
+    h.msg(t(601), 1, "192.0.2.0", MessageKind::Query(v2));
+    h.rec(t(602), 1, RecordType::IsExclude, G, &[]);
+    assert_eq!(h.mode(t(602)).and_then(|m| m.1), Some(t(3 * 300 + 5)), "time left");
+}
+
+/// A port attached before it had a link-local address (a tap OpenVPN just created) starts its
+/// MLD startup queries again, from the new address, as soon as it gets one.
+#[test]
+fn a_port_that_gets_an_address_queries_from_it_at_once() {
+    let mut h = H::with_port(PortOptions { ipv6: None, ..opts("192.0.2.1") });
+    h.e.tick(t(40));
+    h.take();
+    let ll: std::net::Ipv6Addr = "fe80::1".parse().expect("address");
+    h.e.add_port(t(41), 1, PortOptions { ipv6: Some(ll), ..opts("192.0.2.1") });
+    let sent: Vec<(IpAddr, QueryVersion)> = h
+        .take()
+        .into_iter()
+        .filter_map(|x| match x {
+            Action::SendQuery { source, query, .. } => Some((source, query.version)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent, vec![(a("fe80::1"), QueryVersion::MldV2)], "only MLD, from the new address");
+}
+
+#[test]
+fn our_own_timers_apply_again_when_the_other_querier_is_gone() {
+    let mut h = H::new();
+    let slow = Query { qrv: 3, qqi: t(300), max_resp: t(20), ..general_v3() };
+    h.msg(t(0), 1, "192.0.2.0", MessageKind::Query(slow));
+    h.e.tick(t(911));
+    assert_eq!(h.e.querier(1, Family::V4).map(|q| q.is_self), Some(true), "took over after 910 s");
+    h.rec(t(912), 1, RecordType::IsExclude, G, &[]);
+    assert_eq!(h.mode(t(912)).and_then(|m| m.1), Some(GMI), "time left");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Deadlines
 
