@@ -132,11 +132,19 @@ pub enum ParseError {
     BadLength,
     #[error("unknown IGMP/MLD/PIM message type")]
     UnknownType,
+    #[error("TTL / hop limit is not 1 (the message came from beyond the link)")]
+    BadTtl,
+    #[error("no IP Router Alert option where the RFC requires one")]
+    NoRouterAlert,
+    #[error("MLD source address is not link-local (RFC 3810 5.1.14, 5.2.13)")]
+    BadSource,
+    #[error("destination address does not fit the message type")]
+    BadDestination,
 }
 
 impl ParseError {
     /// Every reason, for counter tables.
-    pub const ALL: [ParseError; 10] = [
+    pub const ALL: [ParseError; 14] = [
         ParseError::Truncated,
         ParseError::NotIp,
         ParseError::BadIpHeader,
@@ -147,6 +155,10 @@ impl ParseError {
         ParseError::BadChecksum,
         ParseError::BadLength,
         ParseError::UnknownType,
+        ParseError::BadTtl,
+        ParseError::NoRouterAlert,
+        ParseError::BadSource,
+        ParseError::BadDestination,
     ];
 
     /// Stable lower-case name (metrics label).
@@ -162,6 +174,10 @@ impl ParseError {
             ParseError::BadChecksum => "bad_checksum",
             ParseError::BadLength => "bad_length",
             ParseError::UnknownType => "unknown_type",
+            ParseError::BadTtl => "bad_ttl",
+            ParseError::NoRouterAlert => "no_router_alert",
+            ParseError::BadSource => "bad_source",
+            ParseError::BadDestination => "bad_destination",
         }
     }
 }
@@ -453,11 +469,137 @@ fn parse_ipv4(frame: &[u8], l3: usize) -> Result<Message, ParseError> {
     }
     let src = Ipv4Addr::from(ip.source());
     let payload = slice(frame, l3 + ip.header_len, ip.total_len - ip.header_len)?;
-    match ip.protocol() {
-        IPPROTO_IGMP => parse_igmp(src, payload),
-        IPPROTO_PIM => parse_pim(IpAddr::V4(src), payload, 0),
-        _ => Err(ParseError::NotMembership),
+    let msg = match ip.protocol() {
+        IPPROTO_IGMP => parse_igmp(src, payload)?,
+        IPPROTO_PIM => parse_pim(IpAddr::V4(src), payload, 0)?,
+        _ => return Err(ParseError::NotMembership),
+    };
+    let options = slice(frame, l3 + 20, ip.header_len - 20)?;
+    let envelope = Envelope {
+        destination: IpAddr::V4(Ipv4Addr::from(ip.destination())),
+        ttl: ip.fixed[8],
+        router_alert: has_ipv4_router_alert(options),
+        // IGMPv3 reports only: older hosts and routers may leave the option out.
+        router_alert_required: matches!(msg.kind, MessageKind::V3Report { .. }),
+    };
+    envelope.check(&msg)?;
+    Ok(msg)
+}
+
+/// What the IP header says about a message: checked against its type by
+/// [`Envelope::check`] (RFC 3376 4 and 9.1, RFC 3810 5 and 7.4, RFC 7761 4.3.1, RFC 4286).
+struct Envelope {
+    destination: IpAddr,
+    ttl: u8,
+    router_alert: bool,
+    router_alert_required: bool,
+}
+
+impl Envelope {
+    fn check(&self, msg: &Message) -> Result<(), ParseError> {
+        if self.ttl != 1 {
+            return Err(ParseError::BadTtl);
+        }
+        if self.router_alert_required && !self.router_alert {
+            return Err(ParseError::NoRouterAlert);
+        }
+        if let IpAddr::V6(source) = msg.source {
+            // Queries and advertisements come from a router's link-local address; reports and
+            // dones may also come from :: (a host still configuring its address).
+            let reporting = matches!(
+                msg.kind,
+                MessageKind::V2Report { .. }
+                    | MessageKind::Leave { .. }
+                    | MessageKind::V3Report { .. }
+            );
+            if !(is_link_local(&source) || (reporting && source.is_unspecified())) {
+                return Err(ParseError::BadSource);
+            }
+        }
+        let family = Family::of(&msg.source);
+        let d = self.destination;
+        let routers = match family {
+            Family::V4 => IpAddr::V4(ALL_ROUTERS_V4),
+            Family::V6 => IpAddr::V6(ALL_ROUTERS_V6),
+        };
+        let fits = match &msg.kind {
+            MessageKind::Query(q) => match q.group {
+                None => d == family.all_systems(),
+                Some(group) => d == group || d == family.all_systems(),
+            },
+            MessageKind::V1Report { group } | MessageKind::V2Report { group } => d == *group,
+            MessageKind::Leave { group } => d == routers || d == *group,
+            MessageKind::V3Report { .. } => {
+                d == match family {
+                    Family::V4 => IpAddr::V4(IGMPV3_ROUTERS),
+                    Family::V6 => IpAddr::V6(MLDV2_ROUTERS),
+                }
+            }
+            MessageKind::PimHello => {
+                d == match family {
+                    Family::V4 => IpAddr::V4(ALL_PIM_ROUTERS_V4),
+                    Family::V6 => IpAddr::V6(ALL_PIM_ROUTERS_V6),
+                }
+            }
+            MessageKind::RouterAdvertisement => {
+                d == match family {
+                    Family::V4 => IpAddr::V4(ALL_SNOOPERS_V4),
+                    Family::V6 => IpAddr::V6(ALL_SNOOPERS_V6),
+                }
+            }
+        };
+        if fits {
+            Ok(())
+        } else {
+            Err(ParseError::BadDestination)
+        }
     }
+}
+
+/// fe80::/10.
+fn is_link_local(a: &Ipv6Addr) -> bool {
+    a.segments()[0] & 0xffc0 == 0xfe80
+}
+
+/// Whether IPv4 `options` hold a Router Alert option (type 148, RFC 2113). Their length
+/// byte counts the whole option.
+fn has_ipv4_router_alert(options: &[u8]) -> bool {
+    options_contain(options, 148, |kind| kind <= 1, usize::from)
+}
+
+/// Whether an IPv6 hop-by-hop header holds a Router Alert option (type 5, RFC 2711). Its
+/// options start after the next-header and length bytes; their length byte counts the data.
+fn has_ipv6_router_alert(hop_by_hop: &[u8]) -> bool {
+    let Some(&units) = hop_by_hop.get(1) else { return false };
+    let end = (usize::from(units) + 1) * 8;
+    hop_by_hop.get(2..end.min(hop_by_hop.len())).is_some_and(|options| {
+        options_contain(options, 5, |kind| kind == 0, |len| usize::from(len) + 2)
+    })
+}
+
+/// Walks type-length-value options looking for type `wanted`. `single` tells the one-byte
+/// options (padding), `size` an option's whole size from its length byte.
+fn options_contain(
+    options: &[u8],
+    wanted: u8,
+    single: impl Fn(u8) -> bool,
+    size: impl Fn(u8) -> usize,
+) -> bool {
+    let mut i = 0;
+    while let Some(&kind) = options.get(i) {
+        if kind == wanted {
+            return true;
+        }
+        if single(kind) {
+            i += 1;
+            continue;
+        }
+        match options.get(i + 1).map(|len| size(*len)) {
+            Some(step) if step >= 2 => i += step,
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// The IPv6 packet at `l3` of `frame`: fixed header and extension-header walk shared with the
@@ -473,11 +615,21 @@ fn parse_ipv6(frame: &[u8], l3: usize) -> Result<Message, ParseError> {
     let m = packet.get(upper.offset..).ok_or(ParseError::Truncated)?;
     let src = Ipv6Addr::from(ip.source());
     let dst = Ipv6Addr::from(ip.destination());
-    match upper.protocol {
-        IPPROTO_ICMPV6 => parse_icmpv6(src, dst, m),
-        IPPROTO_PIM => parse_pim(IpAddr::V6(src), m, pseudo_v6(&src, &dst, m.len(), IPPROTO_PIM)),
-        _ => Err(ParseError::NotMembership),
-    }
+    let msg = match upper.protocol {
+        IPPROTO_ICMPV6 => parse_icmpv6(src, dst, m)?,
+        IPPROTO_PIM => parse_pim(IpAddr::V6(src), m, pseudo_v6(&src, &dst, m.len(), IPPROTO_PIM))?,
+        _ => return Err(ParseError::NotMembership),
+    };
+    let hop_by_hop = packet.get(l3 + IPV6_HLEN..upper.offset).unwrap_or_default();
+    let envelope = Envelope {
+        destination: IpAddr::V6(dst),
+        ttl: ip.fixed[7],
+        router_alert: ip.next_header() == 0 && has_ipv6_router_alert(hop_by_hop),
+        // Every MLD message (RFC 2710 3, RFC 3810 5); not PIM.
+        router_alert_required: upper.protocol == IPPROTO_ICMPV6,
+    };
+    envelope.check(&msg)?;
+    Ok(msg)
 }
 
 fn parse_pim(source: IpAddr, m: &[u8], pseudo: u64) -> Result<Message, ParseError> {

@@ -562,3 +562,81 @@ fn mld_fragment_data() -> relay_common::parse::Data {
         ipv6: true,
     }
 }
+
+/// The message body of a built frame (after Ethernet and `ip_header` bytes of IP headers),
+/// with its checksum cleared for the packet builders to fill in.
+fn body_of(frame: &[u8], ip_header: usize) -> Vec<u8> {
+    let mut body = frame[14 + ip_header..].to_vec();
+    body[2..4].copy_from_slice(&[0, 0]);
+    body
+}
+
+fn ethernet(ethertype: u16, ip: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x33, 0x33, 0, 0, 0, 1, 2, 0, 0, 0, 0, 1];
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+    frame.extend_from_slice(ip);
+    frame
+}
+
+#[test]
+fn envelopes_that_break_the_rfcs_are_rejected_with_reasons() {
+    let v2 =
+        Message { source: a4("192.0.2.1"), kind: MessageKind::V2Report { group: a4("239.1.1.1") } };
+    let good = build(MAC, &v2).expect("build");
+    assert!(parse(&good).is_ok());
+    // TTL 2: it crossed a router.
+    let mut f = good.clone();
+    f[22] = 2;
+    refix_v4_header(&mut f);
+    assert_eq!(parse(&f), Err(ParseError::BadTtl));
+    // A v2 report must go to its group.
+    let mut f = good.clone();
+    f[30..34].copy_from_slice(&[239, 9, 9, 9]);
+    refix_v4_header(&mut f);
+    assert_eq!(parse(&f), Err(ParseError::BadDestination));
+    // IGMPv1/v2 without the Router Alert option are fine (older hosts leave it out)...
+    let body = body_of(&good, 24);
+    let ip = ipv4_packet(Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(239, 1, 1, 1), 2, false, body)
+        .expect("ip");
+    assert_eq!(parse(&ethernet(0x0800, &ip)).map(|m| m.kind), Ok(v2.kind.clone()));
+    // ...an IGMPv3 report is not.
+    let records =
+        vec![GroupRecord { kind: RecordType::IsExclude, group: a4("239.1.1.1"), sources: vec![] }];
+    let v3 = Message { source: a4("192.0.2.1"), kind: MessageKind::V3Report { records } };
+    let body = body_of(&build(MAC, &v3).expect("build"), 24);
+    let ip = ipv4_packet(Ipv4Addr::new(192, 0, 2, 1), IGMPV3_ROUTERS, 2, false, body).expect("ip");
+    assert_eq!(parse(&ethernet(0x0800, &ip)), Err(ParseError::NoRouterAlert));
+
+    // MLD: link-local sources (or :: for reports), hop limit 1, Router Alert always.
+    let report = |source: &str| Message {
+        source: a6(source),
+        kind: MessageKind::V2Report { group: a6("ff1e::1") },
+    };
+    assert!(parse(&build(MAC, &report("fe80::1")).expect("build")).is_ok());
+    assert!(parse(&build(MAC, &report("::")).expect("build")).is_ok());
+    assert_eq!(
+        parse(&build(MAC, &report("2001:db8::1")).expect("build")),
+        Err(ParseError::BadSource)
+    );
+    let query =
+        Message { source: a6("::"), kind: MessageKind::Query(q(QueryVersion::MldV2, None, 1000)) };
+    assert_eq!(parse(&build(MAC, &query).expect("build")), Err(ParseError::BadSource));
+    let mut f = build(MAC, &report("fe80::1")).expect("build");
+    f[21] = 255; // hop limit
+    assert_eq!(parse(&f), Err(ParseError::BadTtl));
+    let body = body_of(&build(MAC, &report("fe80::1")).expect("build"), 48);
+    let (src, dst) = ("fe80::1".parse().expect("src"), "ff1e::1".parse().expect("dst"));
+    let ip = ipv6_packet(src, dst, IPPROTO_ICMPV6, false, body).expect("ip");
+    assert_eq!(parse(&ethernet(0x86dd, &ip)), Err(ParseError::NoRouterAlert));
+    // A PIM hello goes to ALL-PIM-ROUTERS.
+    let pim = build(MAC, &Message { source: a4("192.0.2.1"), kind: MessageKind::PimHello })
+        .expect("build");
+    let mut f = pim.clone();
+    f[30..34].copy_from_slice(&[224, 0, 0, 1]);
+    // No Router Alert: a 20-byte header.
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = fold(sum16(&f[14..34], 0));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(parse(&pim).map(|m| m.kind), Ok(MessageKind::PimHello));
+    assert_eq!(parse(&f), Err(ParseError::BadDestination));
+}
