@@ -486,3 +486,45 @@ fn ports_that_do_not_learn_routers_stay_member_ports() {
     thread::sleep(QUIET);
     assert_eq!(at_vpn.count(unknown), 0, "{at_vpn}: the VPN client made itself a router port");
 }
+
+/// The IPv4 header checksum of a frame whose IPv4 header (`ihl` bytes) starts at byte 14.
+fn refix_ipv4_header(frame: &mut [u8], ihl: usize) {
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let mut sum: u32 =
+        frame[14..14 + ihl].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
+/// A report that crossed a router (TTL 2) or went to the wrong address is not learned and is
+/// counted by reason; the same report sent properly is learned (the control case).
+#[test]
+fn reports_that_break_the_rfcs_are_counted_not_learned() {
+    require_testbed!();
+    let group = addr("239.10.8.1");
+    let star = Star::new("rv", 2);
+    let [_, r1] = &star.hosts[..] else { unreachable!() };
+    let _relay = star.start_relay(&LEAVE_TIMERS);
+    let host = CraftedHost::new(r1, 9, false);
+    let report = Message { source: host.source, kind: MessageKind::V2Report { group } };
+    let good = packet::build(host.mac, &report).expect("report");
+    let mut routed = good.clone();
+    routed[22] = 2; // TTL
+    refix_ipv4_header(&mut routed, 24);
+    let mut misaddressed = good.clone();
+    misaddressed[30..34].copy_from_slice(&[224, 0, 0, 1]);
+    refix_ipv4_header(&mut misaddressed, 24);
+    host.send(&routed);
+    host.send(&misaddressed);
+    let malformed = |d: &serde_json::Value, reason: &str| {
+        d["control"]["malformed"][reason].as_u64().unwrap_or(0)
+    };
+    wait_groups(&star.gw, "bad_ttl and bad_destination counted", DELIVERY_TIMEOUT, |d| {
+        malformed(d, "bad_ttl") >= 1 && malformed(d, "bad_destination") >= 1
+    });
+    assert!(group_ports(&groups(&star.gw), group).is_empty(), "a rejected report was learned");
+    host.send(&good);
+    wait_member(&star.gw, group, &r1.gw_port, DELIVERY_TIMEOUT);
+}
