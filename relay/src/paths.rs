@@ -57,6 +57,12 @@ pub fn lock_file() -> anyhow::Result<PathBuf> {
     Ok(Path::new(RUN_DIR).join(format!("ns-{}.lock", netns_id()?)))
 }
 
+/// Where the daemon of this network namespace leaves the verdict of its last reload, for
+/// `mcrelay reload` to report.
+pub fn reload_file() -> anyhow::Result<PathBuf> {
+    Ok(Path::new(RUN_DIR).join(format!("ns-{}.reload.json", netns_id()?)))
+}
+
 /// State file the daemon of this network namespace writes for `mcrelay groups`.
 pub fn state_file() -> anyhow::Result<PathBuf> {
     Ok(Path::new(RUN_DIR).join(format!("ns-{}.state.json", netns_id()?)))

@@ -135,6 +135,36 @@ pub fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
 
+/// The verdict of a reload (SIGHUP), left for `mcrelay reload`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadVerdict {
+    /// The daemon's pid and a counter of the reloads it handled: a reader knows a verdict is
+    /// about its own SIGHUP when the pair moved on.
+    pub pid: u32,
+    pub seq: u64,
+    /// The new configuration is in force.
+    pub applied: bool,
+    /// What changed, or why the file was refused (FILE:LINE:COL lines for file errors).
+    pub message: String,
+    /// Refused for a reason the user can fix (the file): `mcrelay reload` exits 2.
+    pub usage: bool,
+}
+
+impl ReloadVerdict {
+    /// Writes the verdict atomically.
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(self)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    }
+
+    /// The verdict in `path`, if there is a readable one.
+    pub fn read(path: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, ms)

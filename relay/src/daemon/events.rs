@@ -49,6 +49,8 @@ struct Loop {
     received_at: Option<Instant>,
     last_status: String,
     state_path: std::path::PathBuf,
+    /// Reloads handled (the verdict's sequence number).
+    reloads: u64,
 }
 
 impl Daemon {
@@ -76,6 +78,7 @@ impl Daemon {
             received_at: None,
             last_status: String::new(),
             state_path: paths::state_file()?,
+            reloads: 0,
         };
         loop {
             match self.next_event(&mut lp).await {
@@ -86,7 +89,10 @@ impl Daemon {
                 Event::SocketFailed(e) => {
                     return Err(anyhow::Error::new(e).context("receiving on the packet socket"))
                 }
-                Event::Reload => self.on_reload().await,
+                Event::Reload => {
+                    lp.reloads += 1;
+                    self.on_reload(lp.reloads).await;
+                }
                 Event::Frame(frame) => {
                     lp.received_at = Some(Instant::now());
                     self.on_frame(&frame);
@@ -129,12 +135,29 @@ impl Daemon {
         }
     }
 
-    /// SIGHUP.
-    async fn on_reload(&mut self) {
+    /// SIGHUP. The verdict is logged and left for `mcrelay reload`.
+    async fn on_reload(&mut self, seq: u64) {
         let _ = sd_notify::notify(&[NotifyState::Reloading]);
-        match self.reload().await {
-            Ok(summary) => tracing::info!("reloaded: {summary}"),
-            Err(e) => tracing::error!("reload rejected, running state kept: {e:#}"),
+        let result = self.reload().await;
+        let verdict = match &result {
+            Ok(summary) => {
+                tracing::info!("reloaded: {summary}");
+                (true, summary.clone(), false)
+            }
+            Err(e) => {
+                tracing::error!("reload rejected, running state kept: {e:#}");
+                let usage = e.chain().any(|c| {
+                    c.downcast_ref::<crate::error::UsageError>().is_some()
+                        || c.downcast_ref::<crate::config::ConfigError>().is_some()
+                });
+                (false, format!("{e:#}"), usage)
+            }
+        };
+        let (applied, message, usage) = verdict;
+        let verdict =
+            state::ReloadVerdict { pid: std::process::id(), seq, applied, message, usage };
+        if let Err(e) = paths::reload_file().and_then(|path| verdict.write(&path)) {
+            tracing::warn!("leaving the reload verdict for `mcrelay reload`: {e:#}");
         }
         let _ = sd_notify::notify(&[NotifyState::Ready]);
         self.control.mark_dirty();

@@ -87,11 +87,42 @@ pub async fn run(source: SettingsSource) -> anyhow::Result<()> {
     result
 }
 
-/// `mcrelay reload`: sends SIGHUP to this namespace's daemon.
+/// How long `mcrelay reload` waits for the daemon's verdict.
+const RELOAD_VERDICT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `mcrelay reload`: sends SIGHUP to this namespace's daemon and reports its verdict: success
+/// only when the new configuration is in force; a refused file is a usage error (exit 2) with
+/// the daemon's reasons (FILE:LINE:COL lines), the old configuration still in force.
 pub fn reload() -> anyhow::Result<()> {
     let pid = instance::running_pid()?;
+    let path = crate::paths::reload_file()?;
+    let seen = |v: &crate::state::ReloadVerdict| (v.pid, v.seq);
+    let before = crate::state::ReloadVerdict::read(&path).map(|v| seen(&v));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP)
         .with_context(|| format!("sending SIGHUP to mcrelay (pid {pid})"))?;
-    println!("sent SIGHUP to mcrelay (pid {pid})");
-    Ok(())
+    let deadline = std::time::Instant::now() + RELOAD_VERDICT_WAIT;
+    let verdict = loop {
+        match crate::state::ReloadVerdict::read(&path) {
+            Some(v) if v.pid == pid as u32 && Some(seen(&v)) != before => break v,
+            _ if std::time::Instant::now() > deadline => anyhow::bail!(
+                "sent SIGHUP to mcrelay (pid {pid}), but it gave no verdict within {}s; see its \
+                 log (journalctl -u mcrelay)",
+                RELOAD_VERDICT_WAIT.as_secs()
+            ),
+            _ => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    };
+    if verdict.applied {
+        println!("mcrelay (pid {pid}) reloaded: {}", verdict.message);
+        return Ok(());
+    }
+    let refused = format!(
+        "mcrelay (pid {pid}) refused the new configuration; the previous one stays in force:\n{}",
+        verdict.message
+    );
+    if verdict.usage {
+        Err(crate::error::UsageError::new(refused).into())
+    } else {
+        Err(anyhow::anyhow!(refused))
+    }
 }
