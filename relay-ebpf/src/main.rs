@@ -97,13 +97,13 @@ fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> (Counter, u32)
     if source[..3] == RELAY_MAC_PREFIX
         && (source == config.relay_mac
             // SAFETY: the value is only tested for presence.
-            || unsafe { LOOP_MACS.get(&loop_mac_key(source)) }.is_some())
+            || unsafe { LOOP_MACS.get(loop_mac_key(source)) }.is_some())
     {
         return (Counter::DropLoop, xdp_action::XDP_DROP);
     }
     if config.flags & CONFIG_F_STANDBY != 0 {
         // SAFETY: as above.
-        if unsafe { STANDBY_PORTS.get(&(ctx.ingress_ifindex() as u32)) }.is_some() {
+        if unsafe { STANDBY_PORTS.get(ctx.ingress_ifindex() as u32) }.is_some() {
             return (Counter::DropLoop, xdp_action::XDP_PASS);
         }
     }
