@@ -26,9 +26,11 @@ use relay_common::{
 };
 use relay_ebpf::PacketFrame;
 
-/// Per-group port sets. Key: [`GroupKey`] with a zero source ((*,G)). Value: an inner
-/// DEVMAP_HASH whose keys and values are the member ports' ifindexes. Written by the daemon's
-/// map writer; a change replaces the inner map atomically.
+/// Per-group port sets. Key: [`GroupKey`]: a zero source for a (*,G) entry, the source for an
+/// (S,G) entry (looked up first while `CONFIG_F_SOURCE_ENTRIES` is set). Value: an inner
+/// DEVMAP_HASH of the member ports (key: ifindex, or a per-client key; value: ifindex and, for
+/// per-client copies, the `mcrelay_client` egress program). Written by the daemon's map writer;
+/// a change replaces the inner map atomically.
 #[btf_map]
 static GROUP_PORTS: HashOfMaps<
     GroupKey,
