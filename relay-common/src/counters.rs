@@ -40,8 +40,9 @@ pub enum Counter {
     /// Reserved, never counted yet: filled by the routed-ports issue (L3 mode: TTL / hop limit
     /// decremented, TTL <= 1 dropped). The slot stays so the map layout and the names stay stable.
     DropTtl = 7,
-    /// Dropped by the loop guard: a frame relayed by this relay or by a redundant peer relay
-    /// (its relay MAC as source), or multicast data arriving on a port in standby.
+    /// Not relayed because of the loop guard: a frame this relay or a redundant peer relay
+    /// already relayed (its relay MAC as source; dropped), or multicast data arriving on a port
+    /// in standby (passed to the local stack, never relayed).
     DropLoop = 8,
     /// Dropped by a rate limit.
     ///
