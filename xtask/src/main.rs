@@ -1,4 +1,5 @@
-//! `cargo xtask`: development tasks for mcrelay (set-up, build, run, lab, tests).
+//! `cargo xtask`: development tasks for mcrelay (set-up, build, run, lab, lint, tests, bench,
+//! install).
 //!
 //! `cargo xtask` is an alias (.cargo/config.toml) for `cargo run --package xtask --`.
 
