@@ -34,8 +34,9 @@ pub const DEVMAP_VALUE_SIZE: u32 = 8;
 /// Key of `GROUP_PORTS`: a multicast group and, for source-specific entries, a source.
 ///
 /// Both addresses are 16 bytes in network byte order. Aligned to 8 bytes (same size and layout)
-/// so the kernel program builds and copies keys with word stores instead of byte loops. IPv4 addresses are stored IPv4-mapped
-/// (`::ffff:a.b.c.d`), so one map serves both families. `source` is all zero for a (*,G) entry.
+/// so the kernel program builds and copies keys with word stores instead of byte loops. IPv4
+/// addresses are stored IPv4-mapped (`::ffff:a.b.c.d`), so one map serves both families.
+/// `source` is all zero for a (*,G) entry and the source address for an (S,G) entry.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
 pub struct GroupKey {
@@ -151,7 +152,10 @@ pub enum AttachMode {
     Native = 1,
     /// Generic (SKB) XDP.
     Skb = 2,
-    /// TC (tcx) program.
+    /// TC (tcx) program. Reserved: nothing attaches it yet. The TC variant of the program
+    /// comes with the routed-ports issue (tun/WireGuard, and devices without `ndo_xdp_xmit`
+    /// such as VXLAN or bridges, which XDP broadcasts silently skip); `mcrelay ports` already
+    /// names the mode `tc`.
     Tc = 3,
 }
 
@@ -183,7 +187,11 @@ impl AttachMode {
 pub struct PortInfo {
     /// An [`AttachMode`] as `u32`.
     pub attach_mode: u32,
-    /// Port role flags ([`PORT_ROLE_ROUTER`], ...).
+    /// Role and state bits: [`PORT_ROLE_ROUTER`] when the port is one of the router ports
+    /// (configured or learned; the ports of `ROUTER_PORTS`), plus the loop guard's standby
+    /// reasons [`PORT_STANDBY_SAME_SEGMENT`] and [`PORT_STANDBY_PEER`] (the value of the port's
+    /// `STANDBY_PORTS` entry). No bits: a member port relaying normally. Written by the daemon's
+    /// dataplane (`Ports::set_routers`, `Ports::set_standby`), read by `mcrelay ports`.
     pub role: u32,
     /// Interface name, NUL padded (IFNAMSIZ = 16).
     pub name: [u8; 16],

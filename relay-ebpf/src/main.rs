@@ -26,9 +26,11 @@ use relay_common::{
 };
 use relay_ebpf::PacketFrame;
 
-/// Per-group port sets. Key: [`GroupKey`] with a zero source ((*,G)). Value: an inner
-/// DEVMAP_HASH whose keys and values are the member ports' ifindexes. Written by the daemon's
-/// map writer; a change replaces the inner map atomically.
+/// Per-group port sets. Key: [`GroupKey`]: a zero source for a (*,G) entry, the source for an
+/// (S,G) entry (looked up first while `CONFIG_F_SOURCE_ENTRIES` is set). Value: an inner
+/// DEVMAP_HASH of the member ports (key: ifindex, or a per-client key; value: ifindex and, for
+/// per-client copies, the `mcrelay_client` egress program). Written by the daemon's map writer;
+/// a change replaces the inner map atomically.
 #[btf_map]
 static GROUP_PORTS: HashOfMaps<
     GroupKey,
@@ -97,13 +99,13 @@ fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> (Counter, u32)
     if source[..3] == RELAY_MAC_PREFIX
         && (source == config.relay_mac
             // SAFETY: the value is only tested for presence.
-            || unsafe { LOOP_MACS.get(&loop_mac_key(source)) }.is_some())
+            || unsafe { LOOP_MACS.get(loop_mac_key(source)) }.is_some())
     {
         return (Counter::DropLoop, xdp_action::XDP_DROP);
     }
     if config.flags & CONFIG_F_STANDBY != 0 {
         // SAFETY: as above.
-        if unsafe { STANDBY_PORTS.get(&(ctx.ingress_ifindex() as u32)) }.is_some() {
+        if unsafe { STANDBY_PORTS.get(ctx.ingress_ifindex() as u32) }.is_some() {
             return (Counter::DropLoop, xdp_action::XDP_PASS);
         }
     }

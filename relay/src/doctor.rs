@@ -16,10 +16,9 @@ mod sysctl;
 
 use std::collections::BTreeMap;
 
-pub use links::DoctorLink;
 use serde_json::{json, Value};
 
-use crate::{cli::DoctorArgs, usage_bail};
+use crate::{cli::DoctorArgs, ports::Link, usage_bail};
 
 /// Exit status when at least one check found a problem.
 pub const EXIT_PROBLEMS: i32 = 3;
@@ -207,23 +206,23 @@ impl Check {
 
 /// Everything the checks share: the interfaces of this namespace and the `--iface` focus.
 pub struct Context {
-    pub links: Vec<DoctorLink>,
+    pub links: Vec<Link>,
     pub by_index: BTreeMap<u32, usize>,
     /// `--iface`, validated to exist.
     pub iface: Option<String>,
 }
 
 impl Context {
-    pub fn new(links: Vec<DoctorLink>, iface: Option<String>) -> Self {
+    pub fn new(links: Vec<Link>, iface: Option<String>) -> Self {
         let by_index = links.iter().enumerate().map(|(i, l)| (l.index, i)).collect();
         Self { links, by_index, iface }
     }
 
-    pub fn link(&self, index: u32) -> Option<&DoctorLink> {
+    pub fn link(&self, index: u32) -> Option<&Link> {
         self.by_index.get(&index).map(|&i| &self.links[i])
     }
 
-    pub fn link_by_name(&self, name: &str) -> Option<&DoctorLink> {
+    pub fn link_by_name(&self, name: &str) -> Option<&Link> {
         self.links.iter().find(|l| l.name == name)
     }
 
@@ -232,7 +231,7 @@ impl Context {
     }
 
     /// Interfaces that can carry multicast to peers: up, not loopback.
-    pub fn candidate_ports(&self) -> impl Iterator<Item = &DoctorLink> {
+    pub fn candidate_ports(&self) -> impl Iterator<Item = &Link> {
         self.links.iter().filter(|l| l.up && !l.loopback)
     }
 }
@@ -252,7 +251,7 @@ pub async fn run(args: &DoctorArgs) -> anyhow::Result<i32> {
 /// Runs every check in this network namespace.
 pub async fn collect(iface: Option<&str>) -> anyhow::Result<Vec<Check>> {
     let handle = crate::ports::connect()?;
-    let links = links::list(&handle).await?;
+    let links = crate::ports::list(&handle).await?;
     if let Some(name) = iface {
         if !links.iter().any(|l| l.name == name) {
             usage_bail!("--iface {name}: no such interface in this network namespace");

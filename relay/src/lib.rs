@@ -25,7 +25,3 @@ pub mod settings;
 pub mod state;
 
 pub use dataplane::EBPF_OBJECT;
-
-/// The programs of `cargo xtask bench` (generator, counter, bare reference forwarder), built from
-/// relay-ebpf's `bench` binary next to the product object. Not used by mcrelay itself.
-pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));

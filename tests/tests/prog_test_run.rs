@@ -7,8 +7,7 @@
 use std::net::IpAddr;
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use relay::reconciler::GroupWriter as _;
-use relay::{dataplane::Dataplane, groups::group_key};
+use relay::{dataplane::Dataplane, groups::group_key, reconciler::GroupWriter as _};
 use relay_common::{
     frames::*,
     parse::{ETH_HLEN, IPV6_HLEN},

@@ -1,4 +1,5 @@
-//! `cargo xtask`: development tasks for mcrelay (set-up, build, run, lab, tests).
+//! `cargo xtask`: development tasks for mcrelay (set-up, build, run, lab, lint, tests, bench,
+//! install).
 //!
 //! `cargo xtask` is an alias (.cargo/config.toml) for `cargo run --package xtask --`.
 
@@ -6,6 +7,7 @@ mod bench;
 mod cmd;
 mod install;
 mod lab;
+mod lint;
 mod setup;
 mod workspace;
 
@@ -86,6 +88,11 @@ enum Commands {
         #[arg(long, value_name = "FILE")]
         svg: Option<std::path::PathBuf>,
     },
+    /// Check formatting and lints: nightly rustfmt, clippy on the host crates and clippy on
+    /// relay-ebpf for its BPF target, all with warnings as errors (what CI runs).
+    ///
+    /// Runs the toolchain part of setup first (nightly rustfmt, clippy, rust-src, bpf-linker).
+    Lint,
     /// Run every test: setup, a debug build of mcrelay, then `cargo test` on the workspace.
     ///
     /// The tests get MCRELAY_BIN (absolute path of target/debug/mcrelay) and RUST_BACKTRACE=1
@@ -121,6 +128,7 @@ fn main() -> anyhow::Result<()> {
         }
         Commands::Run { release, args } => run(Profile::from_release_flag(release), &args),
         Commands::Lab { duration } => lab(duration.map(Duration::from_secs)),
+        Commands::Lint => setup::run(Scope::Toolchain).and_then(|()| lint::run()),
         Commands::Test { args } => test(&args),
         Commands::Install { prefix, dry_run } => install::run(&prefix, dry_run),
         Commands::Bench { quick, json, svg } => bench(quick, json, svg),

@@ -16,7 +16,8 @@ use anyhow::{bail, Context as _};
 
 use crate::cmd;
 
-/// The bpf-linker release the eBPF build is known to work with (see PLATFORM.md).
+/// The bpf-linker release the eBPF build is known to work with (with aya 0.14 and nightly's
+/// LLVM 22; a plain `cargo install bpf-linker` does not build here, see [`ensure_bpf_linker`]).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Where the bpf-linker binary finds libLLVM (its RUNPATH): must outlive the install.
@@ -62,7 +63,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
 /// How much of the set-up to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
-    /// Only what building needs: nightly rust-src and bpf-linker (quick when already there).
+    /// Only what building and linting need: nightly rust-src, rustfmt and clippy, clippy for
+    /// the host toolchain, bpf-linker (quick when already there).
     Toolchain,
     /// Everything: toolchain, Debian packages and bpffs.
     Full,
@@ -71,7 +73,8 @@ pub enum Scope {
 /// Runs the set-up steps of `scope`.
 pub fn run(scope: Scope) -> anyhow::Result<()> {
     let rustc_version = check_nightly()?;
-    ensure_rust_src()?;
+    ensure_components(Some("nightly"), NIGHTLY_COMPONENTS)?;
+    ensure_components(None, HOST_COMPONENTS)?;
     ensure_bpf_linker(&rustc_version)?;
     if scope == Scope::Toolchain {
         return Ok(());
@@ -136,7 +139,7 @@ fn check_nightly() -> anyhow::Result<String> {
     if !has_nightly(&toolchains) {
         bail!(
             "the nightly Rust toolchain is not installed (the eBPF crate needs it); run:\n    \
-             rustup toolchain install nightly --profile minimal --component rust-src"
+             rustup toolchain install nightly --profile minimal --component rust-src,rustfmt,clippy"
         );
     }
     let version = cmd::output(Command::new("rustc").args(["+nightly", "-vV"]))?;
@@ -154,31 +157,48 @@ fn has_nightly(toolchains: &str) -> bool {
     })
 }
 
-/// `-Z build-std=core` needs the standard library's source for the nightly toolchain.
-fn ensure_rust_src() -> anyhow::Result<()> {
-    let installed = cmd::output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
-    ]))?;
-    if has_rust_src(&installed) {
-        println!("[setup] rust-src (nightly): already installed");
+/// Components of the nightly toolchain: rust-src for `-Z build-std=core` (the eBPF build),
+/// rustfmt because rustfmt.toml uses nightly-only options, clippy to lint relay-ebpf for its BPF
+/// target (`cargo xtask lint`).
+const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "rustfmt", "clippy"];
+
+/// Components of the toolchain that runs xtask: clippy for the host crates (`cargo xtask lint`).
+const HOST_COMPONENTS: &[&str] = &["clippy"];
+
+/// Adds the missing `components` to `toolchain` (`None`: the toolchain running xtask, which
+/// rustup names in RUSTUP_TOOLCHAIN).
+fn ensure_components(toolchain: Option<&str>, components: &[&str]) -> anyhow::Result<()> {
+    let label = toolchain
+        .map(str::to_owned)
+        .or_else(|| env::var("RUSTUP_TOOLCHAIN").ok())
+        .unwrap_or_else(|| "default toolchain".to_owned());
+    let mut list = Command::new("rustup");
+    list.args(["component", "list", "--installed"]);
+    if let Some(toolchain) = toolchain {
+        list.args(["--toolchain", toolchain]);
+    }
+    let installed = cmd::output(&mut list)?;
+    let missing: Vec<&str> =
+        components.iter().copied().filter(|c| !has_component(&installed, c)).collect();
+    if missing.is_empty() {
+        println!("[setup] {} ({label}): already installed", components.join(", "));
         return Ok(());
     }
     let mut add = Command::new("rustup");
-    add.args(["component", "add", "rust-src", "--toolchain", "nightly"]);
-    println!("[setup] rust-src (nightly): installing: {}", cmd::describe(&add));
+    add.args(["component", "add"]).args(&missing);
+    if let Some(toolchain) = toolchain {
+        add.args(["--toolchain", toolchain]);
+    }
+    println!("[setup] {} ({label}): installing: {}", missing.join(", "), cmd::describe(&add));
     cmd::run(&mut add)
 }
 
-/// Whether `rustup component list --installed` lists rust-src (with or without a target suffix).
-fn has_rust_src(components: &str) -> bool {
-    components
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .any(|name| name == "rust-src" || name.starts_with("rust-src-"))
+/// Whether `rustup component list --installed` lists `component` (with or without a target
+/// suffix: `rust-src`, `clippy-x86_64-unknown-linux-gnu`).
+fn has_component(installed: &str, component: &str) -> bool {
+    installed.lines().filter_map(|line| line.split_whitespace().next()).any(|name| {
+        name.strip_prefix(component).is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+    })
 }
 
 /// Installs bpf-linker linked against the nightly toolchain's own libLLVM: the crate's default
@@ -469,18 +489,21 @@ mod tests {
     }
 
     #[test]
-    fn recognises_nightly_and_rust_src() {
+    fn recognises_nightly_and_components() {
         let toolchains = "stable-x86_64-unknown-linux-gnu (active, default)\n\
                           nightly-x86_64-unknown-linux-gnu\n1.95.0-x86_64-unknown-linux-gnu\n";
         assert!(has_nightly(toolchains));
         assert!(!has_nightly(
             "stable-x86_64-unknown-linux-gnu\nnightly-2026-01-01-x86_64-unknown-linux-gnu\n"
         ));
-        assert!(has_rust_src(
-            "cargo-x86_64-unknown-linux-gnu\nrust-src\nrustc-x86_64-unknown-linux-gnu\n"
-        ));
-        assert!(!has_rust_src(
-            "cargo-x86_64-unknown-linux-gnu\nrust-std-x86_64-unknown-linux-gnu\n"
+        let installed = "cargo-x86_64-unknown-linux-gnu\nclippy-x86_64-unknown-linux-gnu\n\
+                         rust-src\nrustc-x86_64-unknown-linux-gnu\n";
+        assert!(has_component(installed, "rust-src"));
+        assert!(has_component(installed, "clippy"));
+        assert!(!has_component(installed, "rustfmt"));
+        assert!(!has_component(
+            "cargo-x86_64-unknown-linux-gnu\nrust-std-x86_64-unknown-linux-gnu\n",
+            "rust-src"
         ));
     }
 

@@ -51,14 +51,14 @@ pub fn mcrelay_client(ctx: XdpContext) -> u32 {
         group: GroupKey { group: data.key.group, source: [0; 16] },
     };
     // SAFETY: the value is only read here; the daemon replaces whole entries.
-    let Some(set) = (unsafe { CLIENT_SETS.get(&key) }) else {
+    let Some(set) = (unsafe { CLIENT_SETS.get(key) }) else {
         return xdp_action::XDP_PASS;
     };
     let count = set.count;
     if count == 0 || count as usize > MAX_CLIENTS_PER_SET {
         return xdp_action::XDP_PASS;
     }
-    let Some(cursor) = CLIENT_CURSOR.get_ptr_mut(&key) else {
+    let Some(cursor) = CLIENT_CURSOR.get_ptr_mut(key) else {
         return xdp_action::XDP_PASS;
     };
     // SAFETY: per-CPU value, only this CPU uses it while the program runs.
@@ -77,7 +77,7 @@ pub fn mcrelay_client(ctx: XdpContext) -> u32 {
     }
     // SAFETY: the first six bytes are inside the packet, checked just above.
     unsafe { core::ptr::write_unaligned(frame.start as *mut [u8; 6], mac) };
-    if let Some(copies) = CLIENT_COPIES.get_ptr_mut(&key) {
+    if let Some(copies) = CLIENT_COPIES.get_ptr_mut(key) {
         // SAFETY: per-CPU value; `slot` is below MAX_CLIENTS_PER_SET.
         unsafe { (*copies).copies[slot] += 1 };
     }

@@ -2,7 +2,7 @@
 //! (`PORTS`, `PORT_STATS`, `FLOOD_PORTS`).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -15,9 +15,7 @@ use aya::{
         Xdp, XdpMode as KernelXdpMode,
     },
 };
-use relay_common::{
-    AttachMode, PortCounters, PortInfo, PORT_STANDBY_PEER, PORT_STANDBY_SAME_SEGMENT,
-};
+use relay_common::{AttachMode, PortCounters, PortInfo, PORT_ROLE_ROUTER};
 
 use super::{
     error::{DataplaneError, KernelContext as _},
@@ -50,6 +48,10 @@ pub struct Ports {
     stats: PerCpuHashMap<MapData, u32, PortCounters>,
     flood: DevMapHash<MapData>,
     attached: BTreeMap<u32, AttachedPort>,
+    /// Router ports as last set (`PORT_ROLE_ROUTER` in [`PortInfo::role`]).
+    routers: BTreeSet<u32>,
+    /// Standby ports as last set: ifindex -> `PORT_STANDBY_*` bits of [`PortInfo::role`].
+    standby: BTreeMap<u32, u32>,
     pin_dir: Option<PathBuf>,
     /// Pin the XDP links of new attachments (false with `run --no-pin`).
     pub pin_links: bool,
@@ -73,6 +75,8 @@ impl Ports {
             stats,
             flood,
             attached: BTreeMap::new(),
+            routers: BTreeSet::new(),
+            standby: BTreeMap::new(),
             pin_dir: pin_dir.map(Path::to_owned),
             pin_links: true,
             released_pin: false,
@@ -312,7 +316,11 @@ impl Ports {
         let n = ifname.len().min(15);
         name[..n].copy_from_slice(&ifname.as_bytes()[..n]);
         self.info
-            .insert(ifindex, PortInfo { attach_mode: mode as u32, role: 0, name }, 0)
+            .insert(
+                ifindex,
+                PortInfo { attach_mode: mode as u32, role: self.role(ifindex), name },
+                0,
+            )
             .kernel("writing PORTS")?;
         let cpus = cpus().kernel("counting CPUs")?;
         let zero = PerCpuValues::try_from(vec![PortCounters::default(); cpus])
@@ -344,10 +352,27 @@ impl Ports {
 
     /// Records the standby reason bits of every attached port in `PORTS` (for the CLI).
     pub fn set_standby(&mut self, standby: &BTreeMap<u32, u32>) -> Result<(), DataplaneError> {
-        let mask = PORT_STANDBY_PEER | PORT_STANDBY_SAME_SEGMENT;
+        self.standby.clone_from(standby);
+        self.write_roles()
+    }
+
+    /// Records which attached ports are router ports in `PORTS` (for the CLI).
+    pub fn set_routers(&mut self, ifindexes: &[u32]) -> Result<(), DataplaneError> {
+        self.routers = ifindexes.iter().copied().collect();
+        self.write_roles()
+    }
+
+    /// [`PortInfo::role`] of a port: `PORT_ROLE_ROUTER` and the `PORT_STANDBY_*` bits.
+    fn role(&self, ifindex: u32) -> u32 {
+        let router = if self.routers.contains(&ifindex) { PORT_ROLE_ROUTER } else { 0 };
+        router | self.standby.get(&ifindex).copied().unwrap_or(0)
+    }
+
+    /// Brings the role of every attached port in `PORTS` up to date.
+    fn write_roles(&mut self) -> Result<(), DataplaneError> {
         for &ifindex in self.attached.keys() {
             let Ok(mut info) = self.info.get(&ifindex, 0) else { continue };
-            let role = (info.role & !mask) | standby.get(&ifindex).copied().unwrap_or(0);
+            let role = self.role(ifindex);
             if role != info.role {
                 info.role = role;
                 self.info.insert(ifindex, info, 0).kernel("writing PORTS")?;

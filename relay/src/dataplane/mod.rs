@@ -328,7 +328,8 @@ impl GroupWriter for Dataplane {
     }
 
     fn set_router_ports(&mut self, ifindexes: &[u32]) -> Result<()> {
-        self.config.set_router_ports(ifindexes)
+        self.config.set_router_ports(ifindexes)?;
+        self.ports.set_routers(ifindexes)
     }
 }
 

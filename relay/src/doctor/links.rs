@@ -1,216 +1,12 @@
 //! Checks on interfaces: the MULTICAST flag, bridges that snoop without a querier, XDP in
-//! generic mode, and the veth pitfalls of PLATFORM.md (GRO on the peer, TX checksum offload).
+//! generic mode, and the veth pitfalls (GRO on the peer, TX checksum offload; see
+//! docs/architecture.md).
 //!
-//! Everything comes from one rtnetlink link dump of this namespace plus the read-only ethtool
-//! ioctls (no `ethtool` program needed, no privileges).
-
-use anyhow::Context as _;
-use futures::TryStreamExt as _;
-use rtnetlink::{
-    packet_route::link::{
-        BridgeQuerierState, InfoBridge, InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo,
-        LinkLayerType, LinkMessage, LinkXdp, XdpAttached,
-    },
-    Handle,
-};
+//! Everything comes from one rtnetlink link dump of this namespace (`ports::list`, the same
+//! interface model the daemon uses) plus the read-only ethtool ioctls (no `ethtool` program
+//! needed, no privileges).
 
 use super::{Check, Context, Finding, Status};
-
-/// How an XDP program is attached to an interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum XdpMode {
-    Native,
-    Generic,
-    Offload,
-    /// Several programs (`XDP_ATTACHED_MULTI`); see the per-mode program ids.
-    Multi,
-}
-
-/// The XDP attachment of an interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct XdpState {
-    pub mode: XdpMode,
-    pub prog_id: Option<u32>,
-    /// Program attached in generic (skb) mode, when the kernel reports it separately.
-    pub skb_prog_id: Option<u32>,
-}
-
-impl XdpState {
-    /// Whether a program runs in generic (skb) mode.
-    pub fn generic(&self) -> bool {
-        self.mode == XdpMode::Generic || self.skb_prog_id.is_some()
-    }
-}
-
-/// Multicast settings of a Linux bridge.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct BridgeMcast {
-    pub snooping: bool,
-    pub querier: bool,
-    /// Another querier the bridge has heard (IPv4 or IPv6 address), while its timer runs.
-    pub other_querier: Option<String>,
-}
-
-/// An interface as the doctor sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DoctorLink {
-    pub index: u32,
-    pub name: String,
-    /// `IFLA_INFO_KIND` (veth, tun, bridge, ...); `None` for physical NICs.
-    pub kind: Option<String>,
-    pub up: bool,
-    pub multicast: bool,
-    pub loopback: bool,
-    pub pointopoint: bool,
-    /// Ethernet link layer (a tap is, a tun is not).
-    pub ether: bool,
-    pub xdp: Option<XdpState>,
-    pub bridge: Option<BridgeMcast>,
-    /// `IFLA_LINK`: for a veth, its peer's ifindex (in the peer's namespace).
-    pub link: Option<u32>,
-    /// `IFLA_LINK_NETNSID`: set when the peer lives in another network namespace.
-    pub link_netnsid: Option<i32>,
-}
-
-impl DoctorLink {
-    pub fn is_veth(&self) -> bool {
-        self.kind.as_deref() == Some("veth")
-    }
-
-    /// tap or tun device (OpenVPN, ...).
-    pub fn is_tun(&self) -> bool {
-        self.kind.as_deref() == Some("tun")
-    }
-
-    /// Whether the driver has native XDP: `Some(true)` for veth and tap, `None` for physical
-    /// NICs (most drivers do, not all), `Some(false)` for the rest (tun, bridge, dummy, vlan...).
-    pub fn native_xdp(&self) -> Option<bool> {
-        match self.kind.as_deref() {
-            Some("veth") => Some(true),
-            Some("tun") => Some(self.ether),
-            None if self.ether => None,
-            _ => Some(false),
-        }
-    }
-}
-
-/// Every interface of this network namespace, with the details the checks need.
-pub async fn list(handle: &Handle) -> anyhow::Result<Vec<DoctorLink>> {
-    let mut links = Vec::new();
-    let mut stream = handle.link().get().execute();
-    while let Some(msg) = stream.try_next().await.context("listing interfaces over netlink")? {
-        if let Some(link) = from_message(&msg) {
-            links.push(link);
-        }
-    }
-    Ok(links)
-}
-
-fn from_message(msg: &LinkMessage) -> Option<DoctorLink> {
-    let flags = msg.header.flags;
-    let mut link = DoctorLink {
-        index: msg.header.index,
-        name: String::new(),
-        kind: None,
-        up: flags.contains(LinkFlags::Up),
-        multicast: flags.contains(LinkFlags::Multicast),
-        loopback: flags.contains(LinkFlags::Loopback),
-        pointopoint: flags.contains(LinkFlags::Pointopoint),
-        ether: msg.header.link_layer_type == LinkLayerType::Ether,
-        xdp: None,
-        bridge: None,
-        link: None,
-        link_netnsid: None,
-    };
-    let mut named = false;
-    for attr in &msg.attributes {
-        match attr {
-            LinkAttribute::IfName(n) => {
-                link.name = n.clone();
-                named = true;
-            }
-            LinkAttribute::Link(index) => link.link = Some(*index),
-            LinkAttribute::LinkNetNsId(id) => link.link_netnsid = Some(*id),
-            LinkAttribute::Xdp(xdp) => link.xdp = xdp_state(xdp),
-            LinkAttribute::LinkInfo(infos) => {
-                for info in infos {
-                    match info {
-                        LinkInfo::Kind(k) => link.kind = Some(kind_name(k)),
-                        LinkInfo::Data(InfoData::Bridge(opts)) => {
-                            link.bridge = Some(bridge_mcast(opts));
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    named.then_some(link)
-}
-
-fn kind_name(kind: &InfoKind) -> String {
-    match kind {
-        InfoKind::Other(name) => name.to_lowercase(),
-        other => format!("{other:?}").to_lowercase(),
-    }
-}
-
-fn xdp_state(attrs: &[LinkXdp]) -> Option<XdpState> {
-    let mut mode = None;
-    let mut prog_id = None;
-    let mut skb_prog_id = None;
-    for attr in attrs {
-        match attr {
-            LinkXdp::Attached(XdpAttached::Driver) => mode = Some(XdpMode::Native),
-            LinkXdp::Attached(XdpAttached::SocketBuffer) => mode = Some(XdpMode::Generic),
-            LinkXdp::Attached(XdpAttached::Hardware) => mode = Some(XdpMode::Offload),
-            LinkXdp::Attached(XdpAttached::Multiple) => mode = Some(XdpMode::Multi),
-            LinkXdp::ProgId(id) if *id != 0 => prog_id = Some(*id),
-            LinkXdp::SkbProgId(id) if *id != 0 => skb_prog_id = Some(*id),
-            _ => {}
-        }
-    }
-    mode.map(|mode| XdpState { mode, prog_id, skb_prog_id })
-}
-
-fn bridge_mcast(opts: &[InfoBridge]) -> BridgeMcast {
-    let mut out = BridgeMcast::default();
-    for opt in opts {
-        match opt {
-            InfoBridge::MulticastSnooping(on) => out.snooping = *on,
-            InfoBridge::MulticastQuerier(on) => out.querier = *on,
-            InfoBridge::MulticastQuerierState(states) => {
-                out.other_querier = other_querier(states);
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
-/// The address of another querier the bridge currently hears (its "other querier present"
-/// timer is running).
-fn other_querier(states: &[BridgeQuerierState]) -> Option<String> {
-    let mut v4 = None;
-    let mut v4_timer = 0;
-    let mut v6 = None;
-    let mut v6_timer = 0;
-    for state in states {
-        match state {
-            BridgeQuerierState::Ipv4Address(a) if !a.is_unspecified() => v4 = Some(a.to_string()),
-            BridgeQuerierState::Ipv4OtherTimer(t) => v4_timer = *t,
-            BridgeQuerierState::Ipv6Address(a) if !a.is_unspecified() => v6 = Some(a.to_string()),
-            BridgeQuerierState::Ipv6OtherTimer(t) => v6_timer = *t,
-            _ => {}
-        }
-    }
-    match (v4, v6) {
-        (Some(a), _) if v4_timer > 0 => Some(a),
-        (_, Some(a)) if v6_timer > 0 => Some(a),
-        _ => None,
-    }
-}
 
 /// Check 3: interfaces that are up (not loopback) without the MULTICAST flag.
 pub fn check_multicast_flag(ctx: &Context) -> Check {
@@ -390,7 +186,7 @@ pub fn check_veth(ctx: &Context) -> Check {
         }
         looked += 1;
         let name = &link.name;
-        let Some(peer_index) = link.link else { continue };
+        let Some(peer_index) = link.link_index else { continue };
         if let Some(nsid) = link.link_netnsid {
             findings.push(
                 Finding::new(
@@ -506,32 +302,12 @@ fn ethtool_flag(iface: &str, cmd: u32) -> Option<bool> {
 }
 
 #[cfg(test)]
-impl DoctorLink {
-    /// An up, multicast-capable Ethernet interface with no XDP, bridge or peer (unit tests).
-    pub(crate) fn for_tests(index: u32, name: &str, kind: Option<&str>) -> Self {
-        Self {
-            index,
-            name: name.into(),
-            kind: kind.map(str::to_owned),
-            up: true,
-            multicast: true,
-            loopback: false,
-            pointopoint: false,
-            ether: true,
-            xdp: None,
-            bridge: None,
-            link: None,
-            link_netnsid: None,
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ports::{BridgeMcast, Link, XdpAttachMode, XdpState};
 
-    fn link(name: &str, kind: Option<&str>) -> DoctorLink {
-        DoctorLink::for_tests(2, name, kind)
+    fn link(name: &str, kind: Option<&str>) -> Link {
+        Link::for_tests(2, name, kind)
     }
 
     #[test]
@@ -579,7 +355,8 @@ mod tests {
     #[test]
     fn generic_xdp_on_veth_warns() {
         let mut v = link("v0", Some("veth"));
-        v.xdp = Some(XdpState { mode: XdpMode::Generic, prog_id: Some(7), skb_prog_id: None });
+        v.xdp =
+            Some(XdpState { mode: XdpAttachMode::Generic, prog_id: Some(7), skb_prog_id: None });
         let check = check_xdp_mode(&Context::new(vec![v], None));
         assert_eq!(check.status, Status::Warn);
         assert!(check.fixes()[0].contains("--xdp-mode native"));

@@ -248,10 +248,10 @@ pub fn judge(ctx: &Context, answer: &Lookup, family: Family) -> Check {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::doctor::DoctorLink;
+    use crate::ports::Link;
 
-    fn link(index: u32, name: &str, kind: Option<&str>) -> DoctorLink {
-        DoctorLink::for_tests(index, name, kind)
+    fn link(index: u32, name: &str, kind: Option<&str>) -> Link {
+        Link::for_tests(index, name, kind)
     }
 
     fn ctx(iface: Option<&str>) -> Context {

@@ -3,11 +3,12 @@
 
 use std::collections::BTreeSet;
 
-use super::{read_sysctl, sysctl_command, Check, Context, DoctorLink, Finding, Status};
+use super::{read_sysctl, sysctl_command, Check, Context, Finding, Status};
+use crate::ports::Link;
 
 /// The interfaces these checks look at: `--iface` alone when given, else every interface that is
 /// up, not loopback and has the MULTICAST flag.
-fn ports(ctx: &Context) -> Vec<&DoctorLink> {
+fn ports(ctx: &Context) -> Vec<&Link> {
     match &ctx.iface {
         Some(name) => ctx.link_by_name(name).into_iter().collect(),
         None => ctx.candidate_ports().filter(|l| l.multicast).collect(),
@@ -83,14 +84,14 @@ fn describe(proto: &str, version: u32) -> String {
 /// answer queries in different versions).
 pub fn check_forced_versions(ctx: &Context) -> Check {
     // Compare every multicast interface (even with --iface: the point is the difference).
-    let ports: Vec<&DoctorLink> = ctx.candidate_ports().filter(|l| l.multicast).collect();
+    let ports: Vec<&Link> = ctx.candidate_ports().filter(|l| l.multicast).collect();
     let mut findings = Vec::new();
     for (proto, base, key, effective) in [
         ("IGMP", "net/ipv4/conf", "force_igmp_version", effective_igmp as fn(u32, u32) -> u32),
         ("MLD", "net/ipv6/conf", "force_mld_version", effective_mld),
     ] {
         let Some(all) = read_num(&format!("{base}/all/{key}")) else { continue };
-        let per_port: Vec<(&DoctorLink, u32, u32)> = ports
+        let per_port: Vec<(&Link, u32, u32)> = ports
             .iter()
             .filter_map(|l| {
                 let dev = read_num(&format!("{base}/{}/{key}", l.name))?;

@@ -178,7 +178,7 @@ impl<'a> Report<'a> {
             }
             out.push('\n');
         }
-        out.push_str("PRODUCT.md targets (this run):\n");
+        out.push_str("Performance targets (docs/performance.md), this run:\n");
         for line in self.targets() {
             let _ = writeln!(out, "  {line}");
         }
