@@ -6,14 +6,13 @@
 
 mod snapshot;
 
-pub use crate::state::ControlCounters;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     time::Duration,
 };
 
+pub use crate::state::ControlCounters;
 use crate::{
     capture::{ControlSocket, Received},
     config::GroupPolicy,

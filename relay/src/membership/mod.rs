@@ -17,7 +17,6 @@ pub use packet::{
     build, build_query, parse, parse_ip, BuildError, Family, GroupRecord, Message, MessageKind,
     ParseError, Query, QueryVersion, RecordType,
 };
-
 pub use remembered::Remembered;
 
 /// What the engine asks the daemon to send (see [`packet::build_query`]).
