@@ -1,4 +1,5 @@
-//! Command-line interface (the contract in PRODUCT.md: keep these names).
+//! Command-line interface. The subcommand and option names are the product's contract
+//! (scripts and the systemd unit use them): keep them.
 
 use std::path::PathBuf;
 

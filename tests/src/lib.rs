@@ -6,7 +6,7 @@
 //! that panics still cleans up, and every name carries the process id and a counter so that tests
 //! running side by side (and leftovers of a crashed run) never collide.
 //!
-//! Two pitfalls of veth test beds (PLATFORM.md) are handled by the helpers that build topologies
+//! Two pitfalls of veth test beds (docs/architecture.md, "veth and checksum pitfalls") are handled by the helpers that build topologies
 //! ([`topology::Star`] and the lab): the host end of a veth whose gateway end is a redirect target
 //! needs GRO on, or redirected frames vanish; and every sender needs TX checksum offload off, or
 //! receivers drop the relayed datagrams as UdpInCsumErrors.
