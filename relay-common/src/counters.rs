@@ -5,9 +5,8 @@ use bytemuck::{Pod, Zeroable};
 /// The fate of a frame, one counter each. Indexes [`PortCounters`].
 ///
 /// The index of each counter is part of the pinned `PORT_STATS` layout and its [`Counter::name`]
-/// is what `mcrelay stats`/`ports` and the metrics show: neither changes. Three are reserved
-/// for features of later issues and stay 0 until then: [`Counter::DropPolicy`],
-/// [`Counter::DropTtl`] and [`Counter::DropRateLimit`].
+/// is what `mcrelay stats`/`ports` and the metrics show: neither changes. One is reserved for
+/// a later feature and stays 0 until then: [`Counter::DropTtl`].
 ///
 /// Frames whose destination MAC is not multicast (unicast) and Ethernet broadcast leave the
 /// program before any counter is touched, so that pass-through costs nothing; the kernel's own
@@ -28,12 +27,8 @@ pub enum Counter {
     PassedOther = 4,
     /// Dropped: group without ports and unknown = drop.
     DropNoMembers = 5,
-    /// Dropped by policy (deny list) in the dataplane.
-    ///
-    /// Reserved, never counted yet: today the policy is applied by the daemon, which never
-    /// creates port sets for denied groups, so their data is counted as `passed_unknown` or
-    /// `drop_no_members`. Filled by the hostile-input / storm-control issue (policy deny in the
-    /// dataplane). The slot stays so the map layout and the counter names stay stable.
+    /// Dropped by the group policy (`[policy] deny`, or outside a non-empty `allow`), whatever
+    /// port set, router port or flood would have forwarded it.
     DropPolicy = 6,
     /// Dropped in L3 mode because TTL / hop limit would expire.
     ///
@@ -44,12 +39,8 @@ pub enum Counter {
     /// already relayed (its relay MAC as source; dropped), or multicast data arriving on a port
     /// in standby (passed to the local stack, never relayed).
     DropLoop = 8,
-    /// Dropped by a rate limit.
-    ///
-    /// Reserved, never counted yet: filled by the hostile-input / storm-control issue (per-port
-    /// `rate_limit_pps` and per-group `--rate-limit`; the configuration key is accepted and
-    /// ignored with a warning until then). The slot stays so the map layout and the names stay
-    /// stable.
+    /// Dropped by a rate limit: the ingress port's (`[[port]] rate_limit_pps`) or the group's
+    /// (`[[rate_limit]]`, `--rate-limit`).
     DropRateLimit = 9,
     /// Frame too short or with an invalid header; passed to the stack untouched.
     Malformed = 10,

@@ -144,6 +144,76 @@ pub const HELLO_MAC: [u8; 6] = [0x03, 0x6d, 0x63, 0x72, 0x6c, 0x79];
 /// Clear, the program saves that lookup.
 pub const CONFIG_F_SOURCE_ENTRIES: u32 = 1;
 
+/// [`Config::flags`] bit: `POLICY` holds group prefixes: look the group up there before any
+/// port set (a deny wins over static, learned, router-port and flood forwarding).
+pub const CONFIG_F_POLICY: u32 = 4;
+/// [`Config::flags`] bit: `[policy] allow` is not empty: a group that matches no `POLICY`
+/// prefix is denied too.
+pub const CONFIG_F_ALLOW_LIST: u32 = 8;
+/// [`Config::flags`] bit: some ingress port has a rate limit in `RATE_PORTS`.
+pub const CONFIG_F_RATE_PORTS: u32 = 16;
+/// [`Config::flags`] bit: `RATE_PREFIXES` holds per-group limits.
+pub const CONFIG_F_RATE_GROUPS: u32 = 32;
+
+/// Value of a `POLICY` prefix: its groups are never relayed (`drop_policy`).
+pub const POLICY_DENY: u32 = 1;
+/// Value of a `POLICY` prefix: its groups may be relayed.
+pub const POLICY_ALLOW: u32 = 2;
+
+/// A packet rate as the dataplane enforces it (GCRA, the virtual-scheduling form of a token
+/// bucket): one packet every `interval_ns`, with up to `burst_ns / interval_ns` more at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RateLimit {
+    pub interval_ns: u64,
+    pub burst_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<RateLimit>() == 16);
+
+impl RateLimit {
+    /// `pps` packets per second with a burst of a tenth of a second's worth (at least 8).
+    pub const fn per_second(pps: u64) -> Self {
+        let pps = if pps == 0 { 1 } else { pps };
+        let interval_ns = 1_000_000_000 / pps;
+        let burst = if pps / 10 > 8 { pps / 10 } else { 8 };
+        Self { interval_ns, burst_ns: interval_ns * burst }
+    }
+
+    /// Whether a packet at `now` (ns) conforms, given the theoretical arrival time `tat` of
+    /// the next packet; a conforming packet moves `tat` on. Shared by the program and the
+    /// host tests.
+    #[inline(always)]
+    pub fn admit(&self, now: u64, tat: &mut u64) -> bool {
+        let t = if *tat > now { *tat } else { now };
+        if t - now > self.burst_ns {
+            return false;
+        }
+        *tat = t + self.interval_ns;
+        true
+    }
+}
+
+/// Value of `RATE_PORTS`: an ingress port's limit and its state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PortRate {
+    pub limit: RateLimit,
+    /// Theoretical arrival time of the next conforming packet (ns, `bpf_ktime_get_ns`).
+    pub tat: u64,
+}
+const _: () = assert!(core::mem::size_of::<PortRate>() == 24);
+
+/// Data of a `POLICY` / `RATE_PREFIXES` key: a group prefix over the 16-byte group space
+/// (IPv4 groups IPv4-mapped, so an IPv4 prefix of length `n` is `96 + n` bits).
+pub type PrefixData = [u8; 16];
+
+/// Most `POLICY` prefixes.
+pub const MAX_POLICY_PREFIXES: u32 = 1024;
+/// Most `RATE_PREFIXES` entries.
+pub const MAX_RATE_PREFIXES: u32 = 256;
+/// Most groups with their own rate state at once (`RATE_GROUPS`, least recently used go).
+pub const MAX_RATE_GROUPS: u32 = 65_536;
+
 /// Attach mode of a port, as stored in [`PortInfo::attach_mode`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,6 +313,27 @@ pub struct ClientCopies {
     pub copies: [u64; MAX_CLIENTS_PER_SET],
 }
 
+#[cfg(test)]
+mod rate_tests {
+    use super::RateLimit;
+
+    #[test]
+    fn a_rate_admits_its_burst_then_one_packet_per_interval() {
+        let limit = RateLimit::per_second(100); // 10 ms apart, burst 10 packets
+        let mut tat = 0;
+        let at_once = (0..100).filter(|_| limit.admit(1_000_000_000, &mut tat)).count();
+        assert_eq!(at_once, 11, "the burst and the packet that starts it");
+        // One more every 10 ms.
+        assert!(!limit.admit(1_000_000_000 + 9_000_000, &mut tat));
+        let later = 1_000_000_000 + 20_000_000;
+        assert!(limit.admit(later, &mut tat));
+        // Over a long quiet time the credit is the burst again, never more.
+        let quiet = later + 10_000_000_000;
+        assert_eq!((0..100).filter(|_| limit.admit(quiet, &mut tat)).count(), 11);
+        assert_eq!(RateLimit::per_second(1_000_000).burst_ns, 100_000 * 1_000);
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, contain no padding (checked by the size
@@ -254,4 +345,6 @@ mod user {
     unsafe impl aya::Pod for super::ClientSetKey {}
     unsafe impl aya::Pod for super::ClientSet {}
     unsafe impl aya::Pod for super::ClientCopies {}
+    unsafe impl aya::Pod for super::RateLimit {}
+    unsafe impl aya::Pod for super::PortRate {}
 }

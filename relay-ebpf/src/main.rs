@@ -5,24 +5,30 @@
 //! - unicast / broadcast destination MAC: `XDP_PASS` at once, nothing counted;
 //! - IGMP, MLD, link-local groups, non-IP, malformed: `XDP_PASS` to the stack, counted;
 //! - multicast data: the loop guard first (a frame relayed by this relay or by a redundant
-//!   peer relay, or one arriving on a standby port, is not relayed: `drop_loop`), then look
-//!   the group up in `GROUP_PORTS` and broadcast the frame to the group's port set, never back
-//!   out of the ingress port, with this relay's MAC as source; no entry: the unknown-group
-//!   policy.
+//!   peer relay, or one arriving on a standby port, is not relayed: `drop_loop`), then the
+//!   group policy (a denied group is dropped: `drop_policy`), then the rate limits of the
+//!   ingress port and of the group (`drop_rate_limit`), then look the group up in
+//!   `GROUP_PORTS` and broadcast the frame to the group's port set, never back out of the
+//!   ingress port, with this relay's MAC as source; no entry: the unknown-group policy.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS},
-    btf_maps::{Array, DevMapHash, HashMap, HashOfMaps, PerCpuHashMap},
+    btf_maps::{
+        lpm_trie::Key, Array, DevMapHash, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuHashMap,
+    },
+    helpers::bpf_ktime_get_ns,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use relay_common::{
     loop_mac_key,
     parse::{classify, Class, Data, Frame as _},
-    Config, Counter, GroupKey, PortCounters, UnknownPolicy, CONFIG_F_SOURCE_ENTRIES,
-    CONFIG_F_STANDBY, MAX_GROUPS, MAX_PORTS, MAX_PORTS_PER_GROUP, RELAY_MAC_PREFIX,
+    Config, Counter, GroupKey, PortCounters, PortRate, PrefixData, RateLimit, UnknownPolicy,
+    CONFIG_F_ALLOW_LIST, CONFIG_F_POLICY, CONFIG_F_RATE_GROUPS, CONFIG_F_RATE_PORTS,
+    CONFIG_F_SOURCE_ENTRIES, CONFIG_F_STANDBY, MAX_GROUPS, MAX_POLICY_PREFIXES, MAX_PORTS,
+    MAX_PORTS_PER_GROUP, MAX_RATE_GROUPS, MAX_RATE_PREFIXES, POLICY_DENY, RELAY_MAC_PREFIX,
 };
 use relay_ebpf::PacketFrame;
 
@@ -69,6 +75,29 @@ static LOOP_MACS: HashMap<[u8; 8], u32, 256> = HashMap::new();
 #[btf_map]
 static STANDBY_PORTS: HashMap<u32, u32, { MAX_PORTS as usize }> = HashMap::new();
 
+/// `[policy]` as group prefixes: [`POLICY_DENY`] or `POLICY_ALLOW`, longest match wins (the
+/// daemon leaves out allow prefixes inside a deny prefix, so a deny always wins). Looked up
+/// only while `CONFIG_F_POLICY` is set. Written by the daemon.
+#[btf_map]
+static POLICY: LpmTrie<PrefixData, u32, { MAX_POLICY_PREFIXES as usize }> = LpmTrie::new();
+
+/// Rate limits of ingress ports (key: ifindex): data beyond the rate is dropped
+/// (`drop_rate_limit`). Looked up only while `CONFIG_F_RATE_PORTS` is set. The state is
+/// updated without a lock: CPUs racing on one port may each let a packet through.
+#[btf_map]
+static RATE_PORTS: HashMap<u32, PortRate, { MAX_PORTS as usize }> = HashMap::new();
+
+/// Per-group rate limits by group prefix (`[[rate_limit]]`, `--rate-limit`): every group of
+/// the prefix has its own budget. Looked up only while `CONFIG_F_RATE_GROUPS` is set.
+#[btf_map]
+static RATE_PREFIXES: LpmTrie<PrefixData, RateLimit, { MAX_RATE_PREFIXES as usize }> =
+    LpmTrie::new();
+
+/// The rate state of each limited group (key: the group, IPv4-mapped; value: theoretical
+/// arrival time of its next conforming packet). Least recently used groups make room.
+#[btf_map]
+static RATE_GROUPS: LruHashMap<PrefixData, u64, { MAX_RATE_GROUPS as usize }> = LruHashMap::new();
+
 /// Broadcast to every port of the map except the one the frame came in on.
 const BROADCAST_FLAGS: u64 = (BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) as u64;
 
@@ -109,6 +138,11 @@ fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> (Counter, u32)
             return (Counter::DropLoop, xdp_action::XDP_PASS);
         }
     }
+    if config.flags & (CONFIG_F_POLICY | CONFIG_F_RATE_PORTS | CONFIG_F_RATE_GROUPS) != 0 {
+        if let Some(verdict) = police(ctx, &config, data) {
+            return verdict;
+        }
+    }
     // (S,G) first, when any exist: its port set is complete for that source.
     if config.flags & CONFIG_F_SOURCE_ENTRIES != 0 {
         // SAFETY: the inner map reference is only used for the redirect helper call.
@@ -129,6 +163,52 @@ fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> (Counter, u32)
         UnknownPolicy::Drop => (Counter::DropNoMembers, xdp_action::XDP_DROP),
         UnknownPolicy::Flood => redirect(ctx, &config, FLOOD_PORTS.redirect(0, BROADCAST_FLAGS)),
     }
+}
+
+/// The group policy and the rate limits: a verdict for a frame that must not be relayed.
+#[inline(always)]
+fn police(ctx: &XdpContext, config: &Config, data: &Data) -> Option<(Counter, u32)> {
+    if config.flags & CONFIG_F_POLICY != 0 {
+        let key = Key { prefix_len: 128, data: data.key.group };
+        let denied = match POLICY.get(&key) {
+            Some(verdict) => *verdict == POLICY_DENY,
+            None => config.flags & CONFIG_F_ALLOW_LIST != 0,
+        };
+        if denied {
+            return Some((Counter::DropPolicy, xdp_action::XDP_DROP));
+        }
+    }
+    if config.flags & (CONFIG_F_RATE_PORTS | CONFIG_F_RATE_GROUPS) == 0 {
+        return None;
+    }
+    // SAFETY: a plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if config.flags & CONFIG_F_RATE_PORTS != 0 {
+        if let Some(rate) = RATE_PORTS.get_ptr_mut(ctx.ingress_ifindex() as u32) {
+            // SAFETY: the value lives in the map; a racing CPU at worst admits one more packet.
+            let rate = unsafe { &mut *rate };
+            if !rate.limit.admit(now, &mut rate.tat) {
+                return Some((Counter::DropRateLimit, xdp_action::XDP_DROP));
+            }
+        }
+    }
+    if config.flags & CONFIG_F_RATE_GROUPS != 0 {
+        if let Some(limit) = RATE_PREFIXES.get(&Key { prefix_len: 128, data: data.key.group }) {
+            let limit = *limit;
+            match RATE_GROUPS.get_ptr_mut(data.key.group) {
+                // SAFETY: as above.
+                Some(tat) => {
+                    if !limit.admit(now, unsafe { &mut *tat }) {
+                        return Some((Counter::DropRateLimit, xdp_action::XDP_DROP));
+                    }
+                }
+                None => {
+                    let _ = RATE_GROUPS.insert(data.key.group, now + limit.interval_ns, 0);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Counts a redirect and, when it was set up, gives the frame this relay's MAC as source:

@@ -125,6 +125,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS")]
     pub hello_holdtime: Option<f64>,
 
+    /// Rate limit per group: every group of PREFIX may send PPS packets per second through
+    /// the relay, the rest is dropped (drop_rate_limit); e.g. 239.0.0.0/8=1000 (repeatable).
+    #[arg(long = "rate-limit", value_name = "PREFIX=PPS", value_parser = crate::config::parse_rate_limit)]
+    pub rate_limits: Vec<crate::config::GroupRate>,
+
     /// Detach everything on exit. By default the XDP links and maps stay pinned when the
     /// daemon exits or dies, so forwarding continues and the next daemon takes over without
     /// losing a packet (`mcrelay detach` removes them).

@@ -32,7 +32,7 @@ pub use self::{
         ConfigFile, LoopGuardConfig, PolicyConfig, PortConfig, PortRole, QuerierConfig,
         StaticConfig, TimersConfig, UnknownGroups, XdpMode,
     },
-    policy::{parse_prefix, GroupPolicy},
+    policy::{contains, parse_prefix, parse_rate_limit, GroupPolicy, GroupRate},
     span::LineCol,
 };
 use crate::error::UsageError;
@@ -418,6 +418,14 @@ mld_version = 1
     }
 
     #[test]
+    fn rate_limits_need_a_group_prefix_and_a_rate() {
+        assert_error("[[rate_limit]]\ngroup = \"10.0.0.0/8\"\npps = 10\n", 2, "group:");
+        assert_error("[[rate_limit]]\ngroup = \"239.0.0.0/8\"\npps = 0\n", 3, "at least 1");
+        let file = parse_str("[[rate_limit]]\ngroup = \"ff3e::/16\"\npps = 500\n").expect("valid");
+        assert_eq!(file.rate_limits[0].pps, 500);
+    }
+
+    #[test]
     fn loop_guard_timers_are_checked_like_the_command_line_flags() {
         assert_error(
             "[loop_guard]\nhello_interval = 0\n",
@@ -453,7 +461,7 @@ mld_version = 1
     }
 
     #[test]
-    fn unmatched_ports_and_planned_options_are_warnings() {
+    fn unmatched_ports_are_warnings() {
         let file = parse_str(
             "[[port]]\nname = \"lo\"\n[[port]]\nname = \"nosuch-if9\"\n[[port]]\nname = \
              \"nosuch*\"\nper_client = true\nrate_limit_pps = 5\n",
@@ -462,10 +470,9 @@ mld_version = 1
         let names: Vec<String> = vec!["lo".into(), "eth0".into()];
         let lint = validate::lint(&file, &names);
         let messages: Vec<&str> = lint.iter().map(|i| i.message.as_str()).collect();
-        assert_eq!(lint.len(), 3, "{messages:#?}");
+        assert_eq!(lint.len(), 2, "{messages:#?}");
         assert!(messages[0].contains("'nosuch-if9' does not exist"), "{messages:?}");
         assert!(messages[1].contains("no interface matches 'nosuch*'"), "{messages:?}");
-        assert!(messages[2].contains("rate_limit_pps"), "{messages:?}");
         // `lo` exists in every network namespace.
         let live = warnings(&file);
         assert!(!live.iter().any(|w| w.contains("'lo'")), "{live:?}");

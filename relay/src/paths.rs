@@ -32,6 +32,10 @@ pub mod pins {
     pub const PORT_STATS: &str = "PORT_STATS";
     pub const LOOP_MACS: &str = "LOOP_MACS";
     pub const STANDBY_PORTS: &str = "STANDBY_PORTS";
+    pub const POLICY: &str = "POLICY";
+    pub const RATE_PORTS: &str = "RATE_PORTS";
+    pub const RATE_PREFIXES: &str = "RATE_PREFIXES";
+    pub const RATE_GROUPS: &str = "RATE_GROUPS";
     /// Created by the daemon (not part of the object): ifindex -> `PortInfo`.
     pub const PORTS: &str = "PORTS";
 }

@@ -66,6 +66,10 @@ pub struct Settings {
     pub querier: bool,
     pub igmp_version: IgmpVersion,
     pub mld_version: MldVersion,
+    /// Per-group rate limits (`[[rate_limit]]`, then `--rate-limit`).
+    pub group_rates: Vec<config::GroupRate>,
+    /// Ingress rate limits by port name/glob (`[[port]] rate_limit_pps`).
+    pub port_rates: Vec<(String, u64)>,
     /// Loop guard timers.
     pub hello_interval: Duration,
     pub hello_holdtime: Duration,
@@ -198,6 +202,16 @@ impl Settings {
             checked("mld-version", m.mld_version.unwrap_or(q.mld_version), rules::mld_version)?;
         let (hello_interval, hello_holdtime) = loop_guard_timers(cli, &f.loop_guard)?;
 
+        let mut group_rates = Vec::new();
+        for limit in &f.rate_limits {
+            // The file validator checked the prefix already.
+            let prefix = config::parse_prefix(&limit.group).map_err(UsageError::new)?;
+            group_rates.push(config::GroupRate { prefix, pps: limit.pps });
+        }
+        group_rates.extend(cli.rate_limits.iter().copied());
+        let port_rates =
+            f.ports.iter().filter_map(|p| Some((p.name.clone(), p.rate_limit_pps?))).collect();
+
         let pin_root = cli_pin_root
             .map(Path::to_path_buf)
             .or_else(|| f.pin_root.clone())
@@ -222,6 +236,8 @@ impl Settings {
             querier: !cli.membership.no_querier && q.enabled,
             igmp_version,
             mld_version,
+            group_rates,
+            port_rates,
             hello_interval,
             hello_holdtime,
         };
@@ -254,6 +270,14 @@ impl Settings {
             learn_routers: !ports::matches_any(&self.no_learn_routers, name),
             ..PortOptions::default()
         }
+    }
+
+    /// The ingress rate limit of the port named `name` (its `[[port]]` entry's), if any.
+    pub fn port_rate(&self, name: &str) -> Option<u64> {
+        self.port_rates
+            .iter()
+            .find(|(pattern, _)| ports::matches_any(std::slice::from_ref(pattern), name))
+            .map(|(_, pps)| *pps)
     }
 
     /// Whether the port named `name` has per-client delivery.

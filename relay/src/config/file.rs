@@ -37,6 +37,18 @@ pub struct ConfigFile {
     pub querier: QuerierConfig,
     /// `[loop_guard]`: hello timers.
     pub loop_guard: LoopGuardConfig,
+    /// `[[rate_limit]]`: per-group packet rates (`--rate-limit`).
+    #[serde(rename = "rate_limit")]
+    pub rate_limits: Vec<RateLimitConfig>,
+}
+
+/// One `[[rate_limit]]` entry: every group of `group` (a prefix or one group) may send `pps`
+/// packets per second through the relay; the rest is dropped as `drop_rate_limit`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub group: String,
+    pub pps: u64,
 }
 
 impl Default for ConfigFile {
@@ -52,6 +64,7 @@ impl Default for ConfigFile {
             timers: TimersConfig::default(),
             querier: QuerierConfig::default(),
             loop_guard: LoopGuardConfig::default(),
+            rate_limits: Vec::new(),
         }
     }
 }
@@ -87,7 +100,8 @@ pub struct PortConfig {
     /// port for a while (false for VPN client ports: `--no-learn-routers`).
     #[serde(default = "yes")]
     pub learn_routers: bool,
-    /// Planned: packets per second relayed out of this port. Accepted, not implemented yet.
+    /// Most multicast data packets per second relayed from this port (storm control); the
+    /// rest is dropped as `drop_rate_limit`.
     #[serde(default)]
     pub rate_limit_pps: Option<u64>,
 }

@@ -48,6 +48,28 @@ fn mask128(len: u8) -> u128 {
     u128::MAX.checked_shl(128 - u32::from(len.min(128))).unwrap_or(0)
 }
 
+/// A per-group rate limit: every group of the prefix may send `pps` packets per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupRate {
+    pub prefix: (IpAddr, u8),
+    pub pps: u64,
+}
+
+/// Parses `--rate-limit PREFIX=PPS` (e.g. `239.0.0.0/8=1000`).
+pub fn parse_rate_limit(text: &str) -> Result<GroupRate, String> {
+    let (prefix, pps) = text.split_once('=').ok_or_else(|| {
+        format!("'{text}': expected PREFIX=PPS, e.g. 239.0.0.0/8=1000 or ff3e::/16=500")
+    })?;
+    let prefix = parse_prefix(prefix.trim())?;
+    let pps: u64 = pps.trim().parse().map_err(|_| {
+        format!("'{text}': the rate after '=' must be a whole number of packets per second")
+    })?;
+    if pps == 0 {
+        return Err(format!("'{text}': the rate must be at least 1 packet per second"));
+    }
+    Ok(GroupRate { prefix, pps })
+}
+
 /// Parses a multicast group prefix: `239.0.0.0/8`, `ff3e::/16`, or a single group
 /// (`239.1.1.1`, meaning /32 or /128). Host bits must be zero and the prefix must lie inside
 /// 224.0.0.0/4 or ff00::/8. The error says how to fix the text.

@@ -34,6 +34,7 @@ pub fn validate(file: &ConfigFile) -> Vec<Issue> {
     check_timers(file, &mut issues);
     check_querier(file, &mut issues);
     check_loop_guard(file, &mut issues);
+    check_rate_limits(file, &mut issues);
     issues
 }
 
@@ -177,6 +178,20 @@ fn check_querier(file: &ConfigFile, issues: &mut Vec<Issue>) {
     }
 }
 
+fn check_rate_limits(file: &ConfigFile, issues: &mut Vec<Issue>) {
+    for (i, limit) in file.rate_limits.iter().enumerate() {
+        if let Err(e) = parse_prefix(&limit.group) {
+            issues.push(Issue::new(at!["rate_limit", i, "group"], format!("group: {e}")));
+        }
+        if limit.pps == 0 {
+            issues.push(Issue::new(
+                at!["rate_limit", i, "pps"],
+                "pps must be at least 1; leave the entry out for no limit",
+            ));
+        }
+    }
+}
+
 fn check_loop_guard(file: &ConfigFile, issues: &mut Vec<Issue>) {
     let g = &file.loop_guard;
     let mut all_valid = true;
@@ -214,14 +229,6 @@ pub fn lint(file: &ConfigFile, interfaces: &[String]) -> Vec<Issue> {
                 )
             };
             issues.push(Issue::new(at!["port", i, "name"], message));
-        }
-        if port.rate_limit_pps.is_some() {
-            issues.push(Issue::new(
-                at!["port", i, "rate_limit_pps"],
-                format!(
-                    "port '{name}': rate_limit_pps is planned but not implemented yet; ignored"
-                ),
-            ));
         }
     }
     issues

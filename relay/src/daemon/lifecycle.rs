@@ -82,8 +82,18 @@ impl Daemon {
         }
     }
 
+    /// The group policy and the per-group rate limits, into the dataplane.
+    pub(super) fn apply_policing(&mut self) -> anyhow::Result<()> {
+        let s = &self.plan.settings;
+        self.dp.set_policy(&s.policy.allow, &s.policy.deny)?;
+        let rates: Vec<_> = s.group_rates.iter().map(|r| (r.prefix, r.pps)).collect();
+        self.dp.set_group_rate_limits(&rates)?;
+        Ok(())
+    }
+
     /// Attaches to the ports that exist now and brings the maps up to date.
     async fn start_ports(&mut self) -> anyhow::Result<()> {
+        self.apply_policing()?;
         for port in self.plan.ports.clone() {
             self.add_port(&port).await?;
         }
@@ -140,6 +150,11 @@ impl Daemon {
             self.allmulti_set.push(port.index);
         }
         let (mode, fallback) = self.dp.attach(port, self.plan.settings.xdp_mode_for(&port.name))?;
+        let rate = self.plan.settings.port_rate(&port.name);
+        self.dp.set_port_rate(port.index, rate)?;
+        if let Some(pps) = rate {
+            tracing::info!(iface = %port.name, pps, "storm control: data from this port limited");
+        }
         match fallback {
             Some(reason) => tracing::warn!(
                 iface = %port.name,

@@ -70,9 +70,26 @@ impl Daemon {
             changes.push("static groups".into());
         }
         self.control.set_statics(&mut self.dp, &self.plan.statics);
+        if old.settings.policy != self.plan.settings.policy
+            || old.settings.group_rates != self.plan.settings.group_rates
+        {
+            self.apply_policing()?;
+        }
         if old.settings.policy != self.plan.settings.policy {
             changes.push("group policy".into());
             self.control.set_policy(&mut self.dp, self.plan.settings.policy.clone());
+        }
+        if old.settings.group_rates != self.plan.settings.group_rates {
+            changes.push("group rate limits".into());
+        }
+        let names: Vec<(u32, String)> =
+            self.control.ports().map(|(i, n)| (i, n.to_owned())).collect();
+        for (ifindex, name) in names {
+            let rate = self.plan.settings.port_rate(&name);
+            if rate != old.settings.port_rate(&name) {
+                self.dp.set_port_rate(ifindex, rate)?;
+                changes.push(format!("rate limit of {name}"));
+            }
         }
         Ok(if changes.is_empty() { "no change".into() } else { changes.join(", ") })
     }

@@ -10,6 +10,7 @@ use relay_common::{
 
 use super::{
     error::{DataplaneError, KernelContext as _},
+    policing::PolicingMaps,
     sys::is_not_found,
 };
 
@@ -24,6 +25,7 @@ pub struct LoopMaps {
 /// The program's configuration, router ports and loop guard, with what userspace last wrote.
 pub struct KernelConfig {
     loops: LoopMaps,
+    policing: PolicingMaps,
     map: Array<MapData, Config>,
     /// What `CONFIG` holds.
     value: Config,
@@ -38,10 +40,17 @@ impl KernelConfig {
         map: Array<MapData, Config>,
         routers: DevMapHash<MapData>,
         loops: LoopMaps,
+        policing: PolicingMaps,
         adopted: bool,
     ) -> Result<Self, DataplaneError> {
-        let mut config =
-            Self { loops, map, value: Config::default(), routers, router_ports: Vec::new() };
+        let mut config = Self {
+            loops,
+            policing,
+            map,
+            value: Config::default(),
+            routers,
+            router_ports: Vec::new(),
+        };
         if adopted {
             config.value = config.map.get(&0, 0).kernel("reading CONFIG")?;
             config.router_ports = config.routers.keys().filter_map(Result::ok).collect();
@@ -96,6 +105,16 @@ impl KernelConfig {
             self.write(Config { flags: self.value.flags | CONFIG_F_STANDBY, ..self.value })?;
         }
         Ok(())
+    }
+
+    /// The policing maps (written by [`super::policing`]).
+    pub(super) fn policing(&mut self) -> &mut PolicingMaps {
+        &mut self.policing
+    }
+
+    /// Sets the `mask` bits of the flags to `bits`.
+    pub(super) fn set_flags(&mut self, mask: u32, bits: u32) -> Result<(), DataplaneError> {
+        self.write(Config { flags: (self.value.flags & !mask) | (bits & mask), ..self.value })
     }
 
     fn write(&mut self, value: Config) -> Result<(), DataplaneError> {

@@ -17,6 +17,7 @@ pub mod clients;
 pub mod error;
 pub mod group_maps;
 pub mod kernel_config;
+pub mod policing;
 pub mod sys;
 
 use std::{
@@ -27,7 +28,7 @@ use std::{
 
 pub use attach::AttachedPort;
 use aya::{
-    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuHashMap},
+    maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, Map, MapData, PerCpuHashMap},
     programs::Xdp,
     Ebpf, EbpfLoader,
 };
@@ -54,7 +55,7 @@ pub const XDP_PROGRAM: &str = "mcrelay_xdp";
 const BPF_MAP_TYPE_HASH: u32 = 1;
 
 /// Maps of the object that are pinned (and reused by the next daemon).
-const OBJECT_MAPS: [&str; 7] = [
+const OBJECT_MAPS: [&str; 11] = [
     pins::GROUP_PORTS,
     pins::FLOOD_PORTS,
     pins::ROUTER_PORTS,
@@ -62,6 +63,10 @@ const OBJECT_MAPS: [&str; 7] = [
     pins::PORT_STATS,
     pins::LOOP_MACS,
     pins::STANDBY_PORTS,
+    pins::POLICY,
+    pins::RATE_PORTS,
+    pins::RATE_PREFIXES,
+    pins::RATE_GROUPS,
 ];
 
 type Result<T, E = DataplaneError> = std::result::Result<T, E>;
@@ -122,10 +127,17 @@ impl Dataplane {
             standby: HashMap::try_from(take(pins::STANDBY_PORTS)?)
                 .kernel("opening STANDBY_PORTS")?,
         };
+        let policing = policing::PolicingMaps {
+            policy: LpmTrie::try_from(take(pins::POLICY)?).kernel("opening POLICY")?,
+            rate_ports: HashMap::try_from(take(pins::RATE_PORTS)?).kernel("opening RATE_PORTS")?,
+            rate_prefixes: LpmTrie::try_from(take(pins::RATE_PREFIXES)?)
+                .kernel("opening RATE_PREFIXES")?,
+        };
         let groups = GroupMaps::new(take(pins::GROUP_PORTS)?, adopted)?;
         let info = ports_map(pin_dir)?;
 
-        let mut config = kernel_config::KernelConfig::new(config, routers, loops, adopted)?;
+        let mut config =
+            kernel_config::KernelConfig::new(config, routers, loops, policing, adopted)?;
         config.set_unknown_policy(unknown)?;
         Ok(Self {
             ebpf,
@@ -185,6 +197,25 @@ impl Dataplane {
         self.config.set_unknown_policy(unknown)
     }
 
+    /// Makes the program drop denied groups (`[policy]`) whatever their port sets.
+    pub fn set_policy(
+        &mut self,
+        allow: &[policing::Prefix],
+        deny: &[policing::Prefix],
+    ) -> Result<()> {
+        self.config.set_policy(allow, deny)
+    }
+
+    /// Per-group rate limits by prefix (packets per second for each group of the prefix).
+    pub fn set_group_rate_limits(&mut self, limits: &[(policing::Prefix, u64)]) -> Result<()> {
+        self.config.set_group_rate_limits(limits)
+    }
+
+    /// The rate limit of data arriving on a port (`None`: no limit).
+    pub fn set_port_rate(&mut self, ifindex: u32, pps: Option<u64>) -> Result<()> {
+        self.config.set_port_rate(ifindex, pps)
+    }
+
     /// The loaded XDP program (for BPF_PROG_TEST_RUN in tests and benchmarks).
     pub fn program_mut(&mut self) -> Result<&mut Xdp> {
         program_mut(&mut self.ebpf)
@@ -209,6 +240,9 @@ impl Dataplane {
 
     /// Detaches the program from a port and forgets the port in the maps (best effort).
     pub fn detach(&mut self, ifindex: u32) {
+        if let Err(e) = self.config.set_port_rate(ifindex, None) {
+            tracing::warn!("removing the rate limit of ifindex {ifindex}: {e}");
+        }
         match program_mut(&mut self.ebpf) {
             Ok(program) => self.ports.detach(program, ifindex),
             Err(e) => tracing::warn!("detaching ifindex {ifindex}: {e}"),
