@@ -447,9 +447,12 @@ pub enum LinkEvent {
     New(Link),
     /// An interface is gone.
     Removed(u32),
+    /// An address was added to or removed from an interface (RTM_NEWADDR / RTM_DELADDR).
+    Addresses(u32),
 }
 
-/// Subscribes to link notifications. The receiver yields events until the connection closes.
+/// Subscribes to link and address notifications. The receiver yields events until the
+/// connection closes.
 pub fn monitor() -> Result<tokio::sync::mpsc::UnboundedReceiver<LinkEvent>, NetlinkError> {
     use futures::StreamExt as _;
     use rtnetlink::{
@@ -461,8 +464,13 @@ pub fn monitor() -> Result<tokio::sync::mpsc::UnboundedReceiver<LinkEvent>, Netl
         .map_err(NetlinkError::socket("opening a netlink socket for link events"))?;
     conn.socket_mut()
         .socket_mut()
-        .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK))
-        .map_err(NetlinkError::socket("subscribing to link notifications"))?;
+        .bind(&SocketAddr::new(
+            0,
+            rtnetlink::constants::RTMGRP_LINK
+                | rtnetlink::constants::RTMGRP_IPV4_IFADDR
+                | rtnetlink::constants::RTMGRP_IPV6_IFADDR,
+        ))
+        .map_err(NetlinkError::socket("subscribing to link and address notifications"))?;
     tokio::spawn(conn);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -474,6 +482,9 @@ pub fn monitor() -> Result<tokio::sync::mpsc::UnboundedReceiver<LinkEvent>, Netl
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
                     Some(LinkEvent::Removed(link.header.index))
                 }
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a),
+                ) => Some(LinkEvent::Addresses(a.header.index)),
                 _ => None,
             };
             if let Some(event) = event {

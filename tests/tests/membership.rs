@@ -528,3 +528,57 @@ fn reports_that_break_the_rfcs_are_counted_not_learned() {
     host.send(&good);
     wait_member(&star.gw, group, &r1.gw_port, DELIVERY_TIMEOUT);
 }
+
+/// MLD queries received by a host so far (`Icmp6InGroupMembQueries` of its namespace; read
+/// through /proc/thread-self: /proc/self/net shows the main thread's namespace).
+fn mld_queries_received(host: &Host) -> u64 {
+    let text = host
+        .ns
+        .in_netns(|| std::fs::read_to_string("/proc/thread-self/net/snmp6"))
+        .unwrap_or_else(|e| panic!("reading /proc/net/snmp6 in {}: {e}", host.ns));
+    text.lines()
+        .find_map(|l| l.strip_prefix("Icmp6InGroupMembQueries"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A port attached before it has an IPv6 link-local address (a tap OpenVPN just created) sends
+/// no MLD query from `::` (hosts drop those, RFC 3810 5.1.14): they are counted as skipped. When
+/// the address appears (RTM_NEWADDR), mcrelay queries from it at once.
+#[test]
+fn mld_queries_wait_for_a_link_local_address() {
+    require_testbed!();
+    let star = Star::new("ma", 2);
+    let [_, r1] = &star.hosts[..] else { unreachable!() };
+    let port = r1.gw_port.as_str();
+    // No automatic link-local address on the gateway's port.
+    star.gw.sysctl(&format!("net/ipv6/conf/{port}/addr_gen_mode"), "1");
+    star.gw.ip(&["-6", "addr", "flush", "dev", port, "scope", "link"]);
+    let before = mld_queries_received(r1);
+    let relay = star.start_relay(&SHORT_TIMERS);
+    // Startup queries go out at once, then every 0.5 s (a quarter of the query interval).
+    thread::sleep(2 * QUIET);
+    assert_eq!(mld_queries_received(r1), before, "a query from :: reached the host");
+    wait_groups(&star.gw, "MLD queries skipped for want of an address", DELIVERY_TIMEOUT, |d| {
+        d["control"]["queries_skipped_no_address"].as_u64().unwrap_or(0) >= 1
+    });
+
+    star.gw.ip(&["-6", "addr", "add", "fe80::99/64", "dev", port]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while mld_queries_received(r1) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no MLD query after the address appeared: {:#}\n{}",
+            groups(&star.gw),
+            relay.stderr()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    wait_groups(&star.gw, "mcrelay the IPv6 querier from fe80::99", DELIVERY_TIMEOUT, |d| {
+        d["queriers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|q| q["port"] == port && q["family"] == "ipv6" && q["address"] == "fe80::99")
+    });
+}

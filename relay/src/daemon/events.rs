@@ -190,6 +190,7 @@ impl Daemon {
     async fn on_link(&mut self, event: Option<LinkEvent>, closed: &mut bool) {
         match event {
             Some(LinkEvent::New(link)) => self.on_link_new(link).await,
+            Some(LinkEvent::Addresses(ifindex)) => self.on_addresses(ifindex).await,
             Some(LinkEvent::Removed(ifindex)) => {
                 if let Some(name) = self.remove_port(ifindex, false).await {
                     tracing::info!(iface = %name, ifindex, "interface vanished; dropped its port state");
@@ -217,6 +218,23 @@ impl Daemon {
                 tracing::warn!(iface = %link.name, "could not attach to a new interface: {e:#}");
                 self.remove_port(link.index, true).await;
             }
+        }
+    }
+
+    /// A port's addresses changed: queries go out from the new ones (a tap that got its
+    /// link-local address only after mcrelay attached starts its MLD queries now).
+    async fn on_addresses(&mut self, ifindex: u32) {
+        let Some(name) =
+            self.control.ports().find(|(i, _)| *i == ifindex).map(|(_, n)| n.to_owned())
+        else {
+            return;
+        };
+        match self.port_options(&name, ifindex).await {
+            Ok(opts) => {
+                tracing::debug!(iface = %name, ipv4 = ?opts.ipv4, ipv6 = ?opts.ipv6, "port addresses");
+                self.control.set_port_options(self.start.elapsed(), ifindex, opts);
+            }
+            Err(e) => tracing::warn!(iface = %name, "reading the port's addresses: {e:#}"),
         }
     }
 
