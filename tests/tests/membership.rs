@@ -582,3 +582,50 @@ fn mld_queries_wait_for_a_link_local_address() {
             .any(|q| q["port"] == port && q["family"] == "ipv6" && q["address"] == "fe80::99")
     });
 }
+
+/// As non-querier, mcrelay uses the timers the elected querier announces (RFC 3376 4.1.6-4.1.7,
+/// 8.2-8.3): with an upstream router querying every 300 s at robustness 3, a membership lasts
+/// 3 * 300 + 10 = 910 s, not mcrelay's own 2 * 125 + 10 = 260 s, so it does not expire between
+/// that router's queries.
+#[test]
+fn a_non_querier_keeps_memberships_for_the_queriers_interval() {
+    require_testbed!();
+    let group = addr("239.10.9.1");
+    let star = Star::new("qt", 2);
+    let [_, r1] = &star.hosts[..] else { unreachable!() };
+    let _relay = star.start_relay(&[]);
+    // A router with a lower address than any of mcrelay's (it has none here: 0.0.0.0 loses).
+    let router = CraftedHost::with_source(r1, 7, IpAddr::V4(Ipv4Addr::new(198, 18, 1, 1)));
+    let slow = MessageKind::Query(Query {
+        version: QueryVersion::IgmpV3,
+        group: None,
+        max_resp: Duration::from_secs(10),
+        suppress: false,
+        qrv: 3,
+        qqi: Duration::from_secs(300),
+        sources: vec![],
+    });
+    send_message(&router, slow);
+    wait_groups(&star.gw, "the router elected querier", DELIVERY_TIMEOUT, |d| {
+        d["queriers"].as_array().into_iter().flatten().any(|q| {
+            q["port"] == r1.gw_port.as_str()
+                && q["address"] == "198.18.1.1"
+                && q["is_self"] == false
+        })
+    });
+    let _rx = join(r1, group);
+    let (doc, _) = wait_groups(&star.gw, "the host's membership", DELIVERY_TIMEOUT, |d| {
+        member_timer_ms(d, group, &r1.gw_port).is_some()
+    });
+    let timer = member_timer_ms(&doc, group, &r1.gw_port).unwrap_or(0);
+    assert!(timer > 600_000, "group timer {timer} ms: mcrelay's own interval, not the querier's");
+}
+
+/// The group timer of `port`'s membership in `group` (EXCLUDE mode), from `groups --json`.
+fn member_timer_ms(doc: &serde_json::Value, group: IpAddr, port: &str) -> Option<u64> {
+    doc["groups"].as_array()?.iter().find(|g| g["group"] == group.to_string().as_str())?["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["port"] == port)?["timer_ms"]
+        .as_u64()
+}
