@@ -70,9 +70,8 @@ fn permission_hint(source: &std::io::Error) -> String {
     }
     let group = paths::ACCESS_GROUP;
     format!(
-        ": permission denied; mcrelay's pins and state are readable by root and members of the \
-         `{group}` group only: join it (`sudo usermod -aG {group} $USER`, then log in again) or \
-         use sudo"
+        " (mcrelay's pins and state are readable by root and members of the `{group}` group \
+         only: join it with `sudo usermod -aG {group} $USER` and log in again, or use sudo)"
     )
 }
 

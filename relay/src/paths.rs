@@ -100,12 +100,20 @@ pub fn access_group() -> Option<&'static (String, nix::unistd::Gid)> {
 
 /// Mode of a file the daemon leaves for the CLI: 0640 with the access group, else 0600.
 pub const fn file_mode(group: bool) -> u32 {
-    if group { 0o640 } else { 0o600 }
+    if group {
+        0o640
+    } else {
+        0o600
+    }
 }
 
 /// Mode of a per-namespace directory the daemon creates: 0750 with the access group, else 0700.
 pub const fn dir_mode(group: bool) -> u32 {
-    if group { 0o750 } else { 0o700 }
+    if group {
+        0o750
+    } else {
+        0o700
+    }
 }
 
 /// Makes `path` (a file, a pin, or with `dir` a directory) readable by root and the access
@@ -115,8 +123,8 @@ pub const fn dir_mode(group: bool) -> u32 {
 /// CAP_CHOWN; without either, `path` stays root-only (with one warning per process).
 pub fn restrict(path: &Path, dir: bool) -> std::io::Result<()> {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let group = access_group().filter(|(name, gid)| {
-        match nix::unistd::chown(path, None, Some(*gid)) {
+    let group =
+        access_group().filter(|(name, gid)| match nix::unistd::chown(path, None, Some(*gid)) {
             Ok(()) => true,
             Err(e) => {
                 if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
@@ -129,8 +137,7 @@ pub fn restrict(path: &Path, dir: bool) -> std::io::Result<()> {
                 }
                 false
             }
-        }
-    });
+        });
     let mode = if dir { dir_mode(group.is_some()) } else { file_mode(group.is_some()) };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
