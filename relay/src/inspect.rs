@@ -26,8 +26,9 @@ pub enum InspectError {
     /// Nothing is pinned: no daemon ever ran here (or `mcrelay detach` removed it).
     #[error("no mcrelay dataplane in this network namespace ({} does not exist); start one with `mcrelay run`", path.display())]
     NoDataplane { path: PathBuf },
-    /// A pinned map could not be opened (EPERM/EACCES: needs root or CAP_BPF).
-    #[error("opening {}", path.display())]
+    /// A pinned map could not be opened (EACCES: the user is neither root nor in the
+    /// `mcrelay` group, whose members may read the pins).
+    #[error("opening {}{}", path.display(), permission_hint(source))]
     Open {
         path: PathBuf,
         #[source]
@@ -62,6 +63,18 @@ impl InspectError {
     }
 }
 
+/// What to do about a permission error: the pins are readable by root and the `mcrelay` group.
+fn permission_hint(source: &std::io::Error) -> String {
+    if source.kind() != std::io::ErrorKind::PermissionDenied {
+        return String::new();
+    }
+    let group = paths::ACCESS_GROUP;
+    format!(
+        " (mcrelay's pins and state are readable by root and members of the `{group}` group \
+         only: join it with `sudo usermod -aG {group} $USER` and log in again, or use sudo)"
+    )
+}
+
 fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> InspectError {
     move |source| InspectError::Read { map, source }
 }
@@ -93,8 +106,11 @@ pub struct GroupRow {
 
 fn open(pin_dir: &Path, name: &str) -> Result<MapData, InspectError> {
     let path = pin_dir.join(name);
-    if !path.exists() {
-        return Err(InspectError::NoDataplane { path });
+    match path.try_exists() {
+        Ok(true) => {}
+        Ok(false) => return Err(InspectError::NoDataplane { path }),
+        // The pin directory is not searchable for this user (0750 root:mcrelay).
+        Err(source) => return Err(InspectError::Open { path, source }),
     }
     open_read_only(&path).map_err(|source| InspectError::Open { path, source })
 }

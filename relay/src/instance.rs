@@ -5,6 +5,7 @@
 use std::{
     fs::{File, OpenOptions},
     io::{Seek as _, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
     path::PathBuf,
 };
 
@@ -70,8 +71,11 @@ impl InstanceLock {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| io_error(path.clone(), e))?;
+        // Readable by the `mcrelay` group: `groups` asks the lock whether a daemon runs.
+        paths::restrict(&path, false).map_err(|e| io_error(path.clone(), e))?;
         Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map(Self)
             .map_err(|_| InstanceError::Running { path })

@@ -33,6 +33,7 @@ use std::{
     net::SocketAddr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -40,22 +41,64 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, header, server::conn::http1, service::service_fn, Method, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
     registry::{Registry, Unit},
 };
 use relay_common::{Counter as PortCounter, LAYOUT_VERSION};
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    task::JoinSet,
+};
 
 use crate::{inspect::PortRow, paths, state::DaemonState};
 
 /// Content type of the OpenMetrics text format.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The longest a client may keep one connection (slow or idle scrapers).
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Limits that keep the endpoint from being held or exhausted by clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; one more is answered `503 Service Unavailable` at once and
+    /// closed.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers (idle keep-alive included).
+    pub read_timeout: Duration,
+    /// The longest one connection is kept, whatever it does (slow readers of the response).
+    pub connection_timeout: Duration,
+    /// Pause after a failed `accept` (EMFILE, ENFILE, ENOBUFS...) before the next one, so that
+    /// a full descriptor table does not turn the loop into a busy one.
+    pub accept_backoff: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            read_timeout: Duration::from_secs(5),
+            connection_timeout: Duration::from_secs(10),
+            accept_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+/// At most one accept-error log line per this interval (the others are counted in it).
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Sent to a connection over [`Limits::max_connections`].
+const BUSY_RESPONSE: &[u8] = concat!(
+    "HTTP/1.1 503 Service Unavailable\r\n",
+    "content-type: text/plain\r\n",
+    "content-length: 29\r\n",
+    "connection: close\r\n",
+    "retry-after: 1\r\n",
+    "\r\n",
+    "too many metrics connections\n",
+)
+.as_bytes();
 
 /// Serves `GET /metrics` on `listen` until the task is dropped or aborted (open connections
 /// go with it). Other paths answer 404, other methods on `/metrics` 405.
@@ -70,25 +113,80 @@ pub async fn serve(listen: SocketAddr, pin_root: PathBuf) -> anyhow::Result<()> 
     serve_on(listener, sources).await
 }
 
-/// Serves on an already bound listener (tests bind port 0 and read the address first).
+/// Serves on an already bound listener (tests bind port 0 and read the address first), with
+/// the default [`Limits`]. Never returns: accept errors are logged and survived.
 pub async fn serve_on(listener: TcpListener, sources: Sources) -> anyhow::Result<()> {
+    serve_with(|| listener.accept(), sources, Limits::default()).await
+}
+
+/// The accept loop, with `accept` standing for the listener's (tests inject failures).
+async fn serve_with<A, F>(mut accept: A, sources: Sources, limits: Limits) -> anyhow::Result<()>
+where
+    A: FnMut() -> F,
+    F: std::future::Future<Output = std::io::Result<(TcpStream, SocketAddr)>>,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut connections = JoinSet::new();
+    let mut accept_errors = AcceptErrors::default();
     loop {
-        let (stream, peer) = listener.accept().await.context("metrics: accepting a connection")?;
+        let (stream, peer) = match accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                accept_errors.note(&e);
+                tokio::time::sleep(limits.accept_backoff).await;
+                continue;
+            }
+        };
         while connections.try_join_next().is_some() {}
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            // Best effort, without waiting: the client learns why, nobody is held up.
+            let _ = stream.try_write(BUSY_RESPONSE);
+            tracing::debug!(%peer, "metrics: {} connections open, refusing one more", limits.max_connections);
+            continue;
+        };
         let sources = sources.clone();
         connections.spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |request| {
                 let sources = sources.clone();
-                async move { Ok::<_, Infallible>(respond(&request, &sources)) }
+                async move { Ok::<_, Infallible>(respond(&request, sources).await) }
             });
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.read_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(limits.connection_timeout, connection).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(%peer, "metrics connection: {e}"),
                 Err(_) => tracing::debug!(%peer, "metrics connection timed out"),
             }
         });
+    }
+}
+
+/// Rate-limited logging of failed `accept`s.
+#[derive(Debug, Default)]
+struct AcceptErrors {
+    last_logged: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl AcceptErrors {
+    /// Logs `e` unless an error was logged within [`ACCEPT_ERROR_LOG_INTERVAL`]; returns
+    /// whether it logged.
+    fn note(&mut self, e: &std::io::Error) -> bool {
+        let now = std::time::Instant::now();
+        if self.last_logged.is_some_and(|t| now.duration_since(t) < ACCEPT_ERROR_LOG_INTERVAL) {
+            self.suppressed += 1;
+            return false;
+        }
+        let suppressed = std::mem::take(&mut self.suppressed);
+        tracing::warn!(
+            "metrics: accepting a connection failed: {e} (retrying; {suppressed} more such \
+             errors since the last message)"
+        );
+        self.last_logged = Some(now);
+        true
     }
 }
 
@@ -183,14 +281,22 @@ impl Sources {
 
 type Response = hyper::Response<Full<Bytes>>;
 
-fn respond(request: &hyper::Request<Incoming>, sources: &Sources) -> Response {
+async fn respond(request: &hyper::Request<Incoming>, sources: Sources) -> Response {
     if request.uri().path() != "/metrics" {
         return plain(StatusCode::NOT_FOUND, "not found; metrics are at /metrics\n");
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
     }
-    match render(&Snapshot::gather(sources)) {
+    // Map lookups and the file read block: off the runtime's worker threads.
+    let snapshot = match tokio::task::spawn_blocking(move || Snapshot::gather(&sources)).await {
+        Ok(snapshot) => snapshot,
+        Err(e) => {
+            tracing::warn!("metrics: gathering failed: {e}");
+            return plain(StatusCode::INTERNAL_SERVER_ERROR, "gathering the metrics failed\n");
+        }
+    };
+    match render(&snapshot) {
         Ok(text) => hyper::Response::builder()
             .header(header::CONTENT_TYPE, CONTENT_TYPE)
             .body(Full::new(Bytes::from(text)))
@@ -574,6 +680,114 @@ mod tests {
         row.iface = "we\"ird\\".into();
         let text = render(&Snapshot { ports: Some(vec![row]), state: None }).expect("render");
         assert!(text.contains(r#"iface="we\"ird\\""#), "{text}");
+    }
+
+    /// A server with `limits` on a thread of its own whose first `failing_accepts` accepts
+    /// fail with EMFILE; stopped when the returned sender drops.
+    fn spawn_server(
+        limits: Limits,
+        failing_accepts: usize,
+    ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let dir = std::env::temp_dir().join(format!("mcrelay-metrics-{}", std::process::id()));
+        let sources =
+            Sources { pin_dir: dir.join("no-pins"), state_file: dir.join("no-state.json") };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let listener = TcpListener::from_std(listener).expect("listener");
+                let mut failures = failing_accepts;
+                let accept = || {
+                    let fail = failures > 0;
+                    failures = failures.saturating_sub(1);
+                    let listener = &listener;
+                    async move {
+                        if fail {
+                            return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+                        }
+                        listener.accept().await
+                    }
+                };
+                tokio::select! {
+                    _ = serve_with(accept, sources, limits) => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        (addr, stop)
+    }
+
+    /// `GET /metrics` over HTTP/1.0; the status line (empty when the server closed at once).
+    fn scrape(addr: SocketAddr) -> String {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let _ = stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        text.lines().next().unwrap_or_default().to_owned()
+    }
+
+    fn test_limits() -> Limits {
+        Limits {
+            max_connections: 2,
+            read_timeout: Duration::from_millis(300),
+            connection_timeout: Duration::from_secs(1),
+            accept_backoff: Duration::from_millis(10),
+        }
+    }
+
+    #[test]
+    fn connections_over_the_cap_get_503_until_idle_ones_time_out() {
+        let limits = test_limits();
+        let (addr, _stop) = spawn_server(limits, 0);
+        assert!(scrape(addr).contains("200"), "a scrape before the idle connections");
+        // Idle clients take every slot (one more than the cap, to be sure).
+        let idle: Vec<_> = (0..=limits.max_connections)
+            .map(|_| std::net::TcpStream::connect(addr).expect("idle connect"))
+            .collect();
+        let busy = scrape(addr);
+        assert!(busy.contains("503"), "a scrape while the cap is held: {busy:?}");
+        // The idle connections are closed after their timeouts; the endpoint answers again.
+        let deadline = std::time::Instant::now() + limits.connection_timeout * 5;
+        loop {
+            std::thread::sleep(limits.read_timeout);
+            let status = scrape(addr);
+            if status.contains("200") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still {status:?} after the idle connections should have timed out"
+            );
+        }
+        drop(idle);
+    }
+
+    #[test]
+    fn accept_errors_are_survived() {
+        let (addr, _stop) = spawn_server(test_limits(), 5);
+        let status = scrape(addr);
+        assert!(status.contains("200"), "a scrape after five failed accepts: {status:?}");
+    }
+
+    #[test]
+    fn accept_errors_are_logged_at_most_once_per_interval() {
+        let mut errors = AcceptErrors::default();
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(errors.note(&emfile));
+        assert!(!errors.note(&emfile));
+        assert!(!errors.note(&emfile));
+        assert_eq!(errors.suppressed, 2);
+        errors.last_logged = std::time::Instant::now().checked_sub(ACCEPT_ERROR_LOG_INTERVAL);
+        assert!(errors.note(&emfile));
+        assert_eq!(errors.suppressed, 0);
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! daemon never opens a map whose layout differs from what its program expects.
 
 use std::{
-    os::unix::fs::MetadataExt as _,
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
 use anyhow::Context as _;
@@ -70,4 +71,86 @@ pub fn reload_file() -> anyhow::Result<PathBuf> {
 /// State file the daemon of this network namespace writes for `mcrelay groups`.
 pub fn state_file() -> anyhow::Result<PathBuf> {
     Ok(Path::new(RUN_DIR).join(format!("ns-{}.state.json", netns_id()?)))
+}
+
+/// The group whose members may read what the daemon leaves for the CLI (pins, state file,
+/// reload verdict, lock): `mcrelay groups/ports/stats` then work without root.
+pub const ACCESS_GROUP: &str = "mcrelay";
+/// Names another group than [`ACCESS_GROUP`] (for tests that create a temporary one, and for
+/// packagers who must use another name). Read once, by the daemon.
+pub const ACCESS_GROUP_ENV: &str = "MCRELAY_GROUP";
+
+/// The access group, when it exists on this system (looked up once per process).
+pub fn access_group() -> Option<&'static (String, nix::unistd::Gid)> {
+    static GROUP: OnceLock<Option<(String, nix::unistd::Gid)>> = OnceLock::new();
+    GROUP
+        .get_or_init(|| {
+            let name =
+                std::env::var(ACCESS_GROUP_ENV).unwrap_or_else(|_| ACCESS_GROUP.to_owned());
+            match nix::unistd::Group::from_name(&name) {
+                Ok(Some(group)) => Some((name, group.gid)),
+                Ok(None) => {
+                    tracing::debug!("no group {name}: pins and state files are readable by root only");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!("looking up the group {name}: {e}; pins and state files are readable by root only");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Mode of a file the daemon leaves for the CLI: 0640 with the access group, else 0600.
+pub const fn file_mode(group: bool) -> u32 {
+    if group {
+        0o640
+    } else {
+        0o600
+    }
+}
+
+/// Mode of a per-namespace directory the daemon creates: 0750 with the access group, else 0700.
+pub const fn dir_mode(group: bool) -> u32 {
+    if group {
+        0o750
+    } else {
+        0o700
+    }
+}
+
+/// Makes `path` (a file, a pin, or with `dir` a directory) readable by root and the access
+/// group only: group [`access_group`], mode [`file_mode`]/[`dir_mode`]; without the group,
+/// root only. The group is set before the mode is widened, so nobody else can open it in
+/// between. Changing the group needs membership in it (the unit's `SupplementaryGroups=`) or
+/// CAP_CHOWN; without either, `path` stays root-only (with one warning per process).
+pub fn restrict(path: &Path, dir: bool) -> std::io::Result<()> {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let group =
+        access_group().filter(|(name, gid)| match nix::unistd::chown(path, None, Some(*gid)) {
+            Ok(()) => true,
+            Err(e) => {
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        "cannot give {} to the group {name} ({e}): the daemon must be a member \
+                         of it (SupplementaryGroups={name}) or have CAP_CHOWN; pins and state \
+                         files stay readable by root only",
+                        path.display()
+                    );
+                }
+                false
+            }
+        });
+    let mode = if dir { dir_mode(group.is_some()) } else { file_mode(group.is_some()) };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// [`restrict`] on a pin directory and its parent (`ns-<id>`, see [`pin_dir`]); the pin root
+/// above them is left as it is (shared by every namespace's instance).
+pub fn restrict_pin_dir(pin_dir: &Path) -> std::io::Result<()> {
+    if let Some(ns_dir) = pin_dir.parent() {
+        restrict(ns_dir, true)?;
+    }
+    restrict(pin_dir, true)
 }

@@ -153,10 +153,7 @@ pub struct ReloadVerdict {
 impl ReloadVerdict {
     /// Writes the verdict atomically.
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(self)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+        write_restricted(path, &serde_json::to_vec(self)?)
     }
 
     /// The verdict in `path`, if there is a readable one.
@@ -172,11 +169,26 @@ pub fn unix_ms() -> u64 {
 
 /// Writes the state file atomically (temporary file + rename).
 pub fn write(path: &Path, state: &DaemonState) -> anyhow::Result<()> {
-    let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_vec(state).context("serialising the state")?;
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+    write_restricted(path, &text)
+}
+
+/// Writes `content` to `path` atomically (temporary file + rename), readable by root and the
+/// `mcrelay` group only (`paths::restrict`): the state holds client MACs and memberships.
+/// The temporary file is created 0600 and restricted before it is renamed into place, so no
+/// other user can open it in between.
+fn write_restricted(path: &Path, content: &[u8]) -> anyhow::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let tmp = path.with_extension("json.tmp");
+    let write = || -> std::io::Result<()> {
+        let _ = std::fs::remove_file(&tmp);
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        file.write_all(content)?;
+        crate::paths::restrict(&tmp, false)
+    };
+    write().with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
 /// Reads a state file, with every timer reduced by the time since it was written.

@@ -12,6 +12,13 @@
 //! | bash | /usr/local/share/bash-completion/completions/mcrelay | DIR/share/... |
 //! | zsh | /usr/local/share/zsh/site-functions/_mcrelay | DIR/share/... |
 //! | fish | /usr/local/share/fish/vendor_completions.d/mcrelay.fish | DIR/share/... |
+//! | sysusers.d | - (the group is created instead) | DIR/lib/sysusers.d/mcrelay.conf |
+//!
+//! The `mcrelay` group (whose members read the daemon's pins and state without root, and
+//! which the unit's `SupplementaryGroups=` names): the default install creates it as a system
+//! group when it is missing (`groupadd --system`, nothing when it exists); an install under
+//! another prefix never touches the system's groups and installs a systemd-sysusers(8) file
+//! instead, for the package or the administrator to apply.
 //!
 //! With the default prefix the unit and the configuration go where systemd and mcrelay look
 //! for them (/etc); with any other prefix everything stays under it (a self-contained tree for
@@ -42,6 +49,10 @@ pub const DEFAULT_PREFIX: &str = "/usr/local";
 const UNIT_SOURCE: &str = "packaging/mcrelay.service";
 /// The commented default configuration (installed when it exists).
 const CONFIG_SOURCE: &str = "packaging/mcrelay.toml";
+/// The systemd-sysusers(8) file that declares the `mcrelay` group.
+const SYSUSERS_SOURCE: &str = "packaging/mcrelay.sysusers";
+/// The group whose members may read the daemon's pins and state (`relay::paths::ACCESS_GROUP`).
+const GROUP: &str = "mcrelay";
 /// `ExecStart=` of the unit as shipped, i.e. for the default prefix.
 const SHIPPED_BINARY: &str = "/usr/local/bin/mcrelay";
 const SHIPPED_CONFIG: &str = "/etc/mcrelay/mcrelay.toml";
@@ -56,16 +67,22 @@ pub struct Layout {
     pub bash: PathBuf,
     pub zsh: PathBuf,
     pub fish: PathBuf,
+    /// The sysusers.d file declaring the group (`None`: the default install creates the group).
+    pub sysusers: Option<PathBuf>,
 }
 
 impl Layout {
     /// The layout for `prefix` (absolute): see the module documentation.
     pub fn for_prefix(prefix: &Path) -> Self {
         let share = prefix.join("share");
-        let (unit_dir, etc) = if prefix == Path::new(DEFAULT_PREFIX) {
-            (PathBuf::from("/etc/systemd/system"), PathBuf::from("/etc"))
+        let (unit_dir, etc, sysusers) = if prefix == Path::new(DEFAULT_PREFIX) {
+            (PathBuf::from("/etc/systemd/system"), PathBuf::from("/etc"), None)
         } else {
-            (prefix.join("lib/systemd/system"), prefix.join("etc"))
+            (
+                prefix.join("lib/systemd/system"),
+                prefix.join("etc"),
+                Some(prefix.join("lib/sysusers.d/mcrelay.conf")),
+            )
         };
         Self {
             binary: prefix.join("bin/mcrelay"),
@@ -75,6 +92,7 @@ impl Layout {
             bash: share.join("bash-completion/completions/mcrelay"),
             zsh: share.join("zsh/site-functions/_mcrelay"),
             fish: share.join("fish/vendor_completions.d/mcrelay.fish"),
+            sysusers,
         }
     }
 }
@@ -97,10 +115,14 @@ pub fn run(prefix: &Path, dry_run: bool) -> anyhow::Result<()> {
         None
     };
 
+    let sysusers = fs::read(root.join(SYSUSERS_SOURCE))
+        .with_context(|| format!("reading {}", root.join(SYSUSERS_SOURCE).display()))?;
+
     if dry_run {
         println!("[install] dry run: nothing is built or written");
         println!("[install] would build: cargo build --package relay --release");
-        return plan(&layout, default_config.is_some());
+        plan(&layout, default_config.is_some())?;
+        return ensure_group(&layout, true);
     }
 
     setup::run(setup::Scope::Toolchain)?;
@@ -125,6 +147,10 @@ pub fn run(prefix: &Path, dry_run: bool) -> anyhow::Result<()> {
     install_file(&layout.bash, &bash, 0o644)?;
     install_file(&layout.zsh, &zsh, 0o644)?;
     install_file(&layout.fish, &fish, 0o644)?;
+    if let Some(path) = &layout.sysusers {
+        install_file(path, &sysusers, 0o644)?;
+    }
+    ensure_group(&layout, false)?;
 
     if prefix == Path::new(DEFAULT_PREFIX) {
         println!(
@@ -137,6 +163,34 @@ pub fn run(prefix: &Path, dry_run: bool) -> anyhow::Result<()> {
             "[install] done; the unit is {} (link or copy it into /etc/systemd/system to use it)",
             layout.unit.display()
         );
+    }
+    Ok(())
+}
+
+/// Creates the `mcrelay` system group when missing (default prefix only; see the module
+/// documentation). With `dry_run`, says what it would do.
+fn ensure_group(layout: &Layout, dry_run: bool) -> anyhow::Result<()> {
+    if let Some(sysusers) = &layout.sysusers {
+        println!(
+            "[install] group {GROUP}: not touched (--prefix); {} declares it for \
+             systemd-sysusers, or create it with `groupadd --system {GROUP}`",
+            sysusers.display()
+        );
+        return Ok(());
+    }
+    let exists = nix::unistd::Group::from_name(GROUP)
+        .with_context(|| format!("looking up the group {GROUP}"))?
+        .is_some();
+    match (exists, dry_run) {
+        (true, _) => println!("[install] group {GROUP}: exists"),
+        (false, true) => println!("[install] group {GROUP}: would create (groupadd --system)"),
+        (false, false) => {
+            let mut command = Command::new("groupadd");
+            command.args(["--system", GROUP]);
+            cmd::output(&mut command)
+                .with_context(|| format!("creating the group {GROUP}{}", hint()))?;
+            println!("[install] group {GROUP}: created (members read mcrelay's pins and state)");
+        }
     }
     Ok(())
 }
@@ -245,7 +299,8 @@ fn plan(layout: &Layout, have_config: bool) -> anyhow::Result<()> {
         (&layout.zsh, "zsh completion"),
         (&layout.fish, "fish completion"),
     ];
-    for (path, what) in files {
+    let sysusers = layout.sysusers.as_ref().map(|path| (path, "sysusers.d file (mcrelay group)"));
+    for (path, what) in files.into_iter().chain(sysusers) {
         let action = if path.exists() { "would update (if changed)" } else { "would install" };
         println!("[install] {}: {action}: {what}", path.display());
     }
@@ -279,6 +334,7 @@ mod tests {
         assert_eq!(layout.unit, Path::new("/etc/systemd/system/mcrelay.service"));
         assert_eq!(layout.config, Path::new("/etc/mcrelay/mcrelay.toml"));
         assert_eq!(layout.man, Path::new("/usr/local/share/man/man1/mcrelay.1"));
+        assert_eq!(layout.sysusers, None, "the default install creates the group instead");
     }
 
     #[test]
@@ -292,6 +348,7 @@ mod tests {
             &layout.bash,
             &layout.zsh,
             &layout.fish,
+            layout.sysusers.as_ref().expect("a sysusers.d file under a prefix"),
         ] {
             assert!(path.starts_with("/opt/mc"), "{}", path.display());
         }

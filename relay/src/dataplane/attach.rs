@@ -21,7 +21,11 @@ use super::{
     error::{DataplaneError, KernelContext as _},
     sys::{self, cpus, error_chain},
 };
-use crate::{options::XdpMode, paths::pins, ports::Link};
+use crate::{
+    options::XdpMode,
+    paths::{self, pins},
+    ports::Link,
+};
 
 /// A port the program is attached to.
 #[derive(Debug)]
@@ -189,6 +193,8 @@ impl Ports {
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).kernel(format!("creating {}", dir.display()))?;
+            // The link pins themselves stay 0600 (BPF_OBJ_PIN's mode): no reader needs them.
+            paths::restrict(dir, true).kernel(format!("restricting {}", dir.display()))?;
         }
         Ok(Some(path))
     }

@@ -40,7 +40,7 @@ use relay_common::{AttachMode, GroupKey, PortCounters, PortInfo, UnknownPolicy, 
 
 use crate::{
     options::XdpMode,
-    paths::pins,
+    paths::{self, pins},
     ports::Link,
     reconciler::{GroupWrite, GroupWriter},
 };
@@ -112,6 +112,14 @@ impl Dataplane {
             }
         })?;
         program_mut(&mut ebpf)?.load().kernel("the kernel rejected the XDP program (verifier)")?;
+        if let Some(dir) = pin_dir {
+            // Pins are created 0600; `mcrelay ports/stats` of the `mcrelay` group read them.
+            paths::restrict_pin_dir(dir).kernel(format!("restricting {}", dir.display()))?;
+            for name in OBJECT_MAPS {
+                let pin = dir.join(name);
+                paths::restrict(&pin, false).kernel(format!("restricting {}", pin.display()))?;
+            }
+        }
 
         let mut take = |name: &str| {
             ebpf.take_map(name).ok_or_else(|| DataplaneError::Missing(format!("map {name}")))
@@ -387,6 +395,9 @@ fn ports_map(pin_dir: Option<&Path>) -> Result<HashMap<MapData, u32, PortInfo>> 
             data
         }
     };
+    if let Some(path) = &path {
+        paths::restrict(path, false).kernel(format!("restricting {}", path.display()))?;
+    }
     HashMap::try_from(Map::HashMap(data)).kernel("opening PORTS")
 }
 
