@@ -299,7 +299,10 @@ pub fn ipv6_upper_layer<F: Frame>(
 pub enum Class {
     /// Destination MAC is unicast or broadcast: not ours, pass untouched and uncounted.
     NotMulticast,
-    /// Multicast MAC but not IP multicast data (non-IP, or IP to a unicast address).
+    /// Multicast MAC but not IP multicast data that may be relayed: non-IP, IP to a unicast
+    /// address, data whose destination MAC is not its group's (RFC 1112 / RFC 2464 mapping;
+    /// 802.1D reserved MACs among them), and VLAN-tagged data (a trunk port's frames belong to
+    /// their VLAN, never to the untagged segments).
     Other,
     /// IGMP or MLD: the control loop's business.
     Control,
@@ -342,10 +345,33 @@ pub fn classify<F: Frame>(frame: &F) -> Class {
     let Ok(l2) = link_layer(frame, &eth) else {
         return Class::Malformed;
     };
-    match l2.ethertype {
+    let class = match l2.ethertype {
         ETH_P_IPV6 => classify_ipv6(frame, l2.l3_offset),
         ETH_P_IP => classify_ipv4(frame, l2.l3_offset),
-        _ => Class::Other,
+        _ => return Class::Other,
+    };
+    match class {
+        Class::Data(data) if l2.l3_offset != ETH_HLEN || !mac_matches_group(&eth, &data) => {
+            Class::Other
+        }
+        other => other,
+    }
+}
+
+/// Whether the destination MAC is the one the group maps to: `01:00:5e` and the low 23 bits of
+/// an IPv4 group (RFC 1112 6.4), `33:33` and the low 32 bits of an IPv6 group (RFC 2464 7).
+#[inline(always)]
+pub fn mac_matches_group(eth: &[u8; ETH_HLEN], data: &Data) -> bool {
+    let g = &data.key.group;
+    if data.ipv6 {
+        eth[0] == 0x33 && eth[1] == 0x33 && eth[2..6] == g[12..16]
+    } else {
+        eth[0] == 0x01
+            && eth[1] == 0x00
+            && eth[2] == 0x5e
+            && eth[3] == g[13] & 0x7f
+            && eth[4] == g[14]
+            && eth[5] == g[15]
     }
 }
 
@@ -497,15 +523,35 @@ mod tests {
 
     #[test]
     fn vlan_and_qinq_tagged() {
+        // Tagged data belongs to its VLAN: never relayed as if it were untagged.
         let f = udp4_frame(SRC4, G4, b"x").vlan(0x8100, 10).build();
-        let Class::Data(d) = class(&f) else { panic!("expected data") };
-        assert_eq!(d.l3_offset, ETH_HLEN + VLAN_HLEN);
+        assert_eq!(class(&f), Class::Other);
         let f = udp6_frame(SRC6, G6, b"x").vlan(0x88a8, 100).vlan(0x8100, 10).build();
-        let Class::Data(d) = class(&f) else { panic!("expected data") };
-        assert_eq!(d.l3_offset, ETH_HLEN + 2 * VLAN_HLEN);
+        assert_eq!(class(&f), Class::Other);
+        // Tagged IGMP is still control (the stack hands it to the VLAN's interface).
+        let f = igmp_v2_report(SRC4, G4).vlan(0x8100, 10).build();
+        assert_eq!(class(&f), Class::Control);
         // A third tag is beyond what we parse: the inner ethertype is a tag, so "other".
         let f = udp4_frame(SRC4, G4, b"x").vlan(0x88a8, 1).vlan(0x8100, 2).vlan(0x8100, 3).build();
         assert_eq!(class(&f), Class::Other);
+    }
+
+    #[test]
+    fn data_to_another_mac_than_its_groups_is_not_relayed() {
+        let udp = udp(5000, 5001, b"x");
+        let to =
+            |mac: [u8; 6]| FrameBuilder::new(mac, 0x0800, ipv4(SRC4, G4, 17, 64, &udp)).build();
+        assert!(matches!(class(&to(mac_v4(G4))), Class::Data(_)));
+        // 239.129.1.1 maps to the same MAC as 239.1.1.1 (23 bits): fine.
+        let aliased = [239, 129, 1, 1];
+        let f = FrameBuilder::new(mac_v4(G4), 0x0800, ipv4(SRC4, aliased, 17, 64, &udp)).build();
+        assert!(matches!(class(&f), Class::Data(_)));
+        assert_eq!(class(&to(mac_v4([239, 1, 1, 2]))), Class::Other);
+        // 802.1D reserved (STP, LACP, LLDP...) and other multicast MACs.
+        assert_eq!(class(&to([0x01, 0x80, 0xc2, 0, 0, 0x0e])), Class::Other);
+        assert_eq!(class(&to([0x33, 0x33, 1, 1, 1, 1])), Class::Other);
+        let f6 = FrameBuilder::new(mac_v4(G4), 0x86dd, ipv6(SRC6, G6, &[], 17, &udp)).build();
+        assert_eq!(class(&f6), Class::Other);
     }
 
     #[test]
