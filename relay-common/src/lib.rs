@@ -275,6 +275,10 @@ pub const PORT_STANDBY_SAME_SEGMENT: u32 = 2;
 /// [`PortInfo::role`] bit: standby, a relay with a lower relay MAC serves every segment of
 /// this one.
 pub const PORT_STANDBY_PEER: u32 = 4;
+/// [`PortInfo::role`] bit: the device cannot transmit XDP redirects (no `ndo_xdp_xmit`: VLAN
+/// subinterfaces, bridges, VXLAN, macvlan, L3 tun, dummy, ...): devmap broadcasts skip it, so
+/// it receives no copies until the TC path exists; what it receives is relayed as usual.
+pub const PORT_NO_XDP_XMIT: u32 = 8;
 
 /// Clients of one per-client port that joined one group: at most this many get their own copy.
 pub const MAX_CLIENTS_PER_SET: usize = 32;

@@ -93,6 +93,8 @@ pub struct PortRow {
     pub role: &'static str,
     /// Why the loop guard keeps the port in standby (empty: it relays).
     pub standby_reason: &'static str,
+    /// The device can take XDP redirects: copies from other ports reach it.
+    pub receives_copies: bool,
     pub counters: PortCounters,
 }
 
@@ -179,6 +181,7 @@ pub fn read_ports(pin_dir: &Path) -> Result<Vec<PortRow>, InspectError> {
             mode: AttachMode::from_u32(info.attach_mode).map_or("unknown", AttachMode::as_str),
             role: if info.role & PORT_ROLE_ROUTER != 0 { "router" } else { "member" },
             standby_reason: crate::loop_guard::standby_reason(info.role),
+            receives_copies: info.role & relay_common::PORT_NO_XDP_XMIT == 0,
             counters,
         });
     }
@@ -242,6 +245,7 @@ pub fn ports(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
                 json!({"iface": r.iface, "ifindex": r.ifindex, "mode": r.mode, "role": r.role,
                        "standby": !r.standby_reason.is_empty(),
                        "standby_reason": r.standby_reason,
+                       "receives_copies": r.receives_copies,
                        "counters": counters_json(&r.counters.packets)})
             })
             .collect();

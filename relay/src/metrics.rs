@@ -566,6 +566,7 @@ mod tests {
             mode: "native",
             role: "member",
             standby_reason: "",
+            receives_copies: true,
             counters,
         }
     }

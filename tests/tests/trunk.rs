@@ -65,3 +65,23 @@ fn tagged_and_misaddressed_data_is_passed_not_relayed() {
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A device that cannot transmit XDP redirects (here a bridge; VLAN subinterfaces, dummies,
+/// VXLAN and L3 tun are the same) is attached, but devmap broadcasts skip it: mcrelay says so
+/// in its log and in `mcrelay ports` (`receives_copies: false`) instead of counting copies that
+/// never leave.
+#[test]
+fn ports_that_cannot_take_xdp_copies_are_marked() {
+    require_testbed!();
+    let star = Star::new("nx", 1);
+    star.gw.ip(&["link", "add", "dum0", "type", "bridge"]);
+    star.gw.ip(&["link", "set", "dum0", "up"]);
+    let relay = star.start_relay(&["-i", "dum0"]);
+    let ports = mcrelay_tests::daemon::ports_json(&star.gw);
+    let copies = |iface: &str| {
+        mcrelay_tests::daemon::port_entry(&ports, iface).map(|p| p["receives_copies"].clone())
+    };
+    assert_eq!(copies("dum0"), Some(serde_json::Value::Bool(false)), "{ports:#}");
+    assert_eq!(copies(&star.hosts[0].gw_port), Some(serde_json::Value::Bool(true)), "{ports:#}");
+    assert!(relay.stderr().contains("cannot transmit XDP redirects"), "{}", relay.stderr());
+}

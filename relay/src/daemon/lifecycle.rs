@@ -164,6 +164,15 @@ impl Daemon {
                 tracing::info!(iface = %port.name, ifindex = port.index, mode = mode.as_str(), "attached")
             }
         }
+        if port.native_xdp() == Some(false) {
+            tracing::warn!(
+                iface = %port.name,
+                kind = port.kind.as_deref().unwrap_or("?"),
+                "this device cannot transmit XDP redirects (no ndo_xdp_xmit): data from other \
+                 ports does not reach it (the TC path that would copy to it is not built yet); \
+                 data it receives is relayed. `mcrelay ports` shows receives_copies: false"
+            );
+        }
         if port.is_veth() {
             tracing::info!(
                 iface = %port.name,

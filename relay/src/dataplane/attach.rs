@@ -368,10 +368,15 @@ impl Ports {
         self.write_roles()
     }
 
-    /// [`PortInfo::role`] of a port: `PORT_ROLE_ROUTER` and the `PORT_STANDBY_*` bits.
+    /// [`PortInfo::role`] of a port: `PORT_ROLE_ROUTER`, the `PORT_STANDBY_*` bits and
+    /// `PORT_NO_XDP_XMIT`.
     fn role(&self, ifindex: u32) -> u32 {
         let router = if self.routers.contains(&ifindex) { PORT_ROLE_ROUTER } else { 0 };
-        router | self.standby.get(&ifindex).copied().unwrap_or(0)
+        let no_xmit =
+            self.attached.get(&ifindex).is_some_and(|p| p.link.native_xdp() == Some(false));
+        router
+            | self.standby.get(&ifindex).copied().unwrap_or(0)
+            | if no_xmit { relay_common::PORT_NO_XDP_XMIT } else { 0 }
     }
 
     /// Brings the role of every attached port in `PORTS` up to date.
