@@ -41,8 +41,10 @@ pub struct GroupMaps {
     outer: HashOfMaps<MapData, GroupKey, DevMapHash<MapData>>,
     /// The fd of `outer` (for the batch calls aya does not have).
     outer_fd: RawFd,
-    /// Inner maps by key, held so their fds stay open while referenced.
-    inner: BTreeMap<GroupKey, DevMapHash<MapData>>,
+    /// The inner-map keys (ports, per-client keys) of every entry, as written. The inner maps
+    /// themselves are not kept open: the outer map holds the only reference, so the daemon's
+    /// descriptors do not grow with the number of groups.
+    inner: BTreeMap<GroupKey, Vec<u32>>,
     /// When the last `GROUP_PORTS` change was issued. The kernel makes a new entry visible to
     /// the program at once, then waits for an RCU grace period before the syscall returns;
     /// this marks the moment forwarding changes.
@@ -63,7 +65,7 @@ impl GroupMaps {
             for key in keys {
                 match maps.outer.get(&key, 0) {
                     Ok(inner) => {
-                        maps.inner.insert(key, inner);
+                        maps.inner.insert(key, inner.keys().filter_map(Result::ok).collect());
                     }
                     Err(e) => tracing::warn!("reading an adopted group entry: {e}"),
                 }
@@ -74,10 +76,7 @@ impl GroupMaps {
 
     /// Port sets (inner keys) of every key in the map.
     pub fn port_sets(&self) -> BTreeMap<GroupKey, Vec<u32>> {
-        self.inner
-            .iter()
-            .map(|(k, inner)| (*k, inner.keys().filter_map(Result::ok).collect()))
-            .collect()
+        self.inner.clone()
     }
 
     /// Keys currently in `GROUP_PORTS`.
@@ -120,7 +119,7 @@ impl GroupMaps {
         for e in entries {
             inner.insert(e.key, e.ifindex, e.program, 0).kernel("filling a group port set")?;
         }
-        Ok(InnerMap { map: inner, fd })
+        Ok(InnerMap { map: inner, fd, keys: entries.iter().map(|e| e.key).collect() })
     }
 
     /// Writes a round of changes: `sets` replace (or create) entries, `removes` delete them.
@@ -162,7 +161,7 @@ impl GroupMaps {
             match update_batch(outer_fd, &keys, &fds) {
                 Ok(()) => {
                     for (key, map) in sets {
-                        self.inner.insert(key, map.map);
+                        self.inner.insert(key, map.keys);
                     }
                 }
                 Err(e) => {
@@ -170,7 +169,7 @@ impl GroupMaps {
                     for (key, map) in sets {
                         match self.outer.insert(key, &map.map, 0) {
                             Ok(()) => {
-                                self.inner.insert(key, map.map);
+                                self.inner.insert(key, map.keys);
                             }
                             Err(e) => failed.push((key, kernel_error("writing GROUP_PORTS", e))),
                         }
@@ -182,11 +181,13 @@ impl GroupMaps {
     }
 }
 
-/// A port set built and not yet published.
+/// A port set built and not yet published (its fd closes once it is in `GROUP_PORTS`).
 pub struct InnerMap {
     map: DevMapHash<MapData>,
     /// The fd of `map` (valid while `map` lives).
     fd: RawFd,
+    /// The keys written into it.
+    keys: Vec<u32>,
 }
 
 fn kernel_error(context: &str, e: aya::maps::MapError) -> DataplaneError {
