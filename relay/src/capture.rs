@@ -69,6 +69,31 @@ fn check(ret: libc::c_int, what: &str) -> io::Result<libc::c_int> {
     }
 }
 
+/// One `recvfrom` on the non-blocking socket: the frame, `None` for an outgoing frame of our
+/// own, or the error (`WouldBlock` when the queue is empty).
+fn receive(fd: libc::c_int) -> io::Result<Option<Received>> {
+    // IGMP/MLD/PIM frames fit in a jumbo frame; a longer one is cut and then rejected as
+    // truncated by the parser.
+    let mut buf = vec![0u8; 9216];
+    // SAFETY: all-zero sockaddr_ll is valid; the buffers are valid for the given lengths.
+    let mut addr: libc::sockaddr_ll = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    let n = unsafe {
+        libc::recvfrom(fd, buf.as_mut_ptr().cast(), buf.len(), 0, (&raw mut addr).cast(), &mut len)
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if addr.sll_pkttype == libc::PACKET_OUTGOING {
+        return Ok(None);
+    }
+    buf.truncate(n as usize);
+    Ok(Some(Received { ifindex: addr.sll_ifindex as u32, frame: buf }))
+}
+
+/// Receive buffer of the control socket (bytes; the kernel doubles it for bookkeeping).
+const RECEIVE_BUFFER: libc::c_int = 8 << 20;
+
 impl ControlSocket {
     /// Opens the socket (needs CAP_NET_RAW) in the current network namespace.
     pub fn open() -> anyhow::Result<Self> {
@@ -112,6 +137,24 @@ impl ControlSocket {
                 "PACKET_IGNORE_OUTGOING",
             )?;
         }
+        // A deep receive queue rides out bursts (a host flooding reports); what still does not
+        // fit is counted by the kernel (see `ControlSocket::take_drops`).
+        let size: libc::c_int = RECEIVE_BUFFER;
+        for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+            // SAFETY: the option value points at a live c_int.
+            let ret = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&raw const size).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if ret == 0 {
+                break;
+            }
+        }
         // SAFETY: we own the fd and keep it inside the AsyncFd for its whole life.
         let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("registering the packet socket with tokio: {e}"))?;
@@ -120,37 +163,50 @@ impl ControlSocket {
 
     /// Waits for the next control frame.
     pub async fn recv(&self) -> io::Result<Received> {
-        let mut buf = vec![0u8; 65536];
         loop {
             let mut guard = self.fd.readable().await?;
-            match guard.try_io(|fd| {
-                // SAFETY: buffers are valid for the given lengths.
-                let mut addr: libc::sockaddr_ll = unsafe { zeroed() };
-                let mut len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-                let n = unsafe {
-                    libc::recvfrom(
-                        fd.as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        0,
-                        (&raw mut addr).cast(),
-                        &mut len,
-                    )
-                };
-                if n < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok((n as usize, addr.sll_ifindex as u32, addr.sll_pkttype))
-            }) {
-                Ok(Ok((n, ifindex, pkttype))) => {
-                    if pkttype == libc::PACKET_OUTGOING {
-                        continue;
-                    }
-                    return Ok(Received { ifindex, frame: buf[..n].to_vec() });
-                }
+            match guard.try_io(|fd| receive(fd.as_raw_fd())) {
+                Ok(Ok(Some(received))) => return Ok(received),
+                Ok(Ok(None)) => continue,
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
             }
+        }
+    }
+
+    /// The next frame already queued, without waiting (`None`: the queue is empty). Draining
+    /// the queue before writing the maps turns a burst of reports into one round of writes.
+    pub fn try_recv(&self) -> io::Result<Option<Received>> {
+        loop {
+            match receive(self.fd.as_raw_fd()) {
+                Ok(Some(received)) => return Ok(Some(received)),
+                // Our own outgoing frame: skip it.
+                Ok(None) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Frames the kernel dropped because the receive queue was full, since the last call
+    /// (`PACKET_STATISTICS`, which the read resets).
+    pub fn take_drops(&self) -> u64 {
+        // SAFETY: all-zero tpacket_stats is valid; getsockopt writes at most `len` bytes.
+        let mut stats: libc::tpacket_stats = unsafe { zeroed() };
+        let mut len = size_of::<libc::tpacket_stats>() as libc::socklen_t;
+        let ret = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                (&raw mut stats).cast(),
+                &mut len,
+            )
+        };
+        if ret == 0 {
+            u64::from(stats.tp_drops)
+        } else {
+            0
         }
     }
 

@@ -130,6 +130,19 @@ pub struct RunArgs {
     #[arg(long = "rate-limit", value_name = "PREFIX=PPS", value_parser = crate::config::parse_rate_limit)]
     pub rate_limits: Vec<crate::config::GroupRate>,
 
+    /// Most groups learned over all ports; at the limit new joins are refused, counted and
+    /// logged [default: 12000].
+    #[arg(long, value_name = "N")]
+    pub max_groups: Option<usize>,
+
+    /// Most groups one port may join [default: 10000].
+    #[arg(long, value_name = "N")]
+    pub max_groups_per_port: Option<usize>,
+
+    /// Most distinct sources one group may name (each is a map entry) [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_sources_per_group: Option<usize>,
+
     /// Detach everything on exit. By default the XDP links and maps stay pinned when the
     /// daemon exits or dies, so forwarding continues and the next daemon takes over without
     /// losing a packet (`mcrelay detach` removes them).

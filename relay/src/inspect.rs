@@ -327,7 +327,7 @@ pub fn groups(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
             "{}",
             json!({"groups": state.groups, "queriers": state.queriers,
                    "router_ports": state.router_ports, "control": state.control,
-                   "clients": state.clients})
+                   "clients": state.clients, "not_taken": state.not_taken})
         );
         return Ok(());
     }
@@ -377,6 +377,13 @@ pub fn groups(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
         );
         for c in &state.clients {
             println!("{:<16} {:<18} {:>10} {}", c.port, c.mac, c.copies, c.groups.join(" "));
+        }
+    }
+    if !state.not_taken.is_empty() {
+        println!();
+        println!("NOT TAKEN (recent memberships mcrelay did not learn, and why)");
+        for n in &state.not_taken {
+            println!("{:<40} {:<16} {}", n.group, n.port, n.why);
         }
     }
     Ok(())

@@ -618,6 +618,7 @@ mod tests {
             router_ports: vec![],
             control,
             clients: vec![],
+            not_taken: vec![],
         }
     }
 

@@ -61,6 +61,12 @@ pub mod defaults {
     pub const HELLO_INTERVAL: f64 = 1.0;
     /// Loop guard, seconds.
     pub const HELLO_HOLDTIME: f64 = 3.5;
+    /// State limits (see `membership::Limits`): 10,000 groups fit, on any number of ports.
+    pub const MAX_GROUPS: usize = 12_000;
+    pub const MAX_GROUPS_PER_PORT: usize = 10_000;
+    pub const MAX_SOURCES_PER_GROUP: usize = 256;
+    /// Clients per per-client port that get their own copies.
+    pub const MAX_CLIENTS_PER_PORT: usize = 32;
 }
 
 /// One validator per rule. Each returns the problem in words without naming where the value
@@ -100,6 +106,15 @@ pub mod rules {
                 "{} ({}s) must be shorter than {} ({}s)",
                 shorter.0, shorter.1, longer.0, longer.1
             ))
+        }
+    }
+
+    /// A limit: at least 1.
+    pub fn limit(value: usize) -> Result<usize, String> {
+        if value >= 1 {
+            Ok(value)
+        } else {
+            Err(format!("{value}: a limit must be at least 1"))
         }
     }
 

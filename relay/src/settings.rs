@@ -66,6 +66,10 @@ pub struct Settings {
     pub querier: bool,
     pub igmp_version: IgmpVersion,
     pub mld_version: MldVersion,
+    /// Bounds on learned state.
+    pub limits: membership::Limits,
+    /// Clients of a per-client port that get their own copies.
+    pub max_clients_per_port: usize,
     /// Per-group rate limits (`[[rate_limit]]`, then `--rate-limit`).
     pub group_rates: Vec<config::GroupRate>,
     /// Ingress rate limits by port name/glob (`[[port]] rate_limit_pps`).
@@ -202,6 +206,24 @@ impl Settings {
             checked("mld-version", m.mld_version.unwrap_or(q.mld_version), rules::mld_version)?;
         let (hello_interval, hello_holdtime) = loop_guard_timers(cli, &f.loop_guard)?;
 
+        let l = &f.limits;
+        let limits = membership::Limits {
+            max_groups: checked(
+                "max-groups",
+                cli.max_groups.unwrap_or(l.max_groups),
+                rules::limit,
+            )?,
+            max_groups_per_port: checked(
+                "max-groups-per-port",
+                cli.max_groups_per_port.unwrap_or(l.max_groups_per_port),
+                rules::limit,
+            )?,
+            max_sources_per_group: checked(
+                "max-sources-per-group",
+                cli.max_sources_per_group.unwrap_or(l.max_sources_per_group),
+                rules::limit,
+            )?,
+        };
         let mut group_rates = Vec::new();
         for limit in &f.rate_limits {
             // The file validator checked the prefix already.
@@ -236,6 +258,8 @@ impl Settings {
             querier: !cli.membership.no_querier && q.enabled,
             igmp_version,
             mld_version,
+            limits,
+            max_clients_per_port: l.max_clients_per_port,
             group_rates,
             port_rates,
             hello_interval,

@@ -40,6 +40,13 @@ pub struct ControlCounters {
     /// queries from `::`, RFC 3810 5.1.14).
     #[serde(default)]
     pub queries_skipped_no_address: u64,
+    /// Control frames the kernel dropped because the daemon's receive queue was full (a flood).
+    #[serde(default)]
+    pub capture_drops: u64,
+    /// Memberships not taken, by reason: a limit (`max_groups`, `max_groups_per_port`,
+    /// `max_sources_per_group`) or an any-source join to an SSM group (`ssm_any_source`).
+    #[serde(default)]
+    pub refused: std::collections::BTreeMap<String, u64>,
     /// Router signals (queries, PIM hellos, router advertisements) heard on ports that do not
     /// learn routers (`learn_routers = false`): ignored for the router role.
     #[serde(default)]
@@ -66,6 +73,20 @@ pub struct DaemonState {
     /// addressed to them.
     #[serde(default)]
     pub clients: Vec<ClientState>,
+    /// Recent memberships that were not taken, and why.
+    #[serde(default)]
+    pub not_taken: Vec<NotTaken>,
+}
+
+/// A membership the daemon did not take (the most recent few, for `mcrelay groups`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotTaken {
+    pub group: String,
+    pub port: String,
+    /// The refusal's name (`ssm_any_source`, `max_groups`, ...).
+    pub reason: String,
+    /// In words, with what to do about it.
+    pub why: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

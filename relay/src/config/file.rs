@@ -37,9 +37,37 @@ pub struct ConfigFile {
     pub querier: QuerierConfig,
     /// `[loop_guard]`: hello timers.
     pub loop_guard: LoopGuardConfig,
+    /// `[limits]`: bounds on learned state.
+    pub limits: LimitsConfig,
     /// `[[rate_limit]]`: per-group packet rates (`--rate-limit`).
     #[serde(rename = "rate_limit")]
     pub rate_limits: Vec<RateLimitConfig>,
+}
+
+/// `[limits]`: what hosts can make mcrelay keep. At a limit, new memberships are refused
+/// (counted, logged) and existing ones stay.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Groups learned over all ports (`--max-groups`).
+    pub max_groups: usize,
+    /// Groups one port may join (`--max-groups-per-port`).
+    pub max_groups_per_port: usize,
+    /// Distinct sources one group may name (`--max-sources-per-group`).
+    pub max_sources_per_group: usize,
+    /// Clients of a per-client port that get their own copies.
+    pub max_clients_per_port: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_groups: defaults::MAX_GROUPS,
+            max_groups_per_port: defaults::MAX_GROUPS_PER_PORT,
+            max_sources_per_group: defaults::MAX_SOURCES_PER_GROUP,
+            max_clients_per_port: defaults::MAX_CLIENTS_PER_PORT,
+        }
+    }
 }
 
 /// One `[[rate_limit]]` entry: every group of `group` (a prefix or one group) may send `pps`
@@ -65,6 +93,7 @@ impl Default for ConfigFile {
             querier: QuerierConfig::default(),
             loop_guard: LoopGuardConfig::default(),
             rate_limits: Vec::new(),
+            limits: LimitsConfig::default(),
         }
     }
 }

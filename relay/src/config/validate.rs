@@ -35,6 +35,7 @@ pub fn validate(file: &ConfigFile) -> Vec<Issue> {
     check_querier(file, &mut issues);
     check_loop_guard(file, &mut issues);
     check_rate_limits(file, &mut issues);
+    check_limits(file, &mut issues);
     issues
 }
 
@@ -175,6 +176,30 @@ fn check_querier(file: &ConfigFile, issues: &mut Vec<Issue>) {
     }
     if let Err(e) = rules::mld_version(q.mld_version) {
         issues.push(Issue::new(at!["querier", "mld_version"], format!("mld_version = {e}")));
+    }
+}
+
+fn check_limits(file: &ConfigFile, issues: &mut Vec<Issue>) {
+    let l = &file.limits;
+    for (key, value) in [
+        ("max_groups", l.max_groups),
+        ("max_groups_per_port", l.max_groups_per_port),
+        ("max_sources_per_group", l.max_sources_per_group),
+        ("max_clients_per_port", l.max_clients_per_port),
+    ] {
+        if let Err(e) = rules::limit(value) {
+            issues.push(Issue::new(at!["limits", key], format!("{key} = {e}")));
+        }
+    }
+    if l.max_clients_per_port > relay_common::MAX_CLIENTS_PER_SET {
+        issues.push(Issue::new(
+            at!["limits", "max_clients_per_port"],
+            format!(
+                "max_clients_per_port = {}: at most {} (the size of a per-client copy set)",
+                l.max_clients_per_port,
+                relay_common::MAX_CLIENTS_PER_SET
+            ),
+        ));
     }
 }
 

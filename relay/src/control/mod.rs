@@ -20,8 +20,8 @@ use crate::{
     groups::is_link_local_group,
     loop_guard::{self, Decision, LoopGuard},
     membership::{
-        packet, Action, Clients, Engine, Family, Message, MessageKind, ParseError, PortOptions,
-        Remembered, RouterSignal,
+        packet, Action, Clients, Engine, Family, Limits, Message, MessageKind, ParseError,
+        PortOptions, Refusal, Remembered, RouterSignal,
     },
     reconciler::{GroupTable, Installed, WriteFailures},
     state::{mac_string, DaemonState},
@@ -52,6 +52,10 @@ pub struct Control {
     clients: Clients,
     /// Memberships of vanished ports, by interface name (see [`Remembered`]).
     remembered: BTreeMap<String, Remembered>,
+    /// The most recent memberships not taken (for `mcrelay groups`), newest last.
+    not_taken: std::collections::VecDeque<crate::state::NotTaken>,
+    /// When each kind of refusal was last logged, and how many were not logged since.
+    refusals_logged: BTreeMap<Refusal, (Duration, u64)>,
     /// Ports whose missing link-local address was logged.
     unaddressed_logged: BTreeSet<u32>,
     /// Ignored router signals already logged, per port and kind.
@@ -60,6 +64,8 @@ pub struct Control {
     queriers_seen: BTreeMap<(u32, bool), (IpAddr, bool)>,
     /// Hellos between relays and the standby / loop-MAC decisions they lead to.
     loop_guard: LoopGuard,
+    /// When the control plane was made (a clock for rate-limited logs).
+    started: std::time::Instant,
     /// The loop guard's decision now in force.
     decision: Decision,
 }
@@ -74,6 +80,7 @@ impl Control {
     ) -> Self {
         Self {
             loop_guard,
+            started: std::time::Instant::now(),
             decision: Decision::default(),
             engine,
             table,
@@ -87,6 +94,8 @@ impl Control {
             queriers_seen: BTreeMap::new(),
             router_signals_logged: BTreeSet::new(),
             unaddressed_logged: BTreeSet::new(),
+            not_taken: std::collections::VecDeque::new(),
+            refusals_logged: BTreeMap::new(),
         }
     }
 
@@ -226,6 +235,11 @@ impl Control {
         self.socket.recv().await
     }
 
+    /// A frame already queued on the packet socket, without waiting.
+    pub fn try_recv(&self) -> std::io::Result<Option<Received>> {
+        self.socket.try_recv()
+    }
+
     /// Whether the state changed since the last call (the state file is due).
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty)
@@ -248,6 +262,19 @@ impl Control {
         c.last_update_us = visible;
         c.max_update_us = c.max_update_us.max(visible);
         c.last_update_done_us = done;
+    }
+
+    /// Collects the control socket's drop count (call now and then).
+    pub fn poll_capture_drops(&mut self) {
+        let drops = self.socket.take_drops();
+        if drops > 0 {
+            self.counters.capture_drops += drops;
+            tracing::warn!(
+                drops,
+                "control frames dropped: the receive queue was full (a host flooding reports?)"
+            );
+            self.dirty = true;
+        }
     }
 
     /// One line for systemd's status.
@@ -342,6 +369,63 @@ impl Control {
         }
     }
 
+    /// New limits for learned state (existing state stays).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.engine.set_limits(limits);
+    }
+
+    /// Counts memberships the engine refused, keeps the latest for `mcrelay groups`, and logs
+    /// them at most once per kind every 10 s (with how many were not logged).
+    fn note_refusals(&mut self) {
+        const QUIET: Duration = Duration::from_secs(10);
+        const KEEP: usize = 32;
+        let now = self.clock();
+        for r in self.engine.take_refused() {
+            *self.counters.refused.entry(r.why.name().to_owned()).or_default() += 1;
+            let why = match r.why {
+                Refusal::SsmAnySource => "SSM group (232.0.0.0/8, ff3x::/96): any-source joins \
+                    (IGMPv1/v2, MLDv1, EXCLUDE mode) are ignored (RFC 4604); join with a source \
+                    list (IGMPv3/MLDv2 INCLUDE), or use a group outside the SSM range"
+                    .to_owned(),
+                limit => format!(
+                    "limit {} reached: new memberships are refused until some expire or the \
+                     limit is raised ([limits] in the configuration file)",
+                    limit.name()
+                ),
+            };
+            let entry = crate::state::NotTaken {
+                group: r.group.to_string(),
+                port: self.name(r.port),
+                reason: r.why.name().to_owned(),
+                why: why.clone(),
+            };
+            self.not_taken.retain(|n| !(n.group == entry.group && n.port == entry.port));
+            if self.not_taken.len() == KEEP {
+                self.not_taken.pop_front();
+            }
+            self.not_taken.push_back(entry);
+            let logged = self.refusals_logged.entry(r.why).or_insert((Duration::ZERO, 0));
+            if logged.0.is_zero() || now >= logged.0 + QUIET {
+                let suppressed = std::mem::take(&mut logged.1);
+                logged.0 = now.max(Duration::from_nanos(1));
+                tracing::warn!(
+                    port = self.name(r.port),
+                    group = %r.group,
+                    suppressed,
+                    "membership not taken: {why}"
+                );
+            } else {
+                logged.1 += 1;
+            }
+            self.dirty = true;
+        }
+    }
+
+    /// Monotonic time for rate-limited logs.
+    fn clock(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// Drops per-client memberships that timed out.
     pub fn expire_clients(&mut self, now: Duration) {
         self.clients.expire(now);
@@ -426,6 +510,7 @@ impl Control {
         }
         self.log_querier_changes();
         self.log_router_events();
+        self.note_refusals();
         self.sync_clients(dp, &mut changed)?;
         if routers_changed {
             let routers = self.router_ports();

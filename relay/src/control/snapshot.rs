@@ -99,6 +99,7 @@ pub fn build(control: &Control, now: Duration, dp: &Dataplane) -> DaemonState {
         router_ports: names(&mut routers.into_iter()),
         control: control.counters.clone(),
         clients: clients(control, dp),
+        not_taken: control.not_taken.iter().cloned().collect(),
     }
 }
 

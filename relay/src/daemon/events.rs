@@ -11,6 +11,10 @@ use tokio::{
 use super::{Daemon, Signals};
 use crate::{capture::Received, paths, ports::LinkEvent, state};
 
+/// Most control frames handled before the maps are written (and timers and signals get a
+/// turn).
+const BURST: usize = 256;
+
 /// Something the daemon reacts to.
 enum Event {
     /// SIGTERM or SIGINT: stop.
@@ -163,10 +167,21 @@ impl Daemon {
         self.control.mark_dirty();
     }
 
-    /// A control frame or hello arrived.
+    /// A control frame or hello arrived. Frames queued behind it (a burst) are handled too,
+    /// up to [`BURST`], so that their map writes go out in one round.
     fn on_frame(&mut self, frame: &Received) {
         let now = self.start.elapsed();
         self.control.on_frame(now, frame.ifindex, &frame.frame);
+        for _ in 1..BURST {
+            match self.control.try_recv() {
+                Ok(Some(next)) => self.control.on_frame(now, next.ifindex, &next.frame),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!("reading queued control frames: {e}");
+                    break;
+                }
+            }
+        }
         if self.control.hello_due() {
             self.control.send_hellos();
         }
@@ -250,6 +265,7 @@ impl Daemon {
     /// copies, remaining timers) move without any control-plane event.
     fn on_flush(&mut self, lp: &mut Loop) {
         lp.flushes += 1;
+        self.control.poll_capture_drops();
         if !(self.control.take_dirty() || lp.flushes.is_multiple_of(4)) {
             return;
         }

@@ -60,7 +60,8 @@ impl Daemon {
         table.set_policy(plan.settings.policy.clone());
         let guard = LoopGuard::new(dp.relay_mac(), plan.settings.hello_holdtime);
         tracing::info!(relay_mac = %state::mac_string(&dp.relay_mac()), "loop guard: relayed frames carry this source MAC");
-        let engine = Engine::new(plan.settings.membership.clone());
+        let mut engine = Engine::new(plan.settings.membership.clone());
+        engine.set_limits(plan.settings.limits);
         let control = Control::new(engine, table, socket, guard);
         let mut daemon = Self {
             handle,

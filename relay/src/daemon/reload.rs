@@ -24,6 +24,10 @@ impl Daemon {
         if new.metrics_listen != old.metrics_listen {
             changes.push("metrics_listen changes take effect after a restart".to_string());
         }
+        if new.limits != old.limits {
+            self.control.set_limits(new.limits);
+            changes.push("limits".to_string());
+        }
         if new.unknown != old.unknown {
             self.dp.set_unknown_policy(new.unknown.into())?;
             changes.push(format!("unknown groups: {:?}", new.unknown));

@@ -205,6 +205,55 @@ pub struct RouterEvent {
     pub learned: bool,
 }
 
+/// Bounds on the state hosts can make the engine keep (a gateway faces hosts it does not
+/// control). At a limit new state is refused and existing state is left as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Groups learned, over all ports.
+    pub max_groups: usize,
+    /// Groups one port may have joined.
+    pub max_groups_per_port: usize,
+    /// Distinct sources one group may name (over all ports): each is an (S,G) map entry.
+    pub max_sources_per_group: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        // 10,000 groups (on any number of ports) fit; one port cannot take the last 2,000.
+        Limits { max_groups: 12_000, max_groups_per_port: 10_000, max_sources_per_group: 256 }
+    }
+}
+
+/// Which limit refused new state, or why a membership was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Refusal {
+    MaxGroups,
+    MaxGroupsPerPort,
+    MaxSourcesPerGroup,
+    /// An any-source join (IGMPv1/v2, MLDv1, EXCLUDE mode) to an SSM group (RFC 4604).
+    SsmAnySource,
+}
+
+impl Refusal {
+    /// Stable name (counter label).
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::MaxGroups => "max_groups",
+            Refusal::MaxGroupsPerPort => "max_groups_per_port",
+            Refusal::MaxSourcesPerGroup => "max_sources_per_group",
+            Refusal::SsmAnySource => "ssm_any_source",
+        }
+    }
+}
+
+/// A membership the engine did not take: on `port`, for `group`, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub port: u32,
+    pub group: IpAddr,
+    pub why: Refusal,
+}
+
 /// Router filter mode of a (port, group).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FilterMode {
@@ -613,6 +662,10 @@ pub struct Engine {
     groups: BTreeMap<IpAddr, BTreeMap<u32, Entry>>,
     actions: Vec<Action>,
     router_events: Vec<RouterEvent>,
+    limits: Limits,
+    /// Groups each port has an entry for (kept in step with `groups`).
+    port_groups: BTreeMap<u32, usize>,
+    refused: Vec<Refused>,
 }
 
 impl Engine {
@@ -623,11 +676,29 @@ impl Engine {
             groups: BTreeMap::new(),
             actions: Vec::new(),
             router_events: Vec::new(),
+            limits: Limits::default(),
+            port_groups: BTreeMap::new(),
+            refused: Vec::new(),
         }
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Sets the limits (they apply to new state; what exists stays).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// Memberships refused since the last call.
+    pub fn take_refused(&mut self) -> Vec<Refused> {
+        std::mem::take(&mut self.refused)
+    }
+
+    /// Groups learned now, over all ports.
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
     }
 
     /// Adds a port, or updates the options of an existing one (keeping its learned state).
@@ -706,6 +777,7 @@ impl Engine {
             }
             self.announce_if_changed(group, &before);
         }
+        self.port_groups.remove(&port);
     }
 
     /// Ports currently known.
@@ -763,7 +835,7 @@ impl Engine {
             .collect();
         for group in due {
             let before = self.forwarding(&group);
-            let Engine { cfg, ports, groups, actions, .. } = self;
+            let Engine { cfg, ports, groups, actions, port_groups, .. } = self;
             if let Some(m) = groups.get_mut(&group) {
                 for (port, entry) in m.iter_mut() {
                     if entry.retx_at.is_some_and(|t| t <= now) {
@@ -780,7 +852,15 @@ impl Engine {
                     }
                     entry.expire(now);
                 }
-                m.retain(|_, e| !e.is_empty());
+                m.retain(|port, e| {
+                    let keep = !e.is_empty();
+                    if !keep {
+                        if let Some(n) = port_groups.get_mut(port) {
+                            *n = n.saturating_sub(1);
+                        }
+                    }
+                    keep
+                });
                 if m.is_empty() {
                     groups.remove(&group);
                 }
@@ -1026,13 +1106,32 @@ impl Engine {
             return;
         }
         let ssm = is_ssm(&group);
+        if ssm
+            && matches!(
+                op,
+                Op::V1Report
+                    | Op::V2Report
+                    | Op::Record(RecordType::IsExclude | RecordType::ToExclude)
+            )
+        {
+            // RFC 4604: no any-source membership in SSM groups; say why nothing happens.
+            self.refused.push(Refused { port, group, why: Refusal::SsmAnySource });
+            return;
+        }
+        if let Some(why) = self.refusal(port, group, &op, b) {
+            self.refused.push(Refused { port, group, why });
+            return;
+        }
         let before = self.forwarding(&group);
-        let Engine { cfg, ports, groups, actions, .. } = self;
+        let Engine { cfg, ports, groups, actions, port_groups, .. } = self;
         let Some(p) = ports.get(&port) else { return };
         let timers = p.timers(family, cfg);
         let gmi = timers.gmi();
         let m = groups.entry(group).or_default();
-        let entry = m.entry(port).or_default();
+        let entry = m.entry(port).or_insert_with(|| {
+            *port_groups.entry(port).or_default() += 1;
+            Entry::default()
+        });
         entry.expire(now);
         let compat = entry.compat(now, family);
         let older = matches!(compat, CompatMode::IgmpV1 | CompatMode::IgmpV2 | CompatMode::MldV1);
@@ -1064,11 +1163,50 @@ impl Engine {
         }
         if entry.is_empty() {
             m.remove(&port);
+            if let Some(n) = port_groups.get_mut(&port) {
+                *n = n.saturating_sub(1);
+            }
         }
         if m.is_empty() {
             groups.remove(&group);
         }
         self.announce_if_changed(group, &before);
+    }
+
+    /// Which limit, if any, refuses what `op` would add for (`port`, `group`). Only new state
+    /// is refused: a refresh of what exists always passes, as does anything that only removes.
+    fn refusal(&self, port: u32, group: IpAddr, op: &Op, b: &BTreeSet<IpAddr>) -> Option<Refusal> {
+        let adds = match op {
+            Op::Leave | Op::Record(RecordType::BlockOld) => false,
+            Op::Record(RecordType::ToInclude | RecordType::IsInclude | RecordType::AllowNew) => {
+                !b.is_empty()
+            }
+            _ => true,
+        };
+        if !adds {
+            return None;
+        }
+        let members = self.groups.get(&group);
+        if members.is_none() && self.groups.len() >= self.limits.max_groups {
+            return Some(Refusal::MaxGroups);
+        }
+        if !members.is_some_and(|m| m.contains_key(&port))
+            && self.port_groups.get(&port).copied().unwrap_or(0) >= self.limits.max_groups_per_port
+        {
+            return Some(Refusal::MaxGroupsPerPort);
+        }
+        if !b.is_empty() {
+            let known: BTreeSet<&IpAddr> = members
+                .into_iter()
+                .flat_map(|m| m.values())
+                .flat_map(|e| e.sources.keys())
+                .collect();
+            let new = b.iter().filter(|s| !known.contains(s)).count();
+            if new > 0 && known.len() + new > self.limits.max_sources_per_group {
+                return Some(Refusal::MaxSourcesPerGroup);
+            }
+        }
+        None
     }
 }
 

@@ -9,9 +9,9 @@ mod remembered;
 
 pub use clients::Clients;
 pub use engine::{
-    Action, CompatMode, Config, Engine, FilterMode, Forwarding, GroupSnapshot, IgmpVersion,
-    MldVersion, PortOptions, PortSnapshot, QuerierStatus, RouterEvent, RouterSignal,
-    SourceSnapshot,
+    Action, CompatMode, Config, Engine, FilterMode, Forwarding, GroupSnapshot, IgmpVersion, Limits,
+    MldVersion, PortOptions, PortSnapshot, QuerierStatus, Refusal, Refused, RouterEvent,
+    RouterSignal, SourceSnapshot,
 };
 pub use packet::{
     build, build_query, parse, parse_ip, BuildError, Family, GroupRecord, Message, MessageKind,

@@ -973,6 +973,7 @@ fn next_deadline_is_the_earliest_timer() {
 #[test]
 fn many_sources_are_split_across_queries() {
     let mut h = H::new();
+    h.e.set_limits(Limits { max_sources_per_group: 1000, ..Limits::default() });
     let sources: Vec<String> =
         (0..500).map(|i| format!("10.2.{}.{}", i / 250, i % 250 + 1)).collect();
     let refs: Vec<&str> = sources.iter().map(String::as_str).collect();
@@ -982,4 +983,58 @@ fn many_sources_are_split_across_queries() {
     assert_eq!(q.len(), 2);
     assert!(q.iter().all(|(_, q)| q.sources.len() <= max_query_sources(Family::V4)));
     assert_eq!(q.iter().map(|(_, q)| q.sources.len()).sum::<usize>(), 500);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits
+
+#[test]
+fn limits_refuse_new_state_and_leave_what_exists() {
+    let mut h = H::new();
+    h.e.add_port(t(0), 2, opts("198.51.100.1"));
+    h.e.set_limits(Limits { max_groups: 3, max_groups_per_port: 2, max_sources_per_group: 2 });
+    let join = |h: &mut H, port: u32, g: &str| {
+        h.msg(t(1), port, HOST, MessageKind::V2Report { group: a(g) });
+    };
+    join(&mut h, 1, "239.0.0.1");
+    join(&mut h, 1, "239.0.0.2");
+    join(&mut h, 1, "239.0.0.3"); // port 1 has 2 groups already
+    join(&mut h, 2, "239.0.0.4");
+    join(&mut h, 2, "239.0.0.5"); // 3 groups in all
+    let refused: Vec<Refusal> = h.e.take_refused().into_iter().map(|r| r.why).collect();
+    assert_eq!(refused, [Refusal::MaxGroupsPerPort, Refusal::MaxGroups]);
+    assert_eq!(h.e.group_count(), 3);
+    // Refreshing what exists is not new state; joining an existing group on a new port is
+    // refused only by the per-port limit.
+    join(&mut h, 1, "239.0.0.1");
+    join(&mut h, 2, "239.0.0.1");
+    assert!(h.e.take_refused().is_empty());
+    assert!(h.e.forwarding(&a("239.0.0.1")).any_source.contains(&2));
+    // Sources: two distinct ones per group, whatever port names them.
+    h.rec(t(2), 2, RecordType::AllowNew, "239.0.0.4", &[S1, S2]);
+    h.rec(t(2), 2, RecordType::AllowNew, "239.0.0.4", &[S3]);
+    assert_eq!(
+        h.e.take_refused().iter().map(|r| r.why).collect::<Vec<_>>(),
+        [Refusal::MaxSourcesPerGroup]
+    );
+    // Leaving frees room.
+    h.e.add_port(t(3), 1, PortOptions { fast_leave: true, ..opts("192.0.2.1") });
+    h.msg(t(3), 1, HOST, MessageKind::Leave { group: a("239.0.0.2") });
+    join(&mut h, 1, "239.0.0.3");
+    assert!(h.e.take_refused().is_empty(), "a leave freed a slot");
+}
+
+#[test]
+fn any_source_joins_to_ssm_groups_are_refused_with_a_reason() {
+    let mut h = H::new();
+    h.msg(t(0), 1, HOST, MessageKind::V2Report { group: a("232.1.1.1") });
+    h.rec(t(0), 1, RecordType::IsExclude, "232.1.1.1", &[]);
+    let refused = h.e.take_refused();
+    assert_eq!(refused.len(), 2);
+    assert!(refused.iter().all(|r| r.why == Refusal::SsmAnySource && r.port == 1));
+    assert!(h.e.forwarding(&a("232.1.1.1")).is_empty());
+    // A source-specific join is what SSM wants.
+    h.rec(t(1), 1, RecordType::IsInclude, "232.1.1.1", &[S1]);
+    assert!(h.e.take_refused().is_empty());
+    assert!(h.e.forwarding(&a("232.1.1.1")).ports_for(&a(S1)).contains(&1));
 }
