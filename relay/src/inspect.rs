@@ -471,6 +471,8 @@ pub fn detach(pin_root: &Path) -> anyhow::Result<()> {
         println!("nothing to detach ({} does not exist)", root.display());
         return Ok(());
     }
+    // Links first, one by one, so that every port is detached when this returns.
+    crate::dataplane::unpin_links_under(&root, 2);
     std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
     remove_pins(&root.join("_")); // prune the now-empty parents
     println!("removed {}", root.display());

@@ -284,3 +284,41 @@ fn per_client_ports_with_ifindexes_above_32768_do_not_alias() {
 fn clients_of(doc: &Value) -> Vec<Value> {
     clients(doc).to_vec()
 }
+
+/// A client that forges many MACs cannot push a real client out: clients are admitted first
+/// come, up to `max_clients_per_port` (32 by default; the copy set holds 32), and the forged
+/// joins beyond that are refused and counted. (Before, the 32 lowest MACs won, so forged
+/// `02:00:00:00:00:xx` joins took every slot.)
+#[test]
+fn a_client_forging_macs_cannot_push_out_a_real_one() {
+    require_testbed!();
+    use relay::membership::packet::{self, Message, MessageKind};
+    let group: IpAddr = "239.50.2.1".parse().expect("group");
+    let seg = SharedSegment::new("fg");
+    let [c1, c2] = &seg.clients;
+    let _relay = start(&seg, true);
+    let rx1 = McastReceiver::join(c1, group, PORT, "eth0");
+    wait_groups(&seg.gw, "the real client to be learned", Duration::from_secs(20), |d| {
+        !clients(d).is_empty()
+    });
+    // 40 forged clients join from the other client's wire.
+    let forged: Vec<Vec<u8>> = (1..=40u8)
+        .map(|n| {
+            let source = "198.18.20.3".parse().expect("address");
+            let msg = Message { source, kind: MessageKind::V2Report { group } };
+            packet::build([0x02, 0, 0, 0, 0, n], &msg).expect("report")
+        })
+        .collect();
+    mcrelay_tests::loops::send_frames(c2, "eth0", &forged);
+    let (doc, _) = wait_groups(&seg.gw, "forged joins refused", Duration::from_secs(20), |d| {
+        d["control"]["refused"]["max_clients_per_port"].as_u64().unwrap_or(0) >= 9
+    });
+    assert_eq!(clients(&doc).len(), 32, "{doc:#}");
+    McastSender::new(&seg.sender, "eth0").send_numbered(
+        group,
+        PORT,
+        COUNT,
+        Duration::from_millis(1),
+    );
+    assert_eq!(rx1.wait_for(COUNT, Duration::from_secs(20)), COUNT, "{rx1}: the real client");
+}

@@ -370,8 +370,9 @@ impl Control {
     }
 
     /// New limits for learned state (existing state stays).
-    pub fn set_limits(&mut self, limits: Limits) {
+    pub fn set_limits(&mut self, limits: Limits, max_clients_per_port: usize) {
         self.engine.set_limits(limits);
+        self.clients.set_max_per_port(max_clients_per_port);
     }
 
     /// Counts memberships the engine refused, keeps the latest for `mcrelay groups`, and logs
@@ -380,7 +381,9 @@ impl Control {
         const QUIET: Duration = Duration::from_secs(10);
         const KEEP: usize = 32;
         let now = self.clock();
-        for r in self.engine.take_refused() {
+        let mut refused = self.engine.take_refused();
+        refused.extend(self.clients.take_refused());
+        for r in refused {
             *self.counters.refused.entry(r.why.name().to_owned()).or_default() += 1;
             let why = match r.why {
                 Refusal::SsmAnySource => "SSM group (232.0.0.0/8, ff3x::/96): any-source joins \

@@ -60,9 +60,9 @@ impl Daemon {
         table.set_policy(plan.settings.policy.clone());
         let guard = LoopGuard::new(dp.relay_mac(), plan.settings.hello_holdtime);
         tracing::info!(relay_mac = %state::mac_string(&dp.relay_mac()), "loop guard: relayed frames carry this source MAC");
-        let mut engine = Engine::new(plan.settings.membership.clone());
-        engine.set_limits(plan.settings.limits);
-        let control = Control::new(engine, table, socket, guard);
+        let engine = Engine::new(plan.settings.membership.clone());
+        let mut control = Control::new(engine, table, socket, guard);
+        control.set_limits(plan.settings.limits, plan.settings.max_clients_per_port);
         let mut daemon = Self {
             handle,
             dp,
@@ -319,6 +319,7 @@ fn remove_other_layouts(pin_dir: &Path) {
                 "removing pins of another map layout ({}): re-creating from scratch",
                 entry.path().display()
             );
+            crate::dataplane::unpin_links_under(&entry.path(), 1);
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

@@ -27,6 +27,18 @@ use crate::{
     ports::Link,
 };
 
+/// Removes a link pin so that the link is detached when this returns. The pin is opened
+/// first, so the last reference is this process's descriptor, and closing a link's last
+/// descriptor detaches it at once; removing the pin alone hands the release to a kernel work
+/// item, and the interface keeps its program a moment longer (a detach followed by a check,
+/// or by a new attachment, would see it).
+pub fn unpin_link(path: &Path) -> std::io::Result<()> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => link.unpin().map(drop),
+        Err(_) => std::fs::remove_file(path),
+    }
+}
+
 /// A port the program is attached to.
 #[derive(Debug)]
 pub struct AttachedPort {
@@ -227,7 +239,7 @@ impl Ports {
         );
         if mismatch {
             tracing::info!(iface = %link.name, "the pinned link has another XDP mode than asked for: re-attaching");
-            let _ = std::fs::remove_file(&path);
+            let _ = unpin_link(&path);
             self.released_pin = true;
             return None;
         }
@@ -261,7 +273,7 @@ impl Ports {
             Err(e) => {
                 tracing::warn!(iface = %link.name, "cannot adopt {}: {e}; attaching anew", path.display());
                 self.attached.remove(&link.index);
-                let _ = std::fs::remove_file(&path);
+                let _ = unpin_link(&path);
                 None
             }
         }
@@ -281,7 +293,7 @@ impl Ports {
                         .is_none_or(|i| !self.attached.contains_key(&i));
                     if stale {
                         tracing::info!("removing stale link pin {}", entry.path().display());
-                        let _ = std::fs::remove_file(entry.path());
+                        let _ = unpin_link(&entry.path());
                     }
                 }
             }
@@ -347,7 +359,7 @@ impl Ports {
                 }
                 // Removing the last reference (the pin) detaches a pinned link.
                 PortLink::Pinned(path) => {
-                    if let Err(e) = std::fs::remove_file(&path) {
+                    if let Err(e) = unpin_link(&path) {
                         tracing::warn!(iface = %port.link.name, "unpinning {}: {e}", path.display());
                     }
                 }

@@ -90,7 +90,14 @@ impl Clients {
         let ebpf = self.ebpf()?;
         let mut sets: HashMap<_, ClientSetKey, ClientSet> = map(ebpf, "CLIENT_SETS")?;
         if macs.is_empty() {
+            // The group's last client left: its cursor and copy counters go too (the totals
+            // were collected above).
             let _ = sets.remove(&key);
+            let mut cursor: PerCpuHashMap<_, ClientSetKey, u32> = map(ebpf, "CLIENT_CURSOR")?;
+            let _ = cursor.remove(&key);
+            let mut copies: PerCpuHashMap<_, ClientSetKey, ClientCopies> =
+                map(ebpf, "CLIENT_COPIES")?;
+            let _ = copies.remove(&key);
             return Ok(Vec::new());
         }
         if macs.len() > MAX_CLIENTS_PER_SET {

@@ -403,6 +403,7 @@ fn ports_map(pin_dir: Option<&Path>) -> Result<HashMap<MapData, u32, PortInfo>> 
 
 /// Removes a pin directory and then its empty parents (`ns-<id>`, the root).
 pub fn remove_pins(pin_dir: &Path) {
+    unpin_links_under(pin_dir, 2);
     if pin_dir.exists() {
         if let Err(e) = std::fs::remove_dir_all(pin_dir) {
             tracing::warn!("removing {}: {e}", pin_dir.display());
@@ -415,6 +416,27 @@ pub fn remove_pins(pin_dir: &Path) {
             break;
         }
         dir = d.parent();
+    }
+}
+
+/// Unpins every link pinned under `dir` (in a `links` directory at most `depth` levels down),
+/// each detached when the call returns ([`attach::unpin_link`]).
+pub fn unpin_links_under(dir: &Path, depth: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        if entry.file_name() == pins::LINKS {
+            for link in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                if let Err(e) = attach::unpin_link(&link.path()) {
+                    tracing::warn!("unpinning {}: {e}", link.path().display());
+                }
+            }
+        } else if depth > 0 {
+            unpin_links_under(&path, depth - 1);
+        }
     }
 }
 

@@ -8,20 +8,65 @@ use std::{
     time::Duration,
 };
 
-use super::{engine::is_tracked, Message, MessageKind, RecordType};
+use super::{engine::is_tracked, Message, MessageKind, RecordType, Refusal, Refused};
+
+/// A client's membership in one group: until when, and when it first joined (copies go to
+/// clients in the order they came, so a host forging many MACs cannot push out real ones).
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    expiry: Duration,
+    since: u64,
+}
 
 /// Clients of the per-client ports and their memberships.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Clients {
     /// Ports with per-client delivery.
     ports: BTreeSet<u32>,
-    /// (group, port) -> client MAC -> when its membership expires.
-    members: BTreeMap<(IpAddr, u32), BTreeMap<[u8; 6], Duration>>,
+    /// (group, port) -> client MAC -> its membership.
+    members: BTreeMap<(IpAddr, u32), BTreeMap<[u8; 6], Member>>,
     /// Groups whose members changed since [`Clients::take_changed`].
     changed: BTreeSet<IpAddr>,
+    /// Most distinct clients per port.
+    max_per_port: usize,
+    /// Joins counter (order of arrival).
+    joins: u64,
+    refused: Vec<Refused>,
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        Self {
+            ports: BTreeSet::new(),
+            members: BTreeMap::new(),
+            changed: BTreeSet::new(),
+            max_per_port: relay_common::MAX_CLIENTS_PER_SET,
+            joins: 0,
+            refused: Vec::new(),
+        }
+    }
 }
 
 impl Clients {
+    /// Most distinct clients a port may have (joins of further clients are refused).
+    pub fn set_max_per_port(&mut self, max: usize) {
+        self.max_per_port = max;
+    }
+
+    /// Joins refused since the last call.
+    pub fn take_refused(&mut self) -> Vec<Refused> {
+        std::mem::take(&mut self.refused)
+    }
+
+    /// Distinct clients with a membership on `port`.
+    fn clients_on(&self, port: u32) -> BTreeSet<[u8; 6]> {
+        self.members
+            .iter()
+            .filter(|((_, p), _)| *p == port)
+            .flat_map(|(_, macs)| macs.keys().copied())
+            .collect()
+    }
+
     /// Turns per-client delivery on for `port`.
     pub fn add_port(&mut self, port: u32) {
         self.ports.insert(port);
@@ -88,19 +133,29 @@ impl Clients {
         }
     }
 
-    /// Makes `mac` a member of `group` on `port` until `expiry`.
+    /// Makes `mac` a member of `group` on `port` until `expiry`; refused (and recorded) when
+    /// `mac` is a new client on a port that has its most clients.
     pub fn join(&mut self, group: IpAddr, port: u32, mac: [u8; 6], expiry: Duration) {
-        let known = self.members.entry((group, port)).or_default().insert(mac, expiry).is_some();
-        if !known {
-            self.changed.insert(group);
+        if let Some(member) = self.members.get_mut(&(group, port)).and_then(|m| m.get_mut(&mac)) {
+            member.expiry = expiry;
+            return;
         }
+        let clients = self.clients_on(port);
+        if !clients.contains(&mac) && clients.len() >= self.max_per_port {
+            self.refused.push(Refused { port, group, why: Refusal::MaxClientsPerPort });
+            return;
+        }
+        self.joins += 1;
+        let member = Member { expiry, since: self.joins };
+        self.members.entry((group, port)).or_default().insert(mac, member);
+        self.changed.insert(group);
     }
 
     /// Drops memberships that timed out.
     pub fn expire(&mut self, now: Duration) {
         for ((group, _), macs) in &mut self.members {
             let before = macs.len();
-            macs.retain(|_, expiry| *expiry > now);
+            macs.retain(|_, member| member.expiry > now);
             if macs.len() != before {
                 self.changed.insert(*group);
             }
@@ -113,9 +168,16 @@ impl Clients {
         std::mem::take(&mut self.changed)
     }
 
-    /// The clients that are members of `group` on `port`.
+    /// The clients that are members of `group` on `port`, first come first.
     pub fn members(&self, group: IpAddr, port: u32) -> Vec<[u8; 6]> {
-        self.members.get(&(group, port)).into_iter().flat_map(|m| m.keys().copied()).collect()
+        let mut members: Vec<([u8; 6], u64)> = self
+            .members
+            .get(&(group, port))
+            .into_iter()
+            .flat_map(|m| m.iter().map(|(mac, member)| (*mac, member.since)))
+            .collect();
+        members.sort_by_key(|(_, since)| *since);
+        members.into_iter().map(|(mac, _)| mac).collect()
     }
 
     /// The groups client `mac` on `port` is a member of.

@@ -232,6 +232,8 @@ pub enum Refusal {
     MaxSourcesPerGroup,
     /// An any-source join (IGMPv1/v2, MLDv1, EXCLUDE mode) to an SSM group (RFC 4604).
     SsmAnySource,
+    /// A new client on a per-client port that already has its most clients.
+    MaxClientsPerPort,
 }
 
 impl Refusal {
@@ -242,6 +244,7 @@ impl Refusal {
             Refusal::MaxGroupsPerPort => "max_groups_per_port",
             Refusal::MaxSourcesPerGroup => "max_sources_per_group",
             Refusal::SsmAnySource => "ssm_any_source",
+            Refusal::MaxClientsPerPort => "max_clients_per_port",
         }
     }
 }
