@@ -11,18 +11,25 @@
 //!   looked up in `BARE_GROUPS` (HASH_OF_MAPS of DEVMAP_HASH, like mcrelay's GROUP_PORTS), then a
 //!   broadcast redirect excluding the ingress port. No other parsing, no counters.
 //! - `bench_empty`: `XDP_PASS`, the floor of a BPF_PROG_TEST_RUN per-packet cost.
+//! - `bench_direct`: the direct mode's driver: restores the source MAC from `GEN_HEADER`, then
+//!   tail-calls the program in `DIRECT_TARGET[0]` (the program the daemon
+//!   attached, or `bench_bare`). Run with live frames and the ingress port's ifindex, the target
+//!   runs in place as on that port, on a frame whose source MAC is the sender's again (mcrelay
+//!   writes its relay MAC into the recycled page; seen again, the loop guard would drop it).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS},
-    btf_maps::{Array, DevMapHash, HashOfMaps, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashOfMaps, PerCpuArray, ProgramArray},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 
 /// Bytes of Ethernet + IPv4 + UDP headers that `bench_gen` restores on every frame.
 const HEADER_LEN: usize = 42;
+/// End of the source MAC: the only bytes a direct-mode target writes (mcrelay's relay MAC).
+const SOURCE_MAC_END: usize = 12;
 /// Offset of the IPv4 destination address in an untagged frame.
 const IPV4_DST_OFFSET: usize = 30;
 /// Counter slots: ingress ifindexes below this are counted.
@@ -41,6 +48,10 @@ static RX_PACKETS: PerCpuArray<u64, MAX_IFINDEX> = PerCpuArray::new();
 #[btf_map]
 static BARE_GROUPS: HashOfMaps<u32, DevMapHash<128>, 1024> = HashOfMaps::new();
 
+/// Slot 0: the program `bench_direct` hands every frame to (written by the bench).
+#[btf_map]
+static DIRECT_TARGET: ProgramArray<1> = ProgramArray::new();
+
 const BROADCAST_FLAGS: u64 = (BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) as u64;
 
 #[xdp]
@@ -54,6 +65,24 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
         unsafe { core::ptr::write_unaligned(start as *mut [u8; HEADER_LEN], *header) };
     }
     xdp_action::XDP_TX
+}
+
+#[xdp]
+pub fn bench_direct(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + SOURCE_MAC_END > end {
+        return xdp_action::XDP_ABORTED;
+    }
+    if let Some(header) = GEN_HEADER.get(0) {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&header[6..SOURCE_MAC_END]);
+        // SAFETY: bytes 6..12 lie inside the packet, checked above.
+        unsafe { core::ptr::write_unaligned((start + 6) as *mut [u8; 6], mac) };
+    }
+    // SAFETY: control goes to the target program and does not come back; on failure (empty
+    // slot) it falls through to the abort below.
+    unsafe { DIRECT_TARGET.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
 }
 
 #[xdp]

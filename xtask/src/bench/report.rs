@@ -7,6 +7,7 @@ use mcrelay_tests::serde_json::{json, Value};
 use super::{
     boxes::MiddleBox,
     cost::{median, CostResult},
+    direct::{self, DirectRun},
     Run,
 };
 
@@ -32,10 +33,11 @@ impl Scenario {
 pub struct Report<'a> {
     scenarios: Vec<Scenario>,
     costs: &'a [CostResult],
+    direct: &'a [DirectRun],
 }
 
 impl<'a> Report<'a> {
-    pub fn new(runs: &[Run], costs: &'a [CostResult]) -> Self {
+    pub fn new(runs: &[Run], costs: &'a [CostResult], direct: &'a [DirectRun]) -> Self {
         let mcrelay: BTreeMap<(usize, usize, usize), f64> = runs
             .iter()
             .filter(|r| r.middle_box == MiddleBox::Mcrelay)
@@ -64,7 +66,7 @@ impl<'a> Report<'a> {
                 }
             }
         }
-        Self { scenarios: by_key.into_values().collect(), costs }
+        Self { scenarios: by_key.into_values().collect(), costs, direct }
     }
 
     fn scenario(
@@ -98,7 +100,12 @@ impl<'a> Report<'a> {
 
     /// The forwarding tables (one per frame size), the cost table and the targets.
     pub fn table(&self) -> String {
-        let mut out = String::new();
+        let mut out = direct::table(self.direct);
+        if !self.scenarios.is_empty() {
+            out.push_str(
+                "Veth-through mode (generator on the sender's veth, counted at the receivers):\n",
+            );
+        }
         let fanouts = self.fanouts();
         for size in self.frame_sizes() {
             let _ = writeln!(
@@ -195,7 +202,7 @@ impl<'a> Report<'a> {
 
     /// One line per target with the evidence and MET / NOT MET.
     pub fn targets(&self) -> Vec<String> {
-        let mut lines = Vec::new();
+        let mut lines = direct::targets(self.direct);
         let verdict = |ok: bool| if ok { "MET" } else { "NOT MET" };
         for (peer, want, what) in [
             (MiddleBox::Bare, 0.9, ">= 90% of bare"),
@@ -296,6 +303,7 @@ impl<'a> Report<'a> {
             })
             .collect();
         let doc = json!({
+            "direct": direct::json(self.direct),
             "scenarios": scenarios,
             "costs": costs,
             "static_group_writes_per_s": self.group_writes_per_s(),
@@ -441,7 +449,7 @@ mod tests {
             run(1, MiddleBox::Mcrelay, 1, 2.0),
             run(1, MiddleBox::Bridge, 1, 0.4),
         ];
-        let report = Report::new(&runs, &[]);
+        let report = Report::new(&runs, &[], &[]);
         let bridge = report.scenario(64, 1, MiddleBox::Bridge).expect("bridge scenario");
         assert_eq!(bridge.mcrelay_over_box, vec![4.0, 5.0]);
         assert!(report.table().contains("[4.50x]"));
