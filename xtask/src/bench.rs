@@ -12,6 +12,7 @@
 //! Nothing here asserts timing; `--quick` only checks that every box moved traffic.
 
 mod boxes;
+mod control;
 mod cost;
 mod direct;
 mod frames;
@@ -66,6 +67,10 @@ struct Plan {
     /// Direct mode: fan-outs and frames per measured BPF_PROG_TEST_RUN call.
     direct_copies: Vec<usize>,
     direct_repeat: u32,
+    /// Control plane: joins measured, leave measured every N joins, reports in the burst.
+    control_joins: usize,
+    control_leave_every: usize,
+    control_burst: usize,
 }
 
 impl Plan {
@@ -82,6 +87,9 @@ impl Plan {
                 cost_calls: 1,
                 direct_copies: vec![1, 2],
                 direct_repeat: 100_000,
+                control_joins: 20,
+                control_leave_every: 4,
+                control_burst: 200,
             }
         } else {
             Self {
@@ -95,6 +103,9 @@ impl Plan {
                 cost_calls: 7,
                 direct_copies: vec![1, 2, 3],
                 direct_repeat: 2_000_000,
+                control_joins: 1_000,
+                control_leave_every: 5,
+                control_burst: 2_000,
             }
         }
     }
@@ -156,9 +167,22 @@ fn run_in(options: &Options, plan: &Plan, scratch: &std::path::Path) -> anyhow::
         Vec::new()
     };
     drop(testbed);
+    let control = if options.wants("control") {
+        let result = control::measure(&control::ControlPlan {
+            mcrelay: &options.mcrelay,
+            object: &options.object,
+            joins: plan.control_joins,
+            leave_every: plan.control_leave_every,
+            burst_reports: plan.control_burst,
+        })
+        .context("control-plane bench")?;
+        Some(result)
+    } else {
+        None
+    };
     let costs = if options.wants("cost") { costs(options, plan, scratch)? } else { Vec::new() };
 
-    let report = report::Report::new(&runs, &costs, &direct_runs);
+    let report = report::Report::new(&runs, &costs, &direct_runs, control.as_ref());
     println!();
     print!("{}", report.table());
     let default_dir = crate::workspace::target_dir()?.join("bench");

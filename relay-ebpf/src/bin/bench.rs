@@ -10,6 +10,9 @@
 //! - `bench_bare`: the limit mcrelay is measured against: the IPv4 destination at a fixed offset
 //!   looked up in `BARE_GROUPS` (HASH_OF_MAPS of DEVMAP_HASH, like mcrelay's GROUP_PORTS), then a
 //!   broadcast redirect excluding the ingress port. No other parsing, no counters.
+//! - `bench_stamp`: the control-plane bench's receiver: records, per ingress ifindex, the
+//!   `bpf_ktime_get_ns` of the first frame since userspace zeroed `RX_FIRST_NS` and of the last
+//!   frame (`RX_LAST_NS`), and drops.
 //! - `bench_empty`: `XDP_PASS`, the floor of a BPF_PROG_TEST_RUN per-packet cost.
 //! - `bench_direct`: the direct mode's driver: restores the source MAC from `GEN_HEADER`, then
 //!   tail-calls the program in `DIRECT_TARGET[0]` (the program the daemon
@@ -22,6 +25,7 @@
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS},
     btf_maps::{Array, DevMapHash, HashOfMaps, PerCpuArray, ProgramArray},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
@@ -42,6 +46,14 @@ static GEN_HEADER: Array<[u8; HEADER_LEN], 1> = Array::new();
 /// Frames received, per CPU, indexed by ingress ifindex.
 #[btf_map]
 static RX_PACKETS: PerCpuArray<u64, MAX_IFINDEX> = PerCpuArray::new();
+
+/// First frame since userspace zeroed the slot, ns (CLOCK_MONOTONIC), by ingress ifindex.
+#[btf_map]
+static RX_FIRST_NS: Array<u64, MAX_IFINDEX> = Array::new();
+
+/// Last frame, ns (CLOCK_MONOTONIC), by ingress ifindex.
+#[btf_map]
+static RX_LAST_NS: Array<u64, MAX_IFINDEX> = Array::new();
 
 /// The bare forwarder's port sets: IPv4 group (network byte order as read from the frame) to
 /// an inner DEVMAP_HASH of egress ifindexes.
@@ -91,6 +103,26 @@ pub fn bench_count(ctx: XdpContext) -> u32 {
     if let Some(count) = RX_PACKETS.get_ptr_mut(ifindex) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *count += 1 };
+    }
+    xdp_action::XDP_DROP
+}
+
+#[xdp]
+pub fn bench_stamp(ctx: XdpContext) -> u32 {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: a plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(first) = RX_FIRST_NS.get_ptr_mut(ifindex) {
+        // SAFETY: a slot of a global array; racing writers only move a timestamp.
+        unsafe {
+            if *first == 0 {
+                *first = now;
+            }
+        }
+    }
+    if let Some(last) = RX_LAST_NS.get_ptr_mut(ifindex) {
+        // SAFETY: as above.
+        unsafe { *last = now };
     }
     xdp_action::XDP_DROP
 }
