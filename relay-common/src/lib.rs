@@ -70,9 +70,15 @@ impl GroupKey {
 pub const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 
 /// Maps an IPv4 address (network order) into the 16-byte key space.
+///
+/// Built from two 64-bit words: written as a byte-array literal, the BPF backend zeroes the
+/// first ten bytes with a call to a byte-loop `memset` subprogram, twice per IPv4 data frame
+/// (group and source).
 #[inline(always)]
 pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    let low = u64::from_ne_bytes([0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]);
+    // SAFETY: [u64; 2] and [u8; 16] have the same size and every bit pattern is valid.
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>([0, low]) }
 }
 
 /// What the dataplane does with multicast data for a group that has no port set.

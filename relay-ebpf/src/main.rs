@@ -150,7 +150,13 @@ fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> (Counter, u32)
             return redirect(ctx, &config, ports.redirect(0, BROADCAST_FLAGS));
         }
     }
-    let key = GroupKey { group: data.key.group, source: [0; 16] };
+    // The source as a copy of two zero words: a `[0; 16]` literal becomes a `memset` call.
+    let zero: [u64; 2] = [0, 0];
+    // SAFETY: [u64; 2] and [u8; 16] have the same size and every bit pattern is valid.
+    let key = GroupKey {
+        group: data.key.group,
+        source: unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(zero) },
+    };
     // SAFETY: as above.
     if let Some(ports) = unsafe { GROUP_PORTS.get(&key) } {
         return redirect(ctx, &config, ports.redirect(0, BROADCAST_FLAGS));

@@ -12,7 +12,9 @@
 //! Nothing here asserts timing; `--quick` only checks that every box moved traffic.
 
 mod boxes;
+mod control;
 mod cost;
+mod direct;
 mod frames;
 mod report;
 mod testbed;
@@ -42,6 +44,14 @@ pub struct Options {
     pub mcrelay: PathBuf,
     /// relay-ebpf's bench object (generator, counter, bare reference).
     pub object: PathBuf,
+    /// Parts to run (`direct`, `forward`, `control`, `cost`); empty: all.
+    pub only: Vec<String>,
+}
+
+impl Options {
+    fn wants(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
 }
 
 /// How much to measure.
@@ -54,6 +64,13 @@ struct Plan {
     cost_groups: Vec<usize>,
     cost_repeat: u32,
     cost_calls: usize,
+    /// Direct mode: fan-outs and frames per measured BPF_PROG_TEST_RUN call.
+    direct_copies: Vec<usize>,
+    direct_repeat: u32,
+    /// Control plane: joins measured, leave measured every N joins, reports in the burst.
+    control_joins: usize,
+    control_leave_every: usize,
+    control_burst: usize,
 }
 
 impl Plan {
@@ -68,6 +85,11 @@ impl Plan {
                 cost_groups: vec![10],
                 cost_repeat: 10_000,
                 cost_calls: 1,
+                direct_copies: vec![1, 2],
+                direct_repeat: 100_000,
+                control_joins: 20,
+                control_leave_every: 4,
+                control_burst: 200,
             }
         } else {
             Self {
@@ -79,6 +101,11 @@ impl Plan {
                 cost_groups: vec![10, 1_000, 10_000],
                 cost_repeat: 1_000_000,
                 cost_calls: 7,
+                direct_copies: vec![1, 2, 3],
+                direct_repeat: 2_000_000,
+                control_joins: 1_000,
+                control_leave_every: 5,
+                control_burst: 2_000,
             }
         }
     }
@@ -117,10 +144,45 @@ fn run_in(options: &Options, plan: &Plan, scratch: &std::path::Path) -> anyhow::
     println!("[bench] mcrelay {}", options.mcrelay.display());
     let env = Env { mcrelay: &options.mcrelay, object: &options.object, scratch };
 
-    let runs = forwarding(options, plan, &env)?;
-    let costs = costs(options, plan, scratch)?;
+    let testbed = Testbed::new(&options.object).context("building the forwarding test bed")?;
+    let direct_runs = if !options.wants("direct") {
+        Vec::new()
+    } else {
+        direct::measure(
+            &testbed,
+            &direct::DirectPlan {
+                mcrelay: &options.mcrelay,
+                object: &options.object,
+                repetitions: plan.repetitions,
+                frame_sizes: &plan.frame_sizes,
+                copies: &plan.direct_copies,
+                repeat: plan.direct_repeat,
+            },
+        )
+        .context("direct mode")?
+    };
+    let runs = if options.wants("forward") {
+        forwarding(&testbed, options, plan, &env)?
+    } else {
+        Vec::new()
+    };
+    drop(testbed);
+    let control = if options.wants("control") {
+        let result = control::measure(&control::ControlPlan {
+            mcrelay: &options.mcrelay,
+            object: &options.object,
+            joins: plan.control_joins,
+            leave_every: plan.control_leave_every,
+            burst_reports: plan.control_burst,
+        })
+        .context("control-plane bench")?;
+        Some(result)
+    } else {
+        None
+    };
+    let costs = if options.wants("cost") { costs(options, plan, scratch)? } else { Vec::new() };
 
-    let report = report::Report::new(&runs, &costs);
+    let report = report::Report::new(&runs, &costs, &direct_runs, control.as_ref());
     println!();
     print!("{}", report.table());
     let default_dir = crate::workspace::target_dir()?.join("bench");
@@ -146,6 +208,11 @@ fn run_in(options: &Options, plan: &Plan, scratch: &std::path::Path) -> anyhow::
                 )
             })
             .collect();
+        let idle_direct =
+            direct_runs.iter().filter(|r| r.delivered.iter().any(|&d| d <= 0.0)).map(|r| {
+                format!("direct {} x{} ({:?} delivered)", r.target.name(), r.copies, r.delivered)
+            });
+        let idle: Vec<String> = idle.into_iter().chain(idle_direct).collect();
         if !idle.is_empty() {
             bail!("middle boxes that moved no traffic to some member: {}", idle.join("; "));
         }
@@ -154,8 +221,12 @@ fn run_in(options: &Options, plan: &Plan, scratch: &std::path::Path) -> anyhow::
     Ok(())
 }
 
-fn forwarding(options: &Options, plan: &Plan, env: &Env<'_>) -> anyhow::Result<Vec<Run>> {
-    let testbed = Testbed::new(&options.object).context("building the forwarding test bed")?;
+fn forwarding(
+    testbed: &Testbed,
+    options: &Options,
+    plan: &Plan,
+    env: &Env<'_>,
+) -> anyhow::Result<Vec<Run>> {
     let mut generator = Generator::new(&options.object)?;
     let mut runs = Vec::new();
     let total =
@@ -175,10 +246,10 @@ fn forwarding(options: &Options, plan: &Plan, env: &Env<'_>) -> anyhow::Result<V
                 let mut order = MiddleBox::ALL.to_vec();
                 order.rotate_left(repetition % MiddleBox::ALL.len());
                 for middle_box in order.iter().copied() {
-                    let running = boxes::start(middle_box, &testbed, env, fanout)
+                    let running = boxes::start(middle_box, testbed, env, fanout)
                         .with_context(|| format!("starting {middle_box}"))?;
                     let sample = testbed::measure(
-                        &testbed,
+                        testbed,
                         &mut generator,
                         &frame,
                         fanout,

@@ -87,6 +87,9 @@ enum Commands {
         /// Write the chart (Mpps against fan-out) here (default: target/bench/bench.svg).
         #[arg(long, value_name = "FILE")]
         svg: Option<std::path::PathBuf>,
+        /// Run only these parts (comma separated: direct, forward, control, cost; default all).
+        #[arg(long, value_name = "PARTS", value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Check formatting and lints: nightly rustfmt, clippy on the host crates and clippy on
     /// relay-ebpf for its BPF target, all with warnings as errors (what CI runs).
@@ -131,7 +134,7 @@ fn main() -> anyhow::Result<()> {
         Commands::Lint => setup::run(Scope::Toolchain).and_then(|()| lint::run()),
         Commands::Test { args } => test(&args),
         Commands::Install { prefix, dry_run } => install::run(&prefix, dry_run),
-        Commands::Bench { quick, json, svg } => bench(quick, json, svg),
+        Commands::Bench { quick, json, svg, only } => bench(quick, json, svg, only),
     }
 }
 
@@ -178,6 +181,7 @@ fn bench(
     quick: bool,
     json: Option<std::path::PathBuf>,
     svg: Option<std::path::PathBuf>,
+    only: Vec<String>,
 ) -> anyhow::Result<()> {
     if !is_root() {
         bail!(
@@ -188,7 +192,7 @@ fn bench(
     let profile = if quick { Profile::Debug } else { Profile::Release };
     let mcrelay = build_mcrelay(profile)?;
     let object = bench::find_object(&mcrelay)?;
-    bench::run(&bench::Options { quick, json, svg, mcrelay, object })
+    bench::run(&bench::Options { quick, json, svg, mcrelay, object, only })
 }
 
 /// `cargo xtask test`: set up, build mcrelay, run the workspace tests; prints the wall time.

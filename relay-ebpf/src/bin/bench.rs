@@ -10,19 +10,30 @@
 //! - `bench_bare`: the limit mcrelay is measured against: the IPv4 destination at a fixed offset
 //!   looked up in `BARE_GROUPS` (HASH_OF_MAPS of DEVMAP_HASH, like mcrelay's GROUP_PORTS), then a
 //!   broadcast redirect excluding the ingress port. No other parsing, no counters.
+//! - `bench_stamp`: the control-plane bench's receiver: records, per ingress ifindex, the
+//!   `bpf_ktime_get_ns` of the first frame since userspace zeroed `RX_FIRST_NS` and of the last
+//!   frame (`RX_LAST_NS`), and drops.
 //! - `bench_empty`: `XDP_PASS`, the floor of a BPF_PROG_TEST_RUN per-packet cost.
+//! - `bench_direct`: the direct mode's driver: restores the source MAC from `GEN_HEADER`, then
+//!   tail-calls the program in `DIRECT_TARGET[0]` (the program the daemon
+//!   attached, or `bench_bare`). Run with live frames and the ingress port's ifindex, the target
+//!   runs in place as on that port, on a frame whose source MAC is the sender's again (mcrelay
+//!   writes its relay MAC into the recycled page; seen again, the loop guard would drop it).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS},
-    btf_maps::{Array, DevMapHash, HashOfMaps, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashOfMaps, PerCpuArray, ProgramArray},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 
 /// Bytes of Ethernet + IPv4 + UDP headers that `bench_gen` restores on every frame.
 const HEADER_LEN: usize = 42;
+/// End of the source MAC: the only bytes a direct-mode target writes (mcrelay's relay MAC).
+const SOURCE_MAC_END: usize = 12;
 /// Offset of the IPv4 destination address in an untagged frame.
 const IPV4_DST_OFFSET: usize = 30;
 /// Counter slots: ingress ifindexes below this are counted.
@@ -36,10 +47,22 @@ static GEN_HEADER: Array<[u8; HEADER_LEN], 1> = Array::new();
 #[btf_map]
 static RX_PACKETS: PerCpuArray<u64, MAX_IFINDEX> = PerCpuArray::new();
 
+/// First frame since userspace zeroed the slot, ns (CLOCK_MONOTONIC), by ingress ifindex.
+#[btf_map]
+static RX_FIRST_NS: Array<u64, MAX_IFINDEX> = Array::new();
+
+/// Last frame, ns (CLOCK_MONOTONIC), by ingress ifindex.
+#[btf_map]
+static RX_LAST_NS: Array<u64, MAX_IFINDEX> = Array::new();
+
 /// The bare forwarder's port sets: IPv4 group (network byte order as read from the frame) to
 /// an inner DEVMAP_HASH of egress ifindexes.
 #[btf_map]
 static BARE_GROUPS: HashOfMaps<u32, DevMapHash<128>, 1024> = HashOfMaps::new();
+
+/// Slot 0: the program `bench_direct` hands every frame to (written by the bench).
+#[btf_map]
+static DIRECT_TARGET: ProgramArray<1> = ProgramArray::new();
 
 const BROADCAST_FLAGS: u64 = (BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) as u64;
 
@@ -57,11 +80,49 @@ pub fn bench_gen(ctx: XdpContext) -> u32 {
 }
 
 #[xdp]
+pub fn bench_direct(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + SOURCE_MAC_END > end {
+        return xdp_action::XDP_ABORTED;
+    }
+    if let Some(header) = GEN_HEADER.get(0) {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&header[6..SOURCE_MAC_END]);
+        // SAFETY: bytes 6..12 lie inside the packet, checked above.
+        unsafe { core::ptr::write_unaligned((start + 6) as *mut [u8; 6], mac) };
+    }
+    // SAFETY: control goes to the target program and does not come back; on failure (empty
+    // slot) it falls through to the abort below.
+    unsafe { DIRECT_TARGET.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+#[xdp]
 pub fn bench_count(ctx: XdpContext) -> u32 {
     let ifindex = ctx.ingress_ifindex() as u32;
     if let Some(count) = RX_PACKETS.get_ptr_mut(ifindex) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *count += 1 };
+    }
+    xdp_action::XDP_DROP
+}
+
+#[xdp]
+pub fn bench_stamp(ctx: XdpContext) -> u32 {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: a plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(first) = RX_FIRST_NS.get_ptr_mut(ifindex) {
+        // SAFETY: a slot of a global array; racing writers only move a timestamp.
+        unsafe {
+            if *first == 0 {
+                *first = now;
+            }
+        }
+    }
+    if let Some(last) = RX_LAST_NS.get_ptr_mut(ifindex) {
+        // SAFETY: as above.
+        unsafe { *last = now };
     }
     xdp_action::XDP_DROP
 }

@@ -293,7 +293,7 @@ fn map_memlock(pid: u32) -> u64 {
 }
 
 /// The id of the XDP program attached to `iface` in `ns` (from `ip -j -d link show`).
-fn xdp_prog_id(ns: &NetNs, iface: &str) -> anyhow::Result<u32> {
+pub fn xdp_prog_id(ns: &NetNs, iface: &str) -> anyhow::Result<u32> {
     fn find_id(v: &Value) -> Option<u64> {
         match v {
             Value::Object(map) => map

@@ -60,19 +60,29 @@ pub fn udp4(
 
 /// An IGMPv2 membership report for `group` (with the Router Alert option, as hosts send it).
 pub fn igmp_v2_report(src_mac: [u8; 6], src: Ipv4Addr, group: Ipv4Addr) -> Vec<u8> {
+    igmp_v2(src_mac, src, group, false)
+}
+
+/// An IGMPv2 leave for `group`, to 224.0.0.2.
+pub fn igmp_v2_leave(src_mac: [u8; 6], src: Ipv4Addr, group: Ipv4Addr) -> Vec<u8> {
+    igmp_v2(src_mac, src, group, true)
+}
+
+fn igmp_v2(src_mac: [u8; 6], src: Ipv4Addr, group: Ipv4Addr, leave: bool) -> Vec<u8> {
+    let dst = if leave { Ipv4Addr::new(224, 0, 0, 2) } else { group };
     let mut f = Vec::with_capacity(60);
-    f.extend_from_slice(&group_mac(group));
+    f.extend_from_slice(&group_mac(dst));
     f.extend_from_slice(&src_mac);
     f.extend_from_slice(&0x0800u16.to_be_bytes());
     let ip_start = f.len();
     f.extend_from_slice(&[0x46, 0xc0, 0, 32, 0, 0, 0x40, 0, 1, 2, 0, 0]);
     f.extend_from_slice(&src.octets());
-    f.extend_from_slice(&group.octets());
+    f.extend_from_slice(&dst.octets());
     f.extend_from_slice(&[0x94, 0x04, 0, 0]);
     let ip_sum = checksum(&f[ip_start..ip_start + 24], 0);
     f[ip_start + 10..ip_start + 12].copy_from_slice(&ip_sum.to_be_bytes());
     let igmp_start = f.len();
-    f.extend_from_slice(&[0x16, 0, 0, 0]);
+    f.extend_from_slice(&[if leave { 0x17 } else { 0x16 }, 0, 0, 0]);
     f.extend_from_slice(&group.octets());
     let igmp_sum = checksum(&f[igmp_start..], 0);
     f[igmp_start + 2..igmp_start + 4].copy_from_slice(&igmp_sum.to_be_bytes());

@@ -6,7 +6,9 @@ use mcrelay_tests::serde_json::{json, Value};
 
 use super::{
     boxes::MiddleBox,
+    control::{self, ControlResult},
     cost::{median, CostResult},
+    direct::{self, DirectRun},
     Run,
 };
 
@@ -32,10 +34,17 @@ impl Scenario {
 pub struct Report<'a> {
     scenarios: Vec<Scenario>,
     costs: &'a [CostResult],
+    direct: &'a [DirectRun],
+    control: Option<&'a ControlResult>,
 }
 
 impl<'a> Report<'a> {
-    pub fn new(runs: &[Run], costs: &'a [CostResult]) -> Self {
+    pub fn new(
+        runs: &[Run],
+        costs: &'a [CostResult],
+        direct: &'a [DirectRun],
+        control: Option<&'a ControlResult>,
+    ) -> Self {
         let mcrelay: BTreeMap<(usize, usize, usize), f64> = runs
             .iter()
             .filter(|r| r.middle_box == MiddleBox::Mcrelay)
@@ -64,7 +73,7 @@ impl<'a> Report<'a> {
                 }
             }
         }
-        Self { scenarios: by_key.into_values().collect(), costs }
+        Self { scenarios: by_key.into_values().collect(), costs, direct, control }
     }
 
     fn scenario(
@@ -98,7 +107,12 @@ impl<'a> Report<'a> {
 
     /// The forwarding tables (one per frame size), the cost table and the targets.
     pub fn table(&self) -> String {
-        let mut out = String::new();
+        let mut out = direct::table(self.direct);
+        if !self.scenarios.is_empty() {
+            out.push_str(
+                "Veth-through mode (generator on the sender's veth, counted at the receivers):\n",
+            );
+        }
         let fanouts = self.fanouts();
         for size in self.frame_sizes() {
             let _ = writeln!(
@@ -178,6 +192,9 @@ impl<'a> Report<'a> {
             }
             out.push('\n');
         }
+        if let Some(c) = self.control {
+            out.push_str(&control::table(c, self.group_writes_per_s()));
+        }
         out.push_str("Performance targets (docs/performance.md), this run:\n");
         for line in self.targets() {
             let _ = writeln!(out, "  {line}");
@@ -189,13 +206,16 @@ impl<'a> Report<'a> {
     /// the smallest static set over the difference in start-up time.
     pub fn group_writes_per_s(&self) -> Option<f64> {
         let (first, last) = (self.costs.first()?, self.costs.last()?);
+        if last.groups == first.groups {
+            return (last.startup_s > 0.0).then(|| last.groups as f64 / last.startup_s);
+        }
         let dt = last.startup_s - first.startup_s;
         (last.groups > first.groups && dt > 0.0).then(|| (last.groups - first.groups) as f64 / dt)
     }
 
     /// One line per target with the evidence and MET / NOT MET.
     pub fn targets(&self) -> Vec<String> {
-        let mut lines = Vec::new();
+        let mut lines = direct::targets(self.direct);
         let verdict = |ok: bool| if ok { "MET" } else { "NOT MET" };
         for (peer, want, what) in [
             (MiddleBox::Bare, 0.9, ">= 90% of bare"),
@@ -296,6 +316,8 @@ impl<'a> Report<'a> {
             })
             .collect();
         let doc = json!({
+            "direct": direct::json(self.direct),
+            "control": self.control.map(|c| control::json(c, self.group_writes_per_s())),
             "scenarios": scenarios,
             "costs": costs,
             "static_group_writes_per_s": self.group_writes_per_s(),
@@ -441,7 +463,7 @@ mod tests {
             run(1, MiddleBox::Mcrelay, 1, 2.0),
             run(1, MiddleBox::Bridge, 1, 0.4),
         ];
-        let report = Report::new(&runs, &[]);
+        let report = Report::new(&runs, &[], &[], None);
         let bridge = report.scenario(64, 1, MiddleBox::Bridge).expect("bridge scenario");
         assert_eq!(bridge.mcrelay_over_box, vec![4.0, 5.0]);
         assert!(report.table().contains("[4.50x]"));
