@@ -484,7 +484,39 @@ fn render_state(registry: &mut Registry, state: &DaemonState, age_ms: u64) {
     let ignored = Family::<Labels, Counter>::default();
     ignored.get_or_create(&labels([("reason", "other_port")])).inc_by(c.ignored_other_port);
     ignored.get_or_create(&labels([("reason", "not_membership")])).inc_by(c.ignored_not_membership);
+    ignored.get_or_create(&labels([("reason", "loop")])).inc_by(c.ignored_loop);
+    ignored
+        .get_or_create(&labels([("reason", "router_signal_on_no_learn_port")]))
+        .inc_by(c.router_signals_ignored);
     registry.register("control_ignored", "Control frames ignored, by reason", ignored);
+    let refused = Family::<Labels, Counter>::default();
+    for (reason, n) in &c.refused {
+        refused.get_or_create(&labels([("reason", reason)])).inc_by(*n);
+    }
+    registry.register(
+        "memberships_refused",
+        "Memberships not taken: a limit ([limits]) or an any-source join to an SSM group",
+        refused,
+    );
+    counter(
+        registry,
+        "control_dropped",
+        "Control frames the kernel dropped because the daemon's receive queue was full",
+        c.capture_drops,
+    );
+    counter(registry, "hellos_received", "Loop-guard hellos received from relays", c.hellos_received);
+    counter(
+        registry,
+        "map_write_errors",
+        "Group map writes that failed (retried on the next round)",
+        c.map_errors,
+    );
+    counter(
+        registry,
+        "queries_skipped_no_address",
+        "MLD queries not sent because the port had no IPv6 link-local address yet",
+        c.queries_skipped_no_address,
+    );
     let malformed = Family::<Labels, Counter>::default();
     for (reason, n) in &c.malformed {
         malformed.get_or_create(&labels([("reason", reason)])).inc_by(*n);
