@@ -93,8 +93,14 @@ pub fn parse_str(text: &str) -> Result<ConfigFile, Vec<Diagnostic>> {
         // The parser recovers and goes on, which often yields follow-up errors on the same
         // line; the first one per line is the one that explains it.
         let mut errors: Vec<Diagnostic> = Vec::new();
-        for e in syntax_errors {
-            let d = at(e.span(), format!("TOML syntax: {}", e.message()));
+        // The parser reports some errors after later ones (an unclosed table before the
+        // value it skipped): sort first, so the first per line is the earliest.
+        let mut all: Vec<Diagnostic> = syntax_errors
+            .into_iter()
+            .map(|e| at(e.span(), format!("TOML syntax: {}", e.message())))
+            .collect();
+        all.sort_by_key(|d| d.at);
+        for d in all {
             if !errors.iter().any(|prev| prev.at.line == d.at.line) {
                 errors.push(d);
             }

@@ -46,7 +46,7 @@ use std::{
 
 use relay_common::parse::{
     ipv4_header, ipv6_header, ipv6_upper_layer, link_layer, Frame as _, HeaderError, ETH_HLEN,
-    ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMPV6, IPPROTO_IGMP, IPV6_HLEN,
+    ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMPV6, IPPROTO_IGMP, IPV6_HLEN, MAX_PARSE_OFFSET,
 };
 
 /// Address family of a message, group or querier.
@@ -609,6 +609,11 @@ fn parse_ipv6(frame: &[u8], l3: usize) -> Result<Message, ParseError> {
     // The walk sees only the IP packet, not the Ethernet padding after it.
     let packet = slice(frame, 0, l3 + IPV6_HLEN + ip.payload_len)?;
     let upper = ipv6_upper_layer(&packet, ip.next_header(), l3 + IPV6_HLEN)?;
+    if upper.protocol == IPPROTO_ICMPV6 && upper.offset > MAX_PARSE_OFFSET {
+        // The classifier gives up on an ICMPv6 header this far in, also when the walk ended
+        // at its last extension header without looking there.
+        return Err(ParseError::TooManyExtensionHeaders);
+    }
     if upper.fragment {
         return Err(ParseError::Fragment);
     }
