@@ -1100,4 +1100,6 @@ fn ipv6_packet(
 }
 
 #[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
 mod tests;
