@@ -26,6 +26,9 @@ pub const TARGETS: &[&str] = &["classify", "membership_parse", "config_parse"];
 /// Seconds per target when `--seconds` is not given.
 pub const DEFAULT_SECONDS: u64 = 30;
 
+/// libFuzzer's limit for one input (its default is 20 minutes).
+const INPUT_TIMEOUT_SECONDS: u64 = 10;
+
 /// Read-only seed directories of a target, relative to the workspace root.
 fn seeds(target: &str) -> &'static [&'static str] {
     match target {
@@ -71,6 +74,8 @@ pub fn run(seconds: u64, target: Option<&str>) -> anyhow::Result<()> {
         let mut fuzz = cargo_fuzz(root, "run", &build_dir);
         fuzz.arg(name).arg(&corpus).args(seeds(name).iter().map(|dir| root.join(dir)));
         fuzz.args(["--", &format!("-max_total_time={seconds}"), "-print_final_stats=1"]);
+        // An input that runs this long is a hang: saved and reported like a crash.
+        fuzz.arg(format!("-timeout={INPUT_TIMEOUT_SECONDS}"));
         println!("[fuzz] {name}: {seconds}s: {} (log: {})", cmd::describe(&fuzz), log.display());
         let file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let stderr = file.try_clone().context("duplicating the log file handle")?;
@@ -89,8 +94,8 @@ pub fn run(seconds: u64, target: Option<&str>) -> anyhow::Result<()> {
             "ok".to_owned()
         } else {
             failed.push(name);
-            eprintln!("[fuzz] {name}: FAILED ({status}); the end of {}:", log.display());
-            for line in tail(&text, 40) {
+            eprintln!("[fuzz] {name}: FAILED ({status}); from {}:", log.display());
+            for line in panic_message(&text).chain(tail(&text, 30)) {
                 eprintln!("    {line}");
             }
             match outcome.crashes.as_slice() {
@@ -147,6 +152,13 @@ fn parse_log(text: &str) -> Outcome {
     }
 }
 
+/// The first panic in a target's output: its location line and the message line after it.
+fn panic_message(text: &str) -> impl Iterator<Item = &str> {
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines.iter().position(|line| line.contains("panicked at"));
+    at.map_or(&[][..], |i| &lines[i..(i + 2).min(lines.len())]).to_vec().into_iter()
+}
+
 /// The last `n` lines of `text`.
 fn tail(text: &str, n: usize) -> impl Iterator<Item = &str> {
     let lines: Vec<&str> = text.lines().collect();
@@ -178,6 +190,13 @@ artifact_prefix='/w/fuzz/artifacts/classify/'; Test unit written to /w/fuzz/arti
 stat::number_of_executed_units: 77
 ";
         let outcome = parse_log(crash);
+        assert_eq!(
+            panic_message(crash).collect::<Vec<_>>(),
+            [
+                "thread '<unnamed>' panicked at fuzz_targets/classify.rs:12:5:",
+                "==1234== ERROR: libFuzzer: deadly signal"
+            ]
+        );
         assert_eq!(outcome.executions, Some(77));
         assert_eq!(outcome.crashes, [PathBuf::from("/w/fuzz/artifacts/classify/crash-da39a3ee")]);
     }

@@ -11,14 +11,18 @@
 //! 256 cases per property (proptest's default); `PROPTEST_CASES=N` runs more.
 
 use proptest::{collection::vec, prelude::*, sample::Index};
-use relay_common::parse::{
-    classify, Class, ETH_P_8021AD, ETH_P_8021Q, IPPROTO_DSTOPTS, MAX_IPV6_EXT_HEADERS,
-    MAX_PARSE_OFFSET, MAX_VLAN_TAGS,
+use relay_common::{
+    frames::{FrameBuilder, SRC_MAC},
+    parse::{
+        classify, Class, ETH_P_8021AD, ETH_P_8021Q, IPPROTO_DSTOPTS, MAX_IPV6_EXT_HEADERS,
+        MAX_PARSE_OFFSET, MAX_VLAN_TAGS,
+    },
 };
 
 use super::*;
 
-const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
+/// The source MAC of built frames: the one [`FrameBuilder`] writes, so [`tagged`] keeps it.
+const MAC: [u8; 6] = SRC_MAC;
 
 fn v4_any() -> impl Strategy<Value = IpAddr> {
     any::<[u8; 4]>().prop_map(|a| IpAddr::V4(Ipv4Addr::from(a)))
@@ -171,15 +175,16 @@ fn message() -> impl Strategy<Value = Message> {
     ]
 }
 
-/// `frame` with VLAN tags inserted after the MAC addresses, outermost first.
+/// `frame` (built here, so from [`MAC`]) with VLAN tags after the MAC addresses, outermost
+/// first.
 fn tagged(frame: &[u8], tpids: &[u16]) -> Vec<u8> {
-    let mut f = frame[..12].to_vec();
+    let dst = frame[..6].try_into().expect("an Ethernet header");
+    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    let mut builder = FrameBuilder::new(dst, ethertype, frame[14..].to_vec());
     for (vid, tpid) in tpids.iter().enumerate() {
-        f.extend_from_slice(&tpid.to_be_bytes());
-        f.extend_from_slice(&(vid as u16 + 1).to_be_bytes());
+        builder = builder.vlan(*tpid, vid as u16 + 1);
     }
-    f.extend_from_slice(&frame[12..]);
-    f
+    builder.build()
 }
 
 fn vlan_tags() -> impl Strategy<Value = Vec<u16>> {
