@@ -1,10 +1,11 @@
-//! `cargo xtask`: development tasks for mcrelay (set-up, build, run, lab, lint, tests, bench,
-//! install).
+//! `cargo xtask`: development tasks for mcrelay (set-up, build, run, lab, lint, tests, fuzz,
+//! bench, install).
 //!
 //! `cargo xtask` is an alias (.cargo/config.toml) for `cargo run --package xtask --`.
 
 mod bench;
 mod cmd;
+mod fuzz;
 mod install;
 mod lab;
 mod lint;
@@ -105,6 +106,20 @@ enum Commands {
         #[arg(last = true, value_name = "TEST_ARGS")]
         args: Vec<String>,
     },
+    /// Fuzz the parsers (cargo-fuzz, libFuzzer, nightly) for a bounded time per target.
+    ///
+    /// Installs cargo-fuzz when missing. Targets (fuzz/fuzz_targets): classify (the shared
+    /// classifier), membership_parse (IGMP/MLD), config_parse (the configuration file). Prints
+    /// the executions per target and the input of any crash; fails when a target crashed. The
+    /// corpus grows in fuzz/corpus/TARGET, crash inputs go to fuzz/artifacts/TARGET.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, value_name = "N", default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+        /// Run only this target (default: every one).
+        #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(fuzz::TARGETS))]
+        target: Option<String>,
+    },
     /// Build the release binary and install it with its systemd unit, default configuration,
     /// man page and shell completions.
     ///
@@ -133,6 +148,9 @@ fn main() -> anyhow::Result<()> {
         Commands::Lab { duration } => lab(duration.map(Duration::from_secs)),
         Commands::Lint => setup::run(Scope::Toolchain).and_then(|()| lint::run()),
         Commands::Test { args } => test(&args),
+        Commands::Fuzz { seconds, target } => setup::run(Scope::Toolchain)
+            .and_then(|()| setup::ensure_cargo_fuzz())
+            .and_then(|()| fuzz::run(seconds, target.as_deref())),
         Commands::Install { prefix, dry_run } => install::run(&prefix, dry_run),
         Commands::Bench { quick, json, svg, only } => bench(quick, json, svg, only),
     }

@@ -201,6 +201,19 @@ fn has_component(installed: &str, component: &str) -> bool {
     })
 }
 
+/// Installs cargo-fuzz when `cargo fuzz` does not run. Used by `cargo xtask fuzz` only: no
+/// [`Scope`] includes it, so set-up and CI never spend the minute it takes to build.
+pub fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    if let Some(version) = cmd::probe(cmd::cargo().args(["fuzz", "--version"])) {
+        println!("[setup] cargo-fuzz: already installed ({})", version.trim());
+        return Ok(());
+    }
+    let mut install = cmd::cargo();
+    install.args(["install", "cargo-fuzz", "--locked"]);
+    println!("[setup] cargo-fuzz: not found; installing: {}", cmd::describe(&install));
+    cmd::run(&mut install)
+}
+
 /// Installs bpf-linker linked against the nightly toolchain's own libLLVM: the crate's default
 /// LLVM does not exist on these machines, and the linker must read the bitcode that nightly's
 /// LLVM writes.

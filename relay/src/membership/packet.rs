@@ -1105,4 +1105,6 @@ fn ipv6_packet(
 }
 
 #[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
 mod tests;
