@@ -27,9 +27,5 @@ fuzz_target!(|data: &[u8]| {
             d.at.line
         );
     }
-    // KNOWN BUG (tests/tests/fuzz_findings.rs, known_bug_toml_syntax_errors_are_not_in_file_order):
-    // TOML syntax errors come in the parser's order, not the file's. Checked for the other
-    // diagnostics only, so the fuzzer can look for other problems; remove with the fix.
-    let syntax = diagnostics.iter().any(|d| d.message.starts_with("TOML syntax:"));
-    assert!(syntax || diagnostics.is_sorted_by_key(|d| d.at), "not in file order: {diagnostics:?}");
+    assert!(diagnostics.is_sorted_by_key(|d| d.at), "not in file order: {diagnostics:?}");
 });

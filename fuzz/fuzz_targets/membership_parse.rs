@@ -63,25 +63,8 @@ fn check(f: &[u8]) {
     let class = classify(&f);
     if let Ok(m) = &parsed {
         assert!(!matches!(class, Class::Data(_)), "accepted {m:?}, classified {class:?}: {f:02x?}");
-        // KNOWN BUG (relay's packet::prop_tests::known_bug_mld_beyond_max_parse_offset_*):
-        // behind exactly MAX_IPV6_EXT_HEADERS extension headers, an MLD message that starts
-        // beyond MAX_PARSE_OFFSET is accepted here and malformed for the classifier. Skipped
-        // so the fuzzer can look for other problems; remove the exception with the fix.
-        if class == Class::Malformed && !upper_layer_beyond_max_parse_offset(f) {
-            panic!("accepted {m:?}, classified malformed: {f:02x?}");
-        }
+        assert!(class != Class::Malformed, "accepted {m:?}, classified malformed: {f:02x?}");
     }
-}
-
-/// Whether `f` is IPv6 with an upper-layer header (found by the shared walk) beyond
-/// MAX_PARSE_OFFSET.
-fn upper_layer_beyond_max_parse_offset(f: &[u8]) -> bool {
-    let Some(eth) = f.read::<ETH_HLEN>(0) else { return false };
-    let Ok(l2) = link_layer(&f, &eth) else { return false };
-    let Ok(ip) = ipv6_header(&f, l2.l3_offset) else { return false };
-    l2.ethertype == ETH_P_IPV6
-        && ipv6_upper_layer(&f, ip.next_header(), l2.l3_offset + IPV6_HLEN)
-            .is_ok_and(|upper| upper.offset > MAX_PARSE_OFFSET)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -249,8 +249,29 @@ impl Spec {
     }
 
     /// The verdict the classifier must reach on `f` (this spec's frame, maybe cut), from the
-    /// documented rules.
+    /// documented rules: data that is VLAN-tagged, or whose destination MAC is not its group's
+    /// (01:00:5e + low 23 bits, 33:33 + low 32 bits), is not relayed ("other").
     fn expected(&self, f: &[u8]) -> Class {
+        match self.expected_by_headers(f) {
+            Class::Data(d) => {
+                let g = &d.key.group;
+                let mapped = if d.ipv6 {
+                    f[..6] == [0x33, 0x33, g[12], g[13], g[14], g[15]]
+                } else {
+                    f[..6] == [0x01, 0x00, 0x5e, g[13] & 0x7f, g[14], g[15]]
+                };
+                if self.tags.is_empty() && mapped {
+                    Class::Data(d)
+                } else {
+                    Class::Other
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The verdict from the headers alone.
+    fn expected_by_headers(&self, f: &[u8]) -> Class {
         if f.len() < 2 {
             return Class::Malformed;
         }

@@ -292,14 +292,12 @@ fn mld_report_beyond_max_parse_offset() -> (Message, Vec<u8>) {
     (m, f)
 }
 
-/// Known disagreement (found by this layer): with exactly MAX_IPV6_EXT_HEADERS extension
-/// headers the walk ends without checking the offset, and the classifier then refuses an
-/// ICMPv6 header beyond MAX_PARSE_OFFSET (malformed) while the control plane reads it and
-/// accepts the report. The module doc says both sides give up on the same frames. Ignored
-/// until one side changes; `cargo test -- --ignored` shows it.
+/// Found by this layer: with exactly MAX_IPV6_EXT_HEADERS extension headers the walk ends
+/// without checking the offset; the classifier then refused an ICMPv6 header beyond
+/// MAX_PARSE_OFFSET (malformed) while the control plane read it and accepted the report. Both
+/// sides now give up on it.
 #[test]
-#[ignore = "known bug: the control plane accepts an MLD report the classifier calls malformed"]
-fn known_bug_mld_beyond_max_parse_offset_classified_malformed_but_accepted() {
+fn mld_beyond_max_parse_offset_is_refused_by_both_sides() {
     let (_, f) = mld_report_beyond_max_parse_offset();
     assert!(f.len() == 1118 && f.len() > MAX_PARSE_OFFSET);
     assert_eq!(MAX_IPV6_EXT_HEADERS, 6, "the frame has exactly this many extension headers");
