@@ -485,6 +485,7 @@ fn render_state(registry: &mut Registry, state: &DaemonState, age_ms: u64) {
     ignored.get_or_create(&labels([("reason", "other_port")])).inc_by(c.ignored_other_port);
     ignored.get_or_create(&labels([("reason", "not_membership")])).inc_by(c.ignored_not_membership);
     ignored.get_or_create(&labels([("reason", "loop")])).inc_by(c.ignored_loop);
+    ignored.get_or_create(&labels([("reason", "rate_limited")])).inc_by(c.rate_limited);
     ignored
         .get_or_create(&labels([("reason", "router_signal_on_no_learn_port")]))
         .inc_by(c.router_signals_ignored);

@@ -67,6 +67,9 @@ pub mod defaults {
     pub const MAX_SOURCES_PER_GROUP: usize = 256;
     /// Clients per per-client port that get their own copies.
     pub const MAX_CLIENTS_PER_PORT: usize = 32;
+    /// IGMP/MLD/PIM frames per second one port may send the control plane (a second's worth
+    /// may come at once).
+    pub const REPORT_RATE_PER_PORT: u32 = 2_000;
 }
 
 /// One validator per rule. Each returns the problem in words without naming where the value
@@ -106,6 +109,15 @@ pub mod rules {
                 "{} ({}s) must be shorter than {} ({}s)",
                 shorter.0, shorter.1, longer.0, longer.1
             ))
+        }
+    }
+
+    /// A rate: at least 1 per second.
+    pub fn rate(value: u32) -> Result<u32, String> {
+        if value >= 1 {
+            Ok(value)
+        } else {
+            Err(format!("{value}: a rate must be at least 1 per second"))
         }
     }
 

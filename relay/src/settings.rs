@@ -70,6 +70,8 @@ pub struct Settings {
     pub limits: membership::Limits,
     /// Clients of a per-client port that get their own copies.
     pub max_clients_per_port: usize,
+    /// Control frames per second and port.
+    pub report_rate_per_port: u32,
     /// Per-group rate limits (`[[rate_limit]]`, then `--rate-limit`).
     pub group_rates: Vec<config::GroupRate>,
     /// Ingress rate limits by port name/glob (`[[port]] rate_limit_pps`).
@@ -260,6 +262,7 @@ impl Settings {
             mld_version,
             limits,
             max_clients_per_port: l.max_clients_per_port,
+            report_rate_per_port: l.report_rate_per_port,
             group_rates,
             port_rates,
             hello_interval,

@@ -40,6 +40,10 @@ pub struct ControlCounters {
     /// queries from `::`, RFC 3810 5.1.14).
     #[serde(default)]
     pub queries_skipped_no_address: u64,
+    /// Control frames ignored because their port sent more than its rate
+    /// (`[limits] report_rate_per_port`).
+    #[serde(default)]
+    pub rate_limited: u64,
     /// Control frames the kernel dropped because the daemon's receive queue was full (a flood).
     #[serde(default)]
     pub capture_drops: u64,

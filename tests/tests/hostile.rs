@@ -1,7 +1,8 @@
 //! A hostile or chatty host cannot exhaust mcrelay or starve other hosts: it floods reports for
 //! 20,000 groups, records naming 300 sources and Neighbour Solicitations from one port while a
 //! legitimate host on another port joins a group and must receive every packet of it. The
-//! daemon stays alive with bounded descriptors and memory, and what it refused is counted.
+//! daemon stays alive with bounded descriptors and memory, and what it refused (limits, the
+//! per-port rate of control frames) is counted.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -134,10 +135,11 @@ fn a_flooding_host_does_not_starve_a_legitimate_join() {
     let hwm = status_kb(pid, "VmHWM:");
     let c = &doc["control"];
     println!(
-        "hostile flood: {} frames received, {} dropped by the full queue, refused {}, {learned} \
-         groups learned, {fds} fds, RSS {rss} kB (peak {hwm} kB)",
-        c["received"], c["capture_drops"], c["refused"]
+        "hostile flood: {} frames received, {} over the port's rate, {} dropped by the full \
+         queue, refused {}, {learned} groups learned, {fds} fds, RSS {rss} kB (peak {hwm} kB)",
+        c["received"], c["rate_limited"], c["capture_drops"], c["refused"]
     );
+    assert!(c["rate_limited"].as_u64().unwrap_or(0) > 0, "the flood was not rate limited");
     assert!(learned <= 2_001 + 1, "{learned} groups learned past the per-port limit");
     assert!(fds < 256, "{fds} descriptors open: fds grow with the state");
     assert!(doc["not_taken"].as_array().is_some_and(|a| !a.is_empty()), "{doc:#}");

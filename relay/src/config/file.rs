@@ -57,6 +57,8 @@ pub struct LimitsConfig {
     pub max_sources_per_group: usize,
     /// Clients of a per-client port that get their own copies.
     pub max_clients_per_port: usize,
+    /// Control frames (IGMP/MLD/PIM) per second one port may send; the excess is ignored.
+    pub report_rate_per_port: u32,
 }
 
 impl Default for LimitsConfig {
@@ -66,6 +68,7 @@ impl Default for LimitsConfig {
             max_groups_per_port: defaults::MAX_GROUPS_PER_PORT,
             max_sources_per_group: defaults::MAX_SOURCES_PER_GROUP,
             max_clients_per_port: defaults::MAX_CLIENTS_PER_PORT,
+            report_rate_per_port: defaults::REPORT_RATE_PER_PORT,
         }
     }
 }

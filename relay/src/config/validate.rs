@@ -191,6 +191,12 @@ fn check_limits(file: &ConfigFile, issues: &mut Vec<Issue>) {
             issues.push(Issue::new(at!["limits", key], format!("{key} = {e}")));
         }
     }
+    if let Err(e) = rules::rate(l.report_rate_per_port) {
+        issues.push(Issue::new(
+            at!["limits", "report_rate_per_port"],
+            format!("report_rate_per_port = {e}"),
+        ));
+    }
     if l.max_clients_per_port > relay_common::MAX_CLIENTS_PER_SET {
         issues.push(Issue::new(
             at!["limits", "max_clients_per_port"],

@@ -56,6 +56,12 @@ pub struct Control {
     not_taken: std::collections::VecDeque<crate::state::NotTaken>,
     /// When each kind of refusal was last logged, and how many were not logged since.
     refusals_logged: BTreeMap<Refusal, (Duration, u64)>,
+    /// Control frames per second and port that are handled (the rest is ignored).
+    report_rate: u32,
+    /// Per port: frames that may still come now, and when that was computed.
+    report_tokens: BTreeMap<u32, (f64, Duration)>,
+    /// Ports whose running over the rate was logged.
+    rate_limit_logged: BTreeSet<u32>,
     /// Ports whose missing link-local address was logged.
     unaddressed_logged: BTreeSet<u32>,
     /// Ignored router signals already logged, per port and kind.
@@ -95,6 +101,9 @@ impl Control {
             router_signals_logged: BTreeSet::new(),
             unaddressed_logged: BTreeSet::new(),
             not_taken: std::collections::VecDeque::new(),
+            report_rate: crate::options::defaults::REPORT_RATE_PER_PORT,
+            report_tokens: BTreeMap::new(),
+            rate_limit_logged: BTreeSet::new(),
             refusals_logged: BTreeMap::new(),
         }
     }
@@ -147,6 +156,8 @@ impl Control {
         self.clients.remove_port(ifindex);
         self.loop_guard.forget_port(ifindex);
         self.router_signals_logged.retain(|(port, _)| *port != ifindex);
+        self.report_tokens.remove(&ifindex);
+        self.rate_limit_logged.remove(&ifindex);
         self.dirty = true;
         Some(name)
     }
@@ -311,6 +322,10 @@ impl Control {
             self.counters.ignored_loop += 1;
             return;
         }
+        if !self.report_budget(now, ifindex) {
+            self.counters.rate_limited += 1;
+            return;
+        }
         match packet::parse(frame) {
             Ok(msg) => {
                 tracing::trace!(port = ifindex, ?msg, "control message");
@@ -369,10 +384,12 @@ impl Control {
         }
     }
 
-    /// New limits for learned state (existing state stays).
-    pub fn set_limits(&mut self, limits: Limits, max_clients_per_port: usize) {
+    /// New limits for learned state (existing state stays) and the per-port rate of control
+    /// frames.
+    pub fn set_limits(&mut self, limits: Limits, max_clients_per_port: usize, report_rate: u32) {
         self.engine.set_limits(limits);
         self.clients.set_max_per_port(max_clients_per_port);
+        self.report_rate = report_rate.max(1);
     }
 
     /// Counts memberships the engine refused, keeps the latest for `mcrelay groups`, and logs
@@ -422,6 +439,29 @@ impl Control {
             }
             self.dirty = true;
         }
+    }
+
+    /// Whether a control frame from `port` fits the port's budget (a token bucket of
+    /// `report_rate` frames per second, one second's worth deep); logs when a port first runs
+    /// over it.
+    fn report_budget(&mut self, now: Duration, port: u32) -> bool {
+        let rate = self.report_rate as f64;
+        let (tokens, last) = self.report_tokens.entry(port).or_insert((rate, now));
+        *tokens = (*tokens + now.saturating_sub(*last).as_secs_f64() * rate).min(rate);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return true;
+        }
+        if self.rate_limit_logged.insert(port) {
+            tracing::warn!(
+                port = self.name(port),
+                rate = self.report_rate,
+                "control frames over the port's rate: the excess is ignored (counted as \
+                 control.rate_limited; [limits] report_rate_per_port)"
+            );
+        }
+        false
     }
 
     /// Monotonic time for rate-limited logs.

@@ -62,7 +62,8 @@ impl Daemon {
         tracing::info!(relay_mac = %state::mac_string(&dp.relay_mac()), "loop guard: relayed frames carry this source MAC");
         let engine = Engine::new(plan.settings.membership.clone());
         let mut control = Control::new(engine, table, socket, guard);
-        control.set_limits(plan.settings.limits, plan.settings.max_clients_per_port);
+        let s = &plan.settings;
+        control.set_limits(s.limits, s.max_clients_per_port, s.report_rate_per_port);
         let mut daemon = Self {
             handle,
             dp,

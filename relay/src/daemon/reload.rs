@@ -24,8 +24,11 @@ impl Daemon {
         if new.metrics_listen != old.metrics_listen {
             changes.push("metrics_listen changes take effect after a restart".to_string());
         }
-        if new.limits != old.limits || new.max_clients_per_port != old.max_clients_per_port {
-            self.control.set_limits(new.limits, new.max_clients_per_port);
+        if new.limits != old.limits
+            || new.max_clients_per_port != old.max_clients_per_port
+            || new.report_rate_per_port != old.report_rate_per_port
+        {
+            self.control.set_limits(new.limits, new.max_clients_per_port, new.report_rate_per_port);
             changes.push("limits".to_string());
         }
         if new.unknown != old.unknown {
