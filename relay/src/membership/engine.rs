@@ -666,6 +666,11 @@ pub struct Engine {
     actions: Vec<Action>,
     router_events: Vec<RouterEvent>,
     limits: Limits,
+    /// The earliest timer of each group, and the same ordered by time: timer work is
+    /// proportional to what expires, not to the whole state (kept in step by
+    /// [`Engine::reindex`], which every change of a group's entries ends with).
+    deadline_of: BTreeMap<IpAddr, Duration>,
+    deadlines: BTreeSet<(Duration, IpAddr)>,
     /// Groups each port has an entry for (kept in step with `groups`).
     port_groups: BTreeMap<u32, usize>,
     refused: Vec<Refused>,
@@ -680,6 +685,8 @@ impl Engine {
             actions: Vec::new(),
             router_events: Vec::new(),
             limits: Limits::default(),
+            deadline_of: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
             port_groups: BTreeMap::new(),
             refused: Vec::new(),
         }
@@ -830,12 +837,8 @@ impl Engine {
                 self.tick_port(now, port, family);
             }
         }
-        let due: Vec<IpAddr> = self
-            .groups
-            .iter()
-            .filter(|(_, m)| m.values().any(|e| e.deadline().is_some_and(|d| d <= now)))
-            .map(|(g, _)| *g)
-            .collect();
+        let due: Vec<IpAddr> =
+            self.deadlines.iter().take_while(|(at, _)| *at <= now).map(|(_, g)| *g).collect();
         for group in due {
             let before = self.forwarding(&group);
             let Engine { cfg, ports, groups, actions, port_groups, .. } = self;
@@ -879,7 +882,12 @@ impl Engine {
             let q6 = if p.sends_queries(Family::V6) { p.q6.next_query } else { None };
             [q4, q6, p.q4.other_until, p.q6.other_until, p.router4, p.router6].into_iter().flatten()
         });
-        let entries = self.groups.values().flat_map(|m| m.values().filter_map(Entry::deadline));
+        let entries = self.deadlines.first().map(|(at, _)| *at);
+        debug_assert_eq!(
+            entries,
+            self.groups.values().flat_map(|m| m.values().filter_map(Entry::deadline)).min(),
+            "the deadline index is out of step with the entries"
+        );
         ports.chain(entries).min()
     }
 
@@ -950,7 +958,28 @@ impl Engine {
 
     // -----------------------------------------------------------------------------------------
 
+    /// Files `group` under its earliest timer (or nowhere, when it has none or is gone).
+    fn reindex(&mut self, group: IpAddr) {
+        let next =
+            self.groups.get(&group).and_then(|m| m.values().filter_map(Entry::deadline).min());
+        let old = match next {
+            Some(at) => self.deadline_of.insert(group, at),
+            None => self.deadline_of.remove(&group),
+        };
+        if old != next {
+            if let Some(at) = old {
+                self.deadlines.remove(&(at, group));
+            }
+            if let Some(at) = next {
+                self.deadlines.insert((at, group));
+            }
+        }
+    }
+
+    /// Ends every change of a group's entries: re-files its timers and announces a changed
+    /// port set.
     fn announce_if_changed(&mut self, group: IpAddr, before: &Forwarding) {
+        self.reindex(group);
         if self.forwarding(&group) != *before {
             let action = Action::GroupChanged(group);
             if !self.actions.contains(&action) {
@@ -1094,6 +1123,7 @@ impl Engine {
                 }
             }
         }
+        self.reindex(group);
     }
 
     fn process(
