@@ -115,7 +115,13 @@ impl Daemon {
         for (group, names) in &self.plan.statics {
             tracing::info!(group = %group, ports = ?names, "static group");
         }
-        self.control.process_actions(&mut self.dp)?;
+        // A map that is full (a take-over of a crowded dataplane) degrades the groups that do
+        // not fit, counted and retried; it must not fail the start and make systemd restart
+        // the daemon into the same wall.
+        if let Err(e) = self.control.process_actions(&mut self.dp) {
+            self.control.count_map_error();
+            tracing::error!("writing the maps at start-up (retried on the next change): {e:#}");
+        }
         Ok(())
     }
 
