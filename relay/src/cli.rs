@@ -195,6 +195,13 @@ pub struct MembershipArgs {
     #[arg(long = "router-port", value_name = "IFACE")]
     pub router_ports: Vec<String>,
 
+    /// Upstream port of an RFC 4605 IGMP/MLD proxy (repeatable): mcrelay reports there, from
+    /// the port's address, the union of what hosts on the other ports joined, answers the
+    /// upstream router's queries, never queries there itself, and sends it the data of
+    /// downstream sources.
+    #[arg(long = "upstream", value_name = "IFACE")]
+    pub upstream: Vec<String>,
+
     /// Port whose hosts must not become router ports by sending a query, PIM hello or router
     /// advertisement (which pulls all unknown multicast to them): VPN client ports
     /// (repeatable; names or globs).

@@ -50,6 +50,8 @@ pub struct Settings {
     pub fast_leave: Vec<String>,
     /// Names/globs of configured router ports.
     pub router_ports: Vec<String>,
+    /// Names/globs of RFC 4605 upstream ports.
+    pub upstream: Vec<String>,
     /// Names/globs of ports that never become router ports by what they hear.
     pub no_learn_routers: Vec<String>,
     /// The XDP mode of ports without one of their own.
@@ -182,6 +184,8 @@ impl Settings {
         extend_unique(&mut fast_leave, m.fast_leave.iter().cloned());
         let mut router_ports = from_ports(|p| p.role == PortRole::Router);
         extend_unique(&mut router_ports, m.router_ports.iter().cloned());
+        let mut upstream = from_ports(|p| p.role == PortRole::Upstream);
+        extend_unique(&mut upstream, m.upstream.iter().cloned());
         let mut no_learn_routers = from_ports(|p| !p.learn_routers);
         extend_unique(&mut no_learn_routers, m.no_learn_routers.iter().cloned());
         let mut per_client = from_ports(|p| p.per_client);
@@ -252,6 +256,7 @@ impl Settings {
             fast_leave,
             router_ports,
             no_learn_routers,
+            upstream,
             xdp_mode: cli.xdp_mode.unwrap_or(f.xdp_mode),
             port_xdp_modes,
             unknown: cli.unknown.unwrap_or(f.policy.unknown),
@@ -286,14 +291,16 @@ impl Settings {
     }
 
     /// Membership options of the port named `name` (its addresses are filled in by the
-    /// caller).
+    /// caller). An upstream port never queries and is a router port (downstream sources go
+    /// there).
     pub fn port_options(&self, name: &str) -> PortOptions {
+        let upstream = self.is_upstream(name);
         PortOptions {
             fast_leave: ports::matches_any(&self.fast_leave, name),
-            querier: self.querier,
+            querier: self.querier && !upstream,
             igmp_version: self.igmp_version,
             mld_version: self.mld_version,
-            router_port: ports::matches_any(&self.router_ports, name),
+            router_port: upstream || ports::matches_any(&self.router_ports, name),
             learn_routers: !ports::matches_any(&self.no_learn_routers, name),
             ..PortOptions::default()
         }
@@ -305,6 +312,11 @@ impl Settings {
             .iter()
             .find(|(pattern, _)| ports::matches_any(std::slice::from_ref(pattern), name))
             .map(|(_, pps)| *pps)
+    }
+
+    /// Whether the port named `name` is an RFC 4605 upstream port.
+    pub fn is_upstream(&self, name: &str) -> bool {
+        ports::matches_any(&self.upstream, name)
     }
 
     /// Whether the port named `name` has per-client delivery.

@@ -47,6 +47,9 @@ pub struct ControlCounters {
     /// Control frames the kernel dropped because the daemon's receive queue was full (a flood).
     #[serde(default)]
     pub capture_drops: u64,
+    /// Reports sent upstream (RFC 4605 proxy).
+    #[serde(default)]
+    pub reports_sent: u64,
     /// Memberships not taken, by reason: a limit (`max_groups`, `max_groups_per_port`,
     /// `max_sources_per_group`) or an any-source join to an SSM group (`ssm_any_source`).
     #[serde(default)]

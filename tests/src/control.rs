@@ -170,6 +170,20 @@ impl IgmpCapture {
     /// [`IGMP_V2_REPORT`], [`IGMP_V3_REPORT`]); true when one arrived. Frames of other types
     /// read meanwhile are consumed.
     pub fn wait_for(&self, igmp_type: u8, timeout: Duration) -> bool {
+        self.wait_for_packet(timeout, |ip, igmp| {
+            let _ = ip;
+            igmp.first() == Some(&igmp_type)
+        })
+        .is_some()
+    }
+
+    /// Waits up to `timeout` for an incoming IGMP packet for which `pred(ip_header, igmp)`
+    /// holds, and returns the whole IP packet. Packets read meanwhile are consumed.
+    pub fn wait_for_packet(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[u8], &[u8]) -> bool,
+    ) -> Option<Vec<u8>> {
         let deadline = Instant::now() + timeout;
         let mut buf = [0u8; 2048];
         while Instant::now() < deadline {
@@ -197,11 +211,11 @@ impl IgmpCapture {
                 continue;
             }
             let ihl = usize::from(p[0] & 0x0f) * 4;
-            if p.get(ihl) == Some(&igmp_type) {
-                return true;
+            if p.len() > ihl && pred(&p[..ihl], &p[ihl..]) {
+                return Some(p.to_vec());
             }
         }
-        false
+        None
     }
 }
 

@@ -147,6 +147,9 @@ pub enum PortRole {
     Member,
     /// A multicast router (RFC 4541: gets all multicast).
     Router,
+    /// The upstream of an RFC 4605 proxy: mcrelay reports the downstream memberships there as
+    /// a host would, answers its queries, and sends it the downstream sources (`--upstream`).
+    Upstream,
 }
 
 /// One `[[static]]` entry: a group relayed to `ports` whether or not anyone joined it.

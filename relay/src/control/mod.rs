@@ -4,6 +4,7 @@
 //! [`Control`] owns everything learned at run time; the daemon drives it through methods (a
 //! port appeared or vanished, a frame arrived, a timer fired) and never reaches into its state.
 
+mod proxy;
 mod snapshot;
 
 use std::{
@@ -36,6 +37,8 @@ pub struct PortSpec {
     pub mac: Option<[u8; 6]>,
     /// Per-client delivery (a shared TAP of an OpenVPN server).
     pub per_client: bool,
+    /// Upstream of an RFC 4605 proxy: mcrelay is a host there.
+    pub upstream: bool,
 }
 
 /// Everything the control loop works on.
@@ -62,6 +65,9 @@ pub struct Control {
     report_tokens: BTreeMap<u32, (f64, Duration)>,
     /// Ports whose running over the rate was logged.
     rate_limit_logged: BTreeSet<u32>,
+    /// RFC 4605 upstream ports, and per (port, IPv6?) whether the querier there speaks an
+    /// older version (IGMPv1/v2, MLDv1): reports go in that version.
+    upstream: BTreeMap<u32, BTreeSet<bool>>,
     /// Ports whose missing link-local address was logged.
     unaddressed_logged: BTreeSet<u32>,
     /// Ignored router signals already logged, per port and kind.
@@ -101,6 +107,7 @@ impl Control {
             router_signals_logged: BTreeSet::new(),
             unaddressed_logged: BTreeSet::new(),
             not_taken: std::collections::VecDeque::new(),
+            upstream: BTreeMap::new(),
             report_rate: crate::options::defaults::REPORT_RATE_PER_PORT,
             report_tokens: BTreeMap::new(),
             rate_limit_logged: BTreeSet::new(),
@@ -113,6 +120,10 @@ impl Control {
     pub fn add_port(&mut self, now: Duration, port: PortSpec, opts: PortOptions) {
         if let Some(mac) = port.mac {
             self.macs.insert(port.ifindex, mac);
+        }
+        if port.upstream {
+            tracing::info!(iface = %port.name, "upstream (RFC 4605 proxy): reporting the downstream memberships here");
+            self.upstream.insert(port.ifindex, BTreeSet::new());
         }
         if port.per_client {
             tracing::info!(iface = %port.name, "per-client delivery: one copy per joined client, to its unicast MAC");
@@ -157,6 +168,7 @@ impl Control {
         self.loop_guard.forget_port(ifindex);
         self.router_signals_logged.retain(|(port, _)| *port != ifindex);
         self.report_tokens.remove(&ifindex);
+        self.upstream.remove(&ifindex);
         self.rate_limit_logged.remove(&ifindex);
         self.dirty = true;
         Some(name)
@@ -327,6 +339,13 @@ impl Control {
             return;
         }
         match packet::parse(frame) {
+            Ok(msg) if self.upstream.contains_key(&ifindex) => {
+                // Upstream, mcrelay is a host: it answers queries and learns no memberships.
+                // Its queries are not relayed: downstream, mcrelay is the querier.
+                if let MessageKind::Query(q) = &msg.kind {
+                    self.on_upstream_query(ifindex, msg.source, q);
+                }
+            }
             Ok(msg) => {
                 tracing::trace!(port = ifindex, ?msg, "control message");
                 let expiry = now + self.engine.config().gmi();
@@ -503,9 +522,14 @@ impl Control {
             MessageKind::V1Report { .. }
             | MessageKind::V2Report { .. }
             | MessageKind::Leave { .. }
-            | MessageKind::V3Report { .. } => {
-                self.table.routers().iter().copied().filter(|p| *p != ingress).collect()
-            }
+            | MessageKind::V3Report { .. } => self
+                .table
+                .routers()
+                .iter()
+                .copied()
+                // Upstream ports get mcrelay's own reports, not the hosts' (RFC 4605).
+                .filter(|p| *p != ingress && !self.upstream.contains_key(p))
+                .collect(),
             MessageKind::Query(_) if !msg.source.is_unspecified() => {
                 self.names.keys().copied().filter(|p| *p != ingress).collect()
             }
@@ -561,6 +585,9 @@ impl Control {
             let engine = &self.engine;
             self.table.set_routers(dp, |g| engine.forwarding(g), routers)?;
             self.dirty = true;
+        }
+        if !self.upstream.is_empty() {
+            self.report_upstream(&changed);
         }
         let groups: Vec<_> = changed
             .into_iter()

@@ -195,6 +195,7 @@ impl Daemon {
             name: port.name.clone(),
             mac: port.mac,
             per_client: self.plan.settings.is_per_client(&port.name),
+            upstream: self.plan.settings.is_upstream(&port.name),
         };
         self.control.add_port(self.start.elapsed(), spec, opts);
         Ok(())

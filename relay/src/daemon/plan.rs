@@ -42,6 +42,7 @@ impl Plan {
             ("fast-leave", &settings.fast_leave),
             ("router-port", &settings.router_ports),
             ("no-learn-routers", &settings.no_learn_routers),
+            ("upstream", &settings.upstream),
         ] {
             if let Some(name) = names.iter().find(|n| !known(n)) {
                 return Err(UsageError::new(format!(

@@ -945,6 +945,11 @@ impl Engine {
         self.ports.iter().filter(|(_, p)| p.is_router(family)).map(|(i, _)| *i).collect()
     }
 
+    /// The address `port` sends from for `family` (unspecified when it has none).
+    pub fn port_address(&self, port: u32, family: Family) -> Option<IpAddr> {
+        self.ports.get(&port).map(|p| p.opts.addr(family))
+    }
+
     /// The current querier of `port` for `family`, if any is known.
     pub fn querier(&self, port: u32, family: Family) -> Option<QuerierStatus> {
         let p = self.ports.get(&port)?;
