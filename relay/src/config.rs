@@ -29,8 +29,8 @@ use toml::{
 use self::span::{line_col, Issue, Locator};
 pub use self::{
     file::{
-        ConfigFile, LoopGuardConfig, PolicyConfig, PortConfig, PortRole, QuerierConfig,
-        StaticConfig, TimersConfig, UnknownGroups, XdpMode,
+        ConfigFile, LimitsConfig, LoopGuardConfig, PolicyConfig, PortConfig, PortRole,
+        QuerierConfig, StaticConfig, TimersConfig, UnknownGroups, XdpMode,
     },
     policy::{contains, parse_prefix, parse_rate_limit, GroupPolicy, GroupRate},
     span::LineCol,

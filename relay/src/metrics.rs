@@ -436,39 +436,8 @@ fn render_ports(registry: &mut Registry, ports: &[PortRow]) {
     );
 }
 
-fn render_state(registry: &mut Registry, state: &DaemonState, age_ms: u64) {
-    let groups = Family::<Labels, Gauge>::default();
-    for kind in ["static", "learned"] {
-        groups.get_or_create(&labels([("kind", kind)])).set(0);
-    }
-    let group_ports = Family::<Labels, Gauge>::default();
-    let group_sources = Family::<Labels, Gauge>::default();
-    let group_members = Family::<Labels, Gauge>::default();
-    for g in &state.groups {
-        groups.get_or_create(&labels([("kind", &g.kind)])).inc();
-        let key = labels([("group", &g.group), ("kind", &g.kind)]);
-        group_ports.get_or_create(&key).set(count(g.ports.len()));
-        group_sources.get_or_create(&key).set(count(g.sources.len()));
-        group_members.get_or_create(&key).set(count(g.members.len()));
-    }
-    registry.register("groups", "Groups with a port set, by kind", groups);
-    registry.register(
-        "group_ports",
-        "Ports in the group's any-source (*,G) entry (static, learned and router ports)",
-        group_ports,
-    );
-    registry.register(
-        "group_source_entries",
-        "Source-specific (S,G) entries of the group",
-        group_sources,
-    );
-    registry.register(
-        "group_members",
-        "Ports with learned (IGMP/MLD) membership in the group",
-        group_members,
-    );
-
-    let c = &state.control;
+/// The control plane's counters.
+fn render_control(registry: &mut Registry, c: &crate::state::ControlCounters) {
     counter(
         registry,
         "group_updates",
@@ -542,10 +511,47 @@ fn render_state(registry: &mut Registry, state: &DaemonState, age_ms: u64) {
         "Control frames that could not be sent",
         c.send_errors,
     );
+}
+
+fn render_state(registry: &mut Registry, state: &DaemonState, age_ms: u64) {
+    let groups = Family::<Labels, Gauge>::default();
+    for kind in ["static", "learned"] {
+        groups.get_or_create(&labels([("kind", kind)])).set(0);
+    }
+    let group_ports = Family::<Labels, Gauge>::default();
+    let group_sources = Family::<Labels, Gauge>::default();
+    let group_members = Family::<Labels, Gauge>::default();
+    for g in &state.groups {
+        groups.get_or_create(&labels([("kind", &g.kind)])).inc();
+        let key = labels([("group", &g.group), ("kind", &g.kind)]);
+        group_ports.get_or_create(&key).set(count(g.ports.len()));
+        group_sources.get_or_create(&key).set(count(g.sources.len()));
+        group_members.get_or_create(&key).set(count(g.members.len()));
+    }
+    registry.register("groups", "Groups with a port set, by kind", groups);
+    registry.register(
+        "group_ports",
+        "Ports in the group's any-source (*,G) entry (static, learned and router ports)",
+        group_ports,
+    );
+    registry.register(
+        "group_source_entries",
+        "Source-specific (S,G) entries of the group",
+        group_sources,
+    );
+    registry.register(
+        "group_members",
+        "Ports with learned (IGMP/MLD) membership in the group",
+        group_members,
+    );
+
+    render_control(registry, &state.control);
     let latency = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    for (stat, us) in
-        [("last", c.last_update_us), ("max", c.max_update_us), ("last_done", c.last_update_done_us)]
-    {
+    for (stat, us) in [
+        ("last", state.control.last_update_us),
+        ("max", state.control.max_update_us),
+        ("last_done", state.control.last_update_done_us),
+    ] {
         latency.get_or_create(&labels([("stat", stat)])).set(us as f64 / 1e6);
     }
     registry.register_with_unit(

@@ -104,6 +104,38 @@ where
     rule(value).map_err(|e| UsageError::new(format!("--{flag} {e}")))
 }
 
+/// The state limits: each flag over the file's `[limits]`.
+fn limits(cli: &RunArgs, l: &config::LimitsConfig) -> Result<membership::Limits, UsageError> {
+    let limit = |flag: &str, given: Option<usize>, file: usize| {
+        checked(flag, given.unwrap_or(file), rules::limit)
+    };
+    Ok(membership::Limits {
+        max_groups: limit("max-groups", cli.max_groups, l.max_groups)?,
+        max_groups_per_port: limit(
+            "max-groups-per-port",
+            cli.max_groups_per_port,
+            l.max_groups_per_port,
+        )?,
+        max_sources_per_group: limit(
+            "max-sources-per-group",
+            cli.max_sources_per_group,
+            l.max_sources_per_group,
+        )?,
+    })
+}
+
+/// The per-group rate limits: the file's `[[rate_limit]]` entries, then `--rate-limit`.
+fn group_rates(cli: &RunArgs, f: &ConfigFile) -> Result<Vec<config::GroupRate>, UsageError> {
+    let mut rates = Vec::new();
+    for limit in &f.rate_limits {
+        // The file validator checked the prefix already.
+        let prefix = config::parse_prefix(&limit.group).map_err(UsageError::new)?;
+        rates.push(config::GroupRate { prefix, pps: limit.pps });
+    }
+    rates.extend(cli.rate_limits.iter().copied());
+    Ok(rates)
+}
+
 /// The IGMP/MLD timers: each flag over the file's `[timers]`, checked together.
 fn membership_timers(
     m: &crate::cli::MembershipArgs,
@@ -212,31 +244,8 @@ impl Settings {
             checked("mld-version", m.mld_version.unwrap_or(q.mld_version), rules::mld_version)?;
         let (hello_interval, hello_holdtime) = loop_guard_timers(cli, &f.loop_guard)?;
 
-        let l = &f.limits;
-        let limits = membership::Limits {
-            max_groups: checked(
-                "max-groups",
-                cli.max_groups.unwrap_or(l.max_groups),
-                rules::limit,
-            )?,
-            max_groups_per_port: checked(
-                "max-groups-per-port",
-                cli.max_groups_per_port.unwrap_or(l.max_groups_per_port),
-                rules::limit,
-            )?,
-            max_sources_per_group: checked(
-                "max-sources-per-group",
-                cli.max_sources_per_group.unwrap_or(l.max_sources_per_group),
-                rules::limit,
-            )?,
-        };
-        let mut group_rates = Vec::new();
-        for limit in &f.rate_limits {
-            // The file validator checked the prefix already.
-            let prefix = config::parse_prefix(&limit.group).map_err(UsageError::new)?;
-            group_rates.push(config::GroupRate { prefix, pps: limit.pps });
-        }
-        group_rates.extend(cli.rate_limits.iter().copied());
+        let limits = limits(cli, &f.limits)?;
+        let group_rates = group_rates(cli, f)?;
         let port_rates =
             f.ports.iter().filter_map(|p| Some((p.name.clone(), p.rate_limit_pps?))).collect();
 
@@ -266,8 +275,8 @@ impl Settings {
             igmp_version,
             mld_version,
             limits,
-            max_clients_per_port: l.max_clients_per_port,
-            report_rate_per_port: l.report_rate_per_port,
+            max_clients_per_port: f.limits.max_clients_per_port,
+            report_rate_per_port: f.limits.report_rate_per_port,
             group_rates,
             port_rates,
             hello_interval,
