@@ -71,6 +71,11 @@ fn a_proxy_reports_downstream_members_upstream_as_a_host() {
         from(ip, UPSTREAM_ADDRESS) && matches!(v3_record_for(igmp, group), Some(2 | 4))
     });
     assert!(report.is_some(), "no report for {group} from {UPSTREAM_ADDRESS} upstream");
+    // ... and repeated (robustness 2: once more, a second later), as a host repeats it.
+    let repeat = at_up.wait_for_packet(TIMEOUT, |ip, igmp| {
+        from(ip, UPSTREAM_ADDRESS) && matches!(v3_record_for(igmp, group), Some(2 | 4))
+    });
+    assert!(repeat.is_some(), "the state change for {group} was not repeated");
     // The host's own report is not relayed there.
     let relayed = at_up.wait_for_packet(Duration::from_secs(1), |ip, _| from(ip, down.v4));
     assert!(relayed.is_none(), "the downstream host's report was relayed upstream");

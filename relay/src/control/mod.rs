@@ -68,6 +68,9 @@ pub struct Control {
     /// RFC 4605 upstream ports, and per (port, IPv6?) whether the querier there speaks an
     /// older version (IGMPv1/v2, MLDv1): reports go in that version.
     upstream: BTreeMap<u32, BTreeSet<bool>>,
+    /// Reports due upstream later: answers to queries (within their maximum response time)
+    /// and the repeats of state changes.
+    proxy_due: Vec<proxy::Due>,
     /// Ports whose missing link-local address was logged.
     unaddressed_logged: BTreeSet<u32>,
     /// Ignored router signals already logged, per port and kind.
@@ -108,6 +111,7 @@ impl Control {
             unaddressed_logged: BTreeSet::new(),
             not_taken: std::collections::VecDeque::new(),
             upstream: BTreeMap::new(),
+            proxy_due: Vec::new(),
             report_rate: crate::options::defaults::REPORT_RATE_PER_PORT,
             report_tokens: BTreeMap::new(),
             rate_limit_logged: BTreeSet::new(),
@@ -587,7 +591,8 @@ impl Control {
             self.dirty = true;
         }
         if !self.upstream.is_empty() {
-            self.report_upstream(&changed);
+            let now = self.clock();
+            self.report_upstream(now, &changed);
         }
         let groups: Vec<_> = changed
             .into_iter()

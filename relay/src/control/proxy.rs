@@ -12,6 +12,30 @@ use crate::membership::{
     QueryVersion, RecordType,
 };
 
+/// Reports for `groups` due on an upstream `port` at `at` (the control plane's clock).
+#[derive(Debug, Clone)]
+pub(super) struct Due {
+    at: Duration,
+    port: u32,
+    groups: Vec<IpAddr>,
+    /// State-change records (a repeat of a change) or current state (an answer).
+    change: bool,
+}
+
+/// Time between the repeats of a state-change report (RFC 3376 8.11, Unsolicited Report
+/// Interval).
+const UNSOLICITED_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A pseudo-random duration in `[0, max]` (answers to queries are spread over the maximum
+/// response time, as hosts do, RFC 3376 5.2).
+fn random_delay(max: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let max_ms = max.as_millis().max(1) as u64;
+    Duration::from_millis(u64::from(nanos.wrapping_mul(2_654_435_761)) % (max_ms + 1))
+}
+
 /// Group records per IGMPv3 / MLDv2 report (each record with a few sources stays far below
 /// the MTU; the builder refuses anything larger).
 const RECORDS_PER_REPORT: usize = 32;
@@ -43,21 +67,44 @@ impl Control {
         f
     }
 
-    /// Tells every upstream port that the membership of `groups` changed.
-    pub(super) fn report_upstream(&mut self, groups: &BTreeSet<IpAddr>) {
+    /// Tells every upstream port that the membership of `groups` changed: at once, and again
+    /// [robustness] - 1 times, a second apart (RFC 3376 5.1).
+    pub(super) fn report_upstream(&mut self, now: Duration, groups: &BTreeSet<IpAddr>) {
         let groups: Vec<IpAddr> = groups.iter().copied().filter(is_tracked).collect();
         if groups.is_empty() {
             return;
         }
+        let repeats = self.engine.config().robustness.saturating_sub(1);
         let ports: Vec<u32> = self.upstream.keys().copied().collect();
         for port in ports {
             self.send_reports(port, &groups, true);
+            for n in 1..=repeats {
+                let at = now + UNSOLICITED_INTERVAL * n;
+                self.proxy_due.push(Due { at, port, groups: groups.clone(), change: true });
+            }
+        }
+    }
+
+    /// Sends the upstream reports that are due.
+    pub fn run_proxy_timers(&mut self) {
+        if self.proxy_due.is_empty() {
+            return;
+        }
+        let now = self.clock();
+        let (due, later): (Vec<Due>, Vec<Due>) =
+            std::mem::take(&mut self.proxy_due).into_iter().partition(|d| d.at <= now);
+        self.proxy_due = later;
+        for d in due {
+            if self.upstream.contains_key(&d.port) {
+                self.send_reports(d.port, &d.groups, d.change);
+            }
         }
     }
 
     /// An upstream router's query: answer with the current state of the groups it asks
     /// about (all of them for a general query), and note an older querier version.
     pub(super) fn on_upstream_query(&mut self, port: u32, from: IpAddr, query: &Query) {
+        let now = self.clock();
         let family = query.version.family();
         let older = matches!(
             query.version,
@@ -80,8 +127,9 @@ impl Control {
                 .filter(|g| Family::of(g) == family)
                 .collect(),
         };
-        tracing::debug!(port = self.name(port), querier = %from, groups = groups.len(), "answering an upstream query");
-        self.send_reports(port, &groups, false);
+        let at = now + random_delay(query.max_resp);
+        tracing::debug!(port = self.name(port), querier = %from, groups = groups.len(), in_ms = (at - now).as_millis() as u64, "answering an upstream query");
+        self.proxy_due.push(Due { at, port, groups, change: false });
     }
 
     /// Reports `groups` on the upstream `port`, one family at a time.

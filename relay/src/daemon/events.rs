@@ -266,6 +266,7 @@ impl Daemon {
     fn on_flush(&mut self, lp: &mut Loop) {
         lp.flushes += 1;
         self.control.poll_capture_drops();
+        self.control.run_proxy_timers();
         if !(self.control.take_dirty() || lp.flushes.is_multiple_of(4)) {
             return;
         }
