@@ -137,19 +137,7 @@ pub fn measure(bed: &ScaleBed, p: &CostParams<'_>) -> anyhow::Result<CostResult>
 
     let prog_id = xdp_prog_id(ns, "p0")?;
     let prog = prog_stats(prog_id);
-    let pin = Path::new("/sys/fs/bpf").join(format!("mcrbench-{}-prog", std::process::id()));
-    let _ = fs::remove_file(&pin);
-    let status = Command::new("bpftool")
-        .args(["prog", "pin", "id", &prog_id.to_string()])
-        .arg(&pin)
-        .status()
-        .context("bpftool prog pin")?;
-    if !status.success() {
-        bail!("bpftool prog pin id {prog_id} failed ({status})");
-    }
-    let opened = Xdp::from_pin(&pin, aya_obj::programs::XdpAttachType::Interface);
-    let _ = fs::remove_file(&pin);
-    let mut program = opened.context("opening the daemon's program")?;
+    let mut program = super::direct::open_attached(ns, "p0")?;
 
     let mut empty = load_object(p.object)?;
     load_xdp(&mut empty, "bench_empty")?;
