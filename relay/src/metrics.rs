@@ -504,7 +504,12 @@ fn render_state(registry: &mut Registry, state: &DaemonState, age_ms: u64) {
         "Control frames the kernel dropped because the daemon's receive queue was full",
         c.capture_drops,
     );
-    counter(registry, "hellos_received", "Loop-guard hellos received from relays", c.hellos_received);
+    counter(
+        registry,
+        "hellos_received",
+        "Loop-guard hellos received from relays",
+        c.hellos_received,
+    );
     counter(
         registry,
         "map_write_errors",
