@@ -166,7 +166,8 @@ impl Daemon {
                 ifindex = port.index,
                 kind = port.kind.as_deref().unwrap_or("?"),
                 l3 = !port.ether,
-                "attached in TC mode (the device cannot take XDP redirects){}",
+                "attached in TC mode: the device cannot transmit XDP redirects (no \
+                 ndo_xdp_xmit), so the TC program copies to it{}",
                 if port.ether { "" } else { "; routed port: TTL decremented on the way through" }
             ),
             None => {
