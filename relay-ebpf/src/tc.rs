@@ -32,8 +32,8 @@ use crate::{count, is_loop_source, is_standby, police, CONFIG, GROUP_TC_PORTS, T
 /// Headers the classifier reads are made linear up to this many bytes.
 const PULL_LEN: usize = 128;
 
-const OK: i32 = TC_ACT_OK as i32;
-const SHOT: i32 = TC_ACT_SHOT as i32;
+const OK: i32 = TC_ACT_OK;
+const SHOT: i32 = TC_ACT_SHOT;
 
 #[classifier]
 pub fn mcrelay_tc(ctx: TcContext) -> i32 {
@@ -135,7 +135,7 @@ fn lookup(config: &Config, key: &GroupKey) -> Option<&'static TcPorts> {
     }
     let any = GroupKey { group: key.group, source: [0; 16] };
     // SAFETY: as above.
-    unsafe { GROUP_TC_PORTS.get(&any) }
+    unsafe { GROUP_TC_PORTS.get(any) }
 }
 
 /// Copies the packet to every port of `ports` but `ingress`. The original is consumed (like
