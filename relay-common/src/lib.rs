@@ -211,9 +211,8 @@ impl Default for TcPorts {
     }
 }
 
-/// Value bit of `TC_PORTS` (key: ifindex): the port has the TC program only (no XDP), which
-/// classifies, polices, counts and copies everything arriving there. Without it (an XDP port)
-/// the TC program only copies the data the XDP program handed over.
+/// Value bit of `TC_PORTS` (key: ifindex): the port is in TC mode (the TC program alone, which
+/// classifies, polices, counts and copies everything arriving there). XDP ports have no entry.
 pub const TC_PORT_ATTACHED: u32 = 1;
 /// Value bit of `TC_PORTS`: the port is an L3 device (packets start with the IP header).
 pub const TC_PORT_L3: u32 = 2;

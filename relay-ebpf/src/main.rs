@@ -116,9 +116,8 @@ pub(crate) static RATE_GROUPS: LruHashMap<PrefixData, u64, { MAX_RATE_GROUPS as 
 pub(crate) static GROUP_TC_PORTS: HashMap<GroupKey, TcPorts, { MAX_GROUPS as usize }> =
     HashMap::new();
 
-/// Ports the TC program is attached to. Key: ifindex. Value: `TC_PORT_*` bits (absent: an XDP
-/// port, whose TC program only copies what the XDP program handed over). Written by the
-/// daemon when it attaches a port.
+/// Ports in TC mode (`mcrelay_tc`). Key: ifindex. Value: `TC_PORT_*` bits (`TC_PORT_L3`: the
+/// packets start with the IP header). Written by the daemon when it attaches a port.
 #[btf_map]
 pub(crate) static TC_PORTS: HashMap<u32, u32, { MAX_PORTS as usize }> = HashMap::new();
 

@@ -2,12 +2,14 @@
 //! counters as the XDP program, copies made with `bpf_clone_redirect` to each port of the
 //! group's `GROUP_TC_PORTS` array.
 //!
-//! It runs in two roles, told apart by `TC_PORTS` (docs/architecture.md, "The TC path"):
-//! - on a port attached in TC mode (L3 devices, devices without `ndo_xdp_xmit`) it does
-//!   everything the XDP program does: classify (an L3 device's packets start with the IP
-//!   header), loop guard (Ethernet ports), standby, policy, rate limits, counters, copies;
-//! - on an XDP port it only copies the data the XDP program handed over (`XDP_PASS`) because
-//!   the group has a member XDP cannot reach; everything else goes on untouched.
+//! Two entry points (docs/architecture.md, "The TC path"):
+//! - `mcrelay_tc`, on a port attached in TC mode (L3 devices, devices without
+//!   `ndo_xdp_xmit`), does everything the XDP program does: classify (an L3 device's packets
+//!   start with the IP header, `TC_PORTS` says which ports are L3), loop guard (Ethernet
+//!   ports), standby, policy, rate limits, counters, copies;
+//! - `mcrelay_tc_handover`, behind the XDP program of the other ports, only copies the data
+//!   the XDP program handed over (`XDP_PASS`) because the group has a member XDP cannot reach;
+//!   everything else goes on untouched (unicast after a one-byte test, no map lookup).
 //!
 //! Copies to L3 ports are routed: TTL / hop limit decremented (IPv4 checksum fixed), none at
 //! TTL <= 1 (`drop_ttl`). Packets from an L3 port are routed to every port, and get an Ethernet
@@ -22,8 +24,8 @@ use aya_ebpf::{
 use relay_common::{
     parse::{classify, classify_ip, group_mac, Class, Data, Frame as _, ETH_HLEN},
     Config, Counter, GroupKey, TcPorts, UnknownPolicy, CONFIG_F_POLICY, CONFIG_F_RATE_GROUPS,
-    CONFIG_F_RATE_PORTS, CONFIG_F_SOURCE_ENTRIES, MAX_TC_TARGETS, TC_PORT_ATTACHED, TC_PORT_L3,
-    TC_TARGET_ETHERNET, TC_TARGET_L3, TC_TARGET_NO_XDP,
+    CONFIG_F_RATE_PORTS, CONFIG_F_SOURCE_ENTRIES, MAX_TC_TARGETS, TC_PORT_L3, TC_TARGET_ETHERNET,
+    TC_TARGET_L3, TC_TARGET_NO_XDP,
 };
 use relay_ebpf::SkbFrame;
 
@@ -35,28 +37,17 @@ const PULL_LEN: usize = 128;
 const OK: i32 = TC_ACT_OK;
 const SHOT: i32 = TC_ACT_SHOT;
 
+/// The whole forwarding program, for a port in TC mode.
 #[classifier]
 pub fn mcrelay_tc(ctx: TcContext) -> i32 {
     // SAFETY: reading a field of the context the program was given.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: the value is copied at once.
     let port = unsafe { TC_PORTS.get(ingress) }.copied().unwrap_or(0);
-    let len = ctx.len() as usize;
-    let linear = ctx.data_end() - ctx.data();
-    if linear < len && linear < PULL_LEN {
-        let want = if len < PULL_LEN { len } else { PULL_LEN };
-        let _ = ctx.pull_data(want as u32);
-    }
-    let frame = SkbFrame { start: ctx.data(), end: ctx.data_end(), len };
+    let frame = frame(&ctx);
     let l3 = port & TC_PORT_L3 != 0;
     let class = if l3 { classify_ip(&frame) } else { classify(&frame) };
-    if port & TC_PORT_ATTACHED == 0 {
-        // Behind the XDP program: only what it handed over.
-        return match class {
-            Class::Data(data) => hand_over(&ctx, ingress, &data),
-            _ => OK,
-        };
-    }
+    let len = frame.len;
     let (counter, action) = match class {
         Class::NotMulticast => return OK,
         Class::Other => (Counter::PassedOther, OK),
@@ -67,6 +58,31 @@ pub fn mcrelay_tc(ctx: TcContext) -> i32 {
     };
     count(ingress, counter, len);
     action
+}
+
+/// Behind the XDP program of an Ethernet port: copies the data it handed over.
+#[classifier]
+pub fn mcrelay_tc_handover(ctx: TcContext) -> i32 {
+    let frame = frame(&ctx);
+    match classify(&frame) {
+        Class::Data(data) => {
+            // SAFETY: reading a field of the context the program was given.
+            hand_over(&ctx, unsafe { (*ctx.skb.skb).ifindex }, &data)
+        }
+        _ => OK,
+    }
+}
+
+/// The packet, its first [`PULL_LEN`] bytes made linear when they are not.
+#[inline(always)]
+fn frame(ctx: &TcContext) -> SkbFrame {
+    let len = ctx.len() as usize;
+    let linear = ctx.data_end() - ctx.data();
+    if linear < len && linear < PULL_LEN {
+        let want = if len < PULL_LEN { len } else { PULL_LEN };
+        let _ = ctx.pull_data(want as u32);
+    }
+    SkbFrame { start: ctx.data(), end: ctx.data_end(), len }
 }
 
 /// Data the XDP program of `ingress` passed because its group has a member only TC reaches

@@ -52,6 +52,13 @@ pub fn unpin_link(path: &Path) -> std::io::Result<()> {
 /// Where the TC links are pinned, next to the XDP links' directory.
 pub const TC_LINKS: &str = "tc-links";
 
+/// The two TC programs: the whole program for ports in TC mode, the hand-over copier behind
+/// XDP on the others.
+pub struct TcPrograms<'a> {
+    pub tc_mode: &'a mut SchedClassifier,
+    pub handover: &'a mut SchedClassifier,
+}
+
 /// A port the program is attached to.
 #[derive(Debug)]
 pub struct AttachedPort {
@@ -71,8 +78,8 @@ pub struct AttachedPort {
 enum PortLink {
     /// The loaded XDP program (no pins): dropping the dataplane detaches it.
     Owned(XdpLinkId),
-    /// The loaded TC program (no pins).
-    OwnedTc(SchedClassifierLinkId),
+    /// A loaded TC program (no pins): the hand-over program's when `behind_xdp`.
+    OwnedTc { id: SchedClassifierLinkId, behind_xdp: bool },
     /// A pin in bpffs: the link survives the daemon; removing the pin detaches it.
     Pinned(PathBuf),
 }
@@ -165,17 +172,17 @@ impl Ports {
     pub fn attach(
         &mut self,
         xdp: &mut Xdp,
-        tc: &mut SchedClassifier,
+        tc: TcPrograms<'_>,
         link: &Link,
         mode: XdpMode,
     ) -> Result<(AttachMode, Option<String>), DataplaneError> {
         if link.native_xdp() == Some(false) {
-            return self.attach_tc_mode(tc, link);
+            return self.attach_tc_mode(tc.tc_mode, link);
         }
         let used = self.attach_xdp(xdp, link, mode)?;
         // The copier behind XDP: without it, groups with members in TC mode miss the data
         // arriving here (the XDP program hands it over), nothing else changes.
-        match self.attach_tc(tc, link) {
+        match self.attach_tc(tc.handover, link, true) {
             Ok(tc_link) => {
                 if let Some(port) = self.attached.get_mut(&link.index) {
                     port.tc_link = Some(tc_link);
@@ -201,7 +208,7 @@ impl Ports {
             let _ = unpin_link(&path);
         }
         let adopted = self.tc_link_pin(link.index).is_some_and(|p| p.exists());
-        let tc_link = self.attach_tc(tc, link)?;
+        let tc_link = self.attach_tc(tc, link, false)?;
         let adopted = adopted && matches!(tc_link, PortLink::Pinned(_));
         self.attached.insert(
             link.index,
@@ -219,7 +226,7 @@ impl Ports {
             self.register(link.index, &link.name, AttachMode::Tc)
         };
         if let Err(e) = registered {
-            self.detach_links(link.index, None, Some(tc));
+            self.detach_links(link.index, None, Some(tc), None);
             self.forget(link.index);
             return Err(e);
         }
@@ -231,12 +238,14 @@ impl Ports {
         self.pin_dir.as_ref().map(|d| d.join(TC_LINKS).join(ifindex.to_string()))
     }
 
-    /// Attaches the TC program to the tcx ingress of `link`, or takes over the pinned link a
-    /// previous daemon left there (program replaced atomically).
+    /// Attaches a TC program (`behind_xdp`: the hand-over one) to the tcx ingress of `link`,
+    /// or takes over the pinned link a previous daemon left there (program replaced
+    /// atomically).
     fn attach_tc(
         &mut self,
         tc: &mut SchedClassifier,
         link: &Link,
+        behind_xdp: bool,
     ) -> Result<PortLink, DataplaneError> {
         let pin = self.tc_link_pin(link.index);
         if let Some(path) = pin.as_ref().filter(|p| p.exists()) {
@@ -273,7 +282,7 @@ impl Ports {
                 hint: " (TC mode needs tcx, Linux 6.6 or later)",
             })?;
         let Some(path) = pin.filter(|_| self.pin_links) else {
-            return Ok(PortLink::OwnedTc(id));
+            return Ok(PortLink::OwnedTc { id, behind_xdp });
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).kernel(format!("creating {}", dir.display()))?;
@@ -360,7 +369,7 @@ impl Ports {
             },
         );
         if let Err(e) = self.register(link.index, &link.name, used) {
-            self.detach_links(link.index, Some(program), None);
+            self.detach_links(link.index, Some(program), None, None);
             self.forget(link.index);
             return Err(e);
         }
@@ -530,8 +539,8 @@ impl Ports {
     }
 
     /// Detaches the programs from a port and forgets the port in the maps (best effort).
-    pub fn detach(&mut self, xdp: &mut Xdp, tc: &mut SchedClassifier, ifindex: u32) {
-        self.detach_links(ifindex, Some(xdp), Some(tc));
+    pub fn detach(&mut self, xdp: &mut Xdp, tc: TcPrograms<'_>, ifindex: u32) {
+        self.detach_links(ifindex, Some(xdp), Some(tc.tc_mode), Some(tc.handover));
         self.forget(ifindex);
     }
 
@@ -540,23 +549,26 @@ impl Ports {
     fn detach_links(
         &mut self,
         ifindex: u32,
-        xdp: Option<&mut Xdp>,
-        tc: Option<&mut SchedClassifier>,
+        mut xdp: Option<&mut Xdp>,
+        mut tc: Option<&mut SchedClassifier>,
+        mut handover: Option<&mut SchedClassifier>,
     ) {
         let Some(port) = self.attached.remove(&ifindex) else { return };
         let name = &port.link.name;
-        let mut xdp = xdp;
-        let mut tc = tc;
         for link in [port.port_link, port.tc_link].into_iter().flatten() {
             let result = match link {
                 PortLink::Owned(id) => match xdp.as_deref_mut() {
                     Some(program) => program.detach(id).map_err(|e| e.to_string()),
                     None => Ok(()),
                 },
-                PortLink::OwnedTc(id) => match tc.as_deref_mut() {
-                    Some(program) => program.detach(id).map_err(|e| e.to_string()),
-                    None => Ok(()),
-                },
+                PortLink::OwnedTc { id, behind_xdp } => {
+                    let program =
+                        if behind_xdp { handover.as_deref_mut() } else { tc.as_deref_mut() };
+                    match program {
+                        Some(program) => program.detach(id).map_err(|e| e.to_string()),
+                        None => Ok(()),
+                    }
+                }
                 PortLink::Pinned(path) => {
                     unpin_link(&path).map_err(|e| format!("unpinning {}: {e}", path.display()))
                 }

@@ -29,7 +29,7 @@ use std::{
 pub use attach::AttachedPort;
 use aya::{
     maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, Map, MapData, PerCpuHashMap},
-    programs::{Program, SchedClassifier, Xdp},
+    programs::{Program, Xdp},
     Ebpf, EbpfLoader,
 };
 pub use clients::{CLIENT_KEY_BIT, CLIENT_OBJECT, CLIENT_PROGRAM};
@@ -53,8 +53,10 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// Name of the XDP entry point in the object.
 pub const XDP_PROGRAM: &str = "mcrelay_xdp";
-/// Name of the TC (tcx ingress) entry point in the object.
+/// Name of the TC (tcx ingress) entry point for ports in TC mode.
 pub const TC_PROGRAM: &str = "mcrelay_tc";
+/// Name of the TC entry point behind the XDP program (copies what XDP hands over).
+pub const TC_HANDOVER_PROGRAM: &str = "mcrelay_tc_handover";
 
 /// The TC program's port sets (pin name = map name).
 const GROUP_TC_PORTS: &str = "GROUP_TC_PORTS";
@@ -124,10 +126,9 @@ impl Dataplane {
             }
         })?;
         program_mut(&mut ebpf)?.load().kernel("the kernel rejected the XDP program (verifier)")?;
-        programs_mut(&mut ebpf)?
-            .1
-            .load()
-            .kernel("the kernel rejected the TC program (verifier)")?;
+        let (_, tc) = programs_mut(&mut ebpf)?;
+        tc.tc_mode.load().kernel("the kernel rejected the TC program (verifier)")?;
+        tc.handover.load().kernel("the kernel rejected the TC hand-over program (verifier)")?;
         if let Some(dir) = pin_dir {
             // Pins are created 0600; `mcrelay ports/stats` of the `mcrelay` group read them.
             paths::restrict_pin_dir(dir).kernel(format!("restricting {}", dir.display()))?;
@@ -498,21 +499,25 @@ pub fn unpin_links_under(dir: &Path, depth: usize) {
     }
 }
 
-/// The XDP and the TC program at once.
-fn programs_mut(ebpf: &mut Ebpf) -> Result<(&mut Xdp, &mut SchedClassifier)> {
-    let (mut xdp, mut tc) = (None, None);
+/// The XDP and the two TC programs at once.
+fn programs_mut(ebpf: &mut Ebpf) -> Result<(&mut Xdp, attach::TcPrograms<'_>)> {
+    let (mut xdp, mut tc, mut handover) = (None, None, None);
     for (name, program) in ebpf.programs_mut() {
         match (name, program) {
             (XDP_PROGRAM, Program::Xdp(p)) => xdp = Some(p),
             (TC_PROGRAM, Program::SchedClassifier(p)) => tc = Some(p),
+            (TC_HANDOVER_PROGRAM, Program::SchedClassifier(p)) => handover = Some(p),
             _ => {}
         }
     }
-    match (xdp, tc) {
-        (Some(xdp), Some(tc)) => Ok((xdp, tc)),
-        (None, _) => Err(DataplaneError::Missing(format!("program {XDP_PROGRAM}"))),
-        (_, None) => Err(DataplaneError::Missing(format!("program {TC_PROGRAM}"))),
-    }
+    let missing = |name: &str| DataplaneError::Missing(format!("program {name}"));
+    Ok((
+        xdp.ok_or_else(|| missing(XDP_PROGRAM))?,
+        attach::TcPrograms {
+            tc_mode: tc.ok_or_else(|| missing(TC_PROGRAM))?,
+            handover: handover.ok_or_else(|| missing(TC_HANDOVER_PROGRAM))?,
+        },
+    ))
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
