@@ -161,6 +161,62 @@ pub const CONFIG_F_RATE_PORTS: u32 = 16;
 /// [`Config::flags`] bit: `RATE_PREFIXES` holds per-group limits.
 pub const CONFIG_F_RATE_GROUPS: u32 = 32;
 
+/// [`Config::flags`] bit: some port is attached with the TC program alone (L3 devices and
+/// devices without `ndo_xdp_xmit`): the XDP program looks a group up in `GROUP_TC_PORTS` and
+/// hands data whose group has such a member to the TC program of the ingress port
+/// (`XDP_PASS`). Clear, the XDP program saves that lookup.
+pub const CONFIG_F_TC_PORTS: u32 = 64;
+
+/// Most ports one group's TC copies go to (capacity of a [`TcPorts`] value, the bound of the
+/// TC program's copy loop).
+pub const MAX_TC_TARGETS: usize = 32;
+
+/// [`TcTarget::flags`] / [`TcPorts::flags`] bit: an L3 device (no Ethernet header: tun,
+/// WireGuard). Its copies are routed: TTL / hop limit decremented, `drop_ttl` at 1.
+pub const TC_TARGET_L3: u32 = 1;
+/// [`TcTarget::flags`] / [`TcPorts::flags`] bit: the device cannot take XDP redirects (no
+/// `ndo_xdp_xmit`): only the TC program reaches it.
+pub const TC_TARGET_NO_XDP: u32 = 2;
+/// [`TcPorts::flags`] bit: some target has an Ethernet header.
+pub const TC_TARGET_ETHERNET: u32 = 4;
+
+/// One copy target of the TC program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TcTarget {
+    /// Egress ifindex.
+    pub ifindex: u32,
+    /// `TC_TARGET_*` bits of the device.
+    pub flags: u32,
+}
+
+/// Value of `GROUP_TC_PORTS` (key: [`GroupKey`], the same keys as `GROUP_PORTS`): a group's
+/// port set as a plain array the TC program can walk (`bpf_clone_redirect` to each), because
+/// the inner DEVMAP_HASH of `GROUP_PORTS` cannot be iterated from BPF. Written by the daemon's
+/// group map writer in the same round as `GROUP_PORTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct TcPorts {
+    /// Targets in use (at most [`MAX_TC_TARGETS`]).
+    pub count: u32,
+    /// The `TC_TARGET_*` bits of all targets together.
+    pub flags: u32,
+    pub targets: [TcTarget; MAX_TC_TARGETS],
+}
+const _: () = assert!(core::mem::size_of::<TcPorts>() == 8 + 8 * MAX_TC_TARGETS);
+
+impl Default for TcPorts {
+    fn default() -> Self {
+        Self::zeroed()
+    }
+}
+
+/// Value bit of `TC_PORTS` (key: ifindex): the port is in TC mode (the TC program alone, which
+/// classifies, polices, counts and copies everything arriving there). XDP ports have no entry.
+pub const TC_PORT_ATTACHED: u32 = 1;
+/// Value bit of `TC_PORTS`: the port is an L3 device (packets start with the IP header).
+pub const TC_PORT_L3: u32 = 2;
+
 /// Value of a `POLICY` prefix: its groups are never relayed (`drop_policy`).
 pub const POLICY_DENY: u32 = 1;
 /// Value of a `POLICY` prefix: its groups may be relayed.
@@ -228,10 +284,9 @@ pub enum AttachMode {
     Native = 1,
     /// Generic (SKB) XDP.
     Skb = 2,
-    /// TC (tcx) program. Reserved: nothing attaches it yet. The TC variant of the program
-    /// comes with the routed-ports issue (tun/WireGuard, and devices without `ndo_xdp_xmit`
-    /// such as VXLAN or bridges, which XDP broadcasts silently skip); `mcrelay ports` already
-    /// names the mode `tc`.
+    /// TC (tcx ingress) program alone: L3 devices (tun, WireGuard) and devices without
+    /// `ndo_xdp_xmit` (VXLAN, bridges, VLAN subinterfaces, ...), which XDP broadcasts
+    /// silently skip; they receive their copies from `bpf_clone_redirect`.
     Tc = 3,
 }
 
@@ -282,8 +337,8 @@ pub const PORT_STANDBY_SAME_SEGMENT: u32 = 2;
 /// this one.
 pub const PORT_STANDBY_PEER: u32 = 4;
 /// [`PortInfo::role`] bit: the device cannot transmit XDP redirects (no `ndo_xdp_xmit`: VLAN
-/// subinterfaces, bridges, VXLAN, macvlan, L3 tun, dummy, ...): devmap broadcasts skip it, so
-/// it receives no copies until the TC path exists; what it receives is relayed as usual.
+/// subinterfaces, bridges, VXLAN, macvlan, L3 tun, dummy, ...): devmap broadcasts skip it; it
+/// is attached in TC mode and receives its copies from the TC program.
 pub const PORT_NO_XDP_XMIT: u32 = 8;
 
 /// Clients of one per-client port that joined one group: at most this many get their own copy.
@@ -357,4 +412,5 @@ mod user {
     unsafe impl aya::Pod for super::ClientCopies {}
     unsafe impl aya::Pod for super::RateLimit {}
     unsafe impl aya::Pod for super::PortRate {}
+    unsafe impl aya::Pod for super::TcPorts {}
 }

@@ -358,6 +358,41 @@ pub fn classify<F: Frame>(frame: &F) -> Class {
     }
 }
 
+/// Classifies an IP packet without a link-layer header (what an L3 device such as tun or
+/// WireGuard receives), the way [`classify`] classifies an Ethernet frame: a unicast or
+/// broadcast destination is [`Class::NotMulticast`], the rest as behind an Ethernet header.
+#[inline(always)]
+pub fn classify_ip<F: Frame>(frame: &F) -> Class {
+    let Some(first) = frame.read::<2>(0) else {
+        return Class::Malformed;
+    };
+    match first[0] >> 4 {
+        4 => match frame.read::<2>(16) {
+            Some(dst) if dst[0] & 0xf0 == 0xe0 => classify_ipv4(frame, 0),
+            Some(_) => Class::NotMulticast,
+            None => Class::Malformed,
+        },
+        6 => match frame.read::<2>(24) {
+            Some(dst) if dst[0] == 0xff => classify_ipv6(frame, 0),
+            Some(_) => Class::NotMulticast,
+            None => Class::Malformed,
+        },
+        _ => Class::Other,
+    }
+}
+
+/// The multicast MAC a group maps to (RFC 1112 6.4, RFC 2464 7): the destination of the
+/// Ethernet header the TC program puts in front of a routed packet.
+#[inline(always)]
+pub fn group_mac(data: &Data) -> [u8; 6] {
+    let g = &data.key.group;
+    if data.ipv6 {
+        [0x33, 0x33, g[12], g[13], g[14], g[15]]
+    } else {
+        [0x01, 0x00, 0x5e, g[13] & 0x7f, g[14], g[15]]
+    }
+}
+
 /// Whether the destination MAC is the one the group maps to: `01:00:5e` and the low 23 bits of
 /// an IPv4 group (RFC 1112 6.4), `33:33` and the low 32 bits of an IPv6 group (RFC 2464 7).
 #[inline(always)]
@@ -457,6 +492,34 @@ mod tests {
         match c {
             Class::Data(d) => d.key,
             other => panic!("expected data, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ip_packets_without_ethernet_header() {
+        let frame = udp4_frame(SRC4, G4, b"hello").build();
+        let packet = &frame[ETH_HLEN..];
+        match classify_ip(&packet) {
+            Class::Data(d) => {
+                assert_eq!((d.key.group, d.l3_offset, d.ipv6), (v4_mapped(G4), 0, false));
+                assert_eq!(group_mac(&d), mac_v4(G4));
+            }
+            other => panic!("expected data, got {other:?}"),
+        }
+        let frame = udp6_frame(SRC6, G6, b"hello").build();
+        match classify_ip(&&frame[ETH_HLEN..]) {
+            Class::Data(d) => {
+                assert_eq!((d.key.group, d.ipv6, group_mac(&d)), (G6, true, mac_v6(G6)))
+            }
+            other => panic!("expected data, got {other:?}"),
+        }
+        let report = igmp_v2_report(SRC4, G4).build();
+        assert_eq!(classify_ip(&&report[ETH_HLEN..]), Class::Control);
+        let unicast = ipv4(SRC4, [10, 0, 0, 2], 17, 64, &udp(1, 2, b"x"));
+        assert_eq!(classify_ip(&unicast.as_slice()), Class::NotMulticast);
+        assert_eq!(classify_ip(&&[0x45u8][..]), Class::Malformed);
+        for cut in 0..packet.len() {
+            assert_eq!(classify_ip(&&packet[..cut]), Class::Malformed, "cut at {cut}");
         }
     }
 

@@ -31,3 +31,32 @@ impl Frame for PacketFrame {
         Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) })
     }
 }
+
+/// A socket buffer as the TC program sees it: reads are bounded by the linear part
+/// (`data`..`data_end`), the length is the whole packet's (`skb->len`), so IP length checks
+/// hold for packets whose payload lies in fragments.
+pub struct SkbFrame {
+    /// `ctx.data()`.
+    pub start: usize,
+    /// `ctx.data_end()`.
+    pub end: usize,
+    /// `skb->len`.
+    pub len: usize,
+}
+
+impl Frame for SkbFrame {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline(always)]
+    fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        let at = self.start + offset;
+        if at + N > self.end {
+            return None;
+        }
+        // SAFETY: `at..at + N` lies inside the linear part of the packet, checked just above.
+        Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) })
+    }
+}

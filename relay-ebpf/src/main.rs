@@ -1,4 +1,6 @@
-//! mcrelay's kernel side: one XDP program attached to every port.
+//! mcrelay's kernel side: the XDP program attached to every port that can take XDP
+//! redirects, and its TC variant (`tc.rs`) for L3 devices and devices without
+//! `ndo_xdp_xmit`, also attached behind the XDP program of the other ports.
 //!
 //! Packet path (see docs/architecture.md): classify the frame with the parser shared with
 //! userspace (`relay_common::parse`), then
@@ -10,8 +12,13 @@
 //!   ingress port and of the group (`drop_rate_limit`), then look the group up in
 //!   `GROUP_PORTS` and broadcast the frame to the group's port set, never back out of the
 //!   ingress port, with this relay's MAC as source; no entry: the unknown-group policy.
+//!   A group with a member the XDP program cannot reach (`GROUP_TC_PORTS` says so, looked up
+//!   only while `CONFIG_F_TC_PORTS` is set) is handed to the TC program of the ingress port
+//!   (`XDP_PASS`, not counted here), which makes every copy.
 #![no_std]
 #![no_main]
+
+mod tc;
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS},
@@ -25,10 +32,11 @@ use aya_ebpf::{
 use relay_common::{
     loop_mac_key,
     parse::{classify, Class, Data, Frame as _},
-    Config, Counter, GroupKey, PortCounters, PortRate, PrefixData, RateLimit, UnknownPolicy,
-    CONFIG_F_ALLOW_LIST, CONFIG_F_POLICY, CONFIG_F_RATE_GROUPS, CONFIG_F_RATE_PORTS,
-    CONFIG_F_SOURCE_ENTRIES, CONFIG_F_STANDBY, MAX_GROUPS, MAX_POLICY_PREFIXES, MAX_PORTS,
-    MAX_PORTS_PER_GROUP, MAX_RATE_GROUPS, MAX_RATE_PREFIXES, POLICY_DENY, RELAY_MAC_PREFIX,
+    Config, Counter, GroupKey, PortCounters, PortRate, PrefixData, RateLimit, TcPorts,
+    UnknownPolicy, CONFIG_F_ALLOW_LIST, CONFIG_F_POLICY, CONFIG_F_RATE_GROUPS, CONFIG_F_RATE_PORTS,
+    CONFIG_F_SOURCE_ENTRIES, CONFIG_F_STANDBY, CONFIG_F_TC_PORTS, MAX_GROUPS, MAX_POLICY_PREFIXES,
+    MAX_PORTS, MAX_PORTS_PER_GROUP, MAX_RATE_GROUPS, MAX_RATE_PREFIXES, POLICY_DENY,
+    RELAY_MAC_PREFIX, TC_TARGET_NO_XDP,
 };
 use relay_ebpf::PacketFrame;
 
@@ -38,7 +46,7 @@ use relay_ebpf::PacketFrame;
 /// per-client copies, the `mcrelay_client` egress program). Written by the daemon's map writer;
 /// a change replaces the inner map atomically.
 #[btf_map]
-static GROUP_PORTS: HashOfMaps<
+pub(crate) static GROUP_PORTS: HashOfMaps<
     GroupKey,
     DevMapHash<{ MAX_PORTS_PER_GROUP as usize }>,
     { MAX_GROUPS as usize },
@@ -56,47 +64,62 @@ static ROUTER_PORTS: DevMapHash<{ MAX_PORTS as usize }> = DevMapHash::new();
 
 /// Index 0: the [`Config`] the daemon gives the dataplane (unknown-group policy, flags).
 #[btf_map]
-static CONFIG: Array<Config, 1> = Array::new();
+pub(crate) static CONFIG: Array<Config, 1> = Array::new();
 
 /// Per-CPU counters per ingress port. Key: ifindex. Value: [`PortCounters`]. The daemon
 /// creates an entry when it attaches a port; frames on ports without an entry are not counted.
 #[btf_map]
-static PORT_STATS: PerCpuHashMap<u32, PortCounters, { MAX_PORTS as usize }> = PerCpuHashMap::new();
+pub(crate) static PORT_STATS: PerCpuHashMap<u32, PortCounters, { MAX_PORTS as usize }> =
+    PerCpuHashMap::new();
 
 /// Relay MACs whose frames are never relayed again (loop guard). Key: the MAC, zero padded
 /// ([`loop_mac_key`]). Value: unused (1). Written by the daemon: peer relays that reach this
 /// relay through two or more of its ports (this relay's own MAC is in `CONFIG`).
 #[btf_map]
-static LOOP_MACS: HashMap<[u8; 8], u32, 256> = HashMap::new();
+pub(crate) static LOOP_MACS: HashMap<[u8; 8], u32, 256> = HashMap::new();
 
 /// Ports in standby (loop guard): their data is not relayed and they get no copies. Key:
 /// ifindex. Value: the `PORT_STANDBY_*` reason bits. Written by the daemon; looked up only
 /// while `CONFIG_F_STANDBY` is set.
 #[btf_map]
-static STANDBY_PORTS: HashMap<u32, u32, { MAX_PORTS as usize }> = HashMap::new();
+pub(crate) static STANDBY_PORTS: HashMap<u32, u32, { MAX_PORTS as usize }> = HashMap::new();
 
 /// `[policy]` as group prefixes: [`POLICY_DENY`] or `POLICY_ALLOW`, longest match wins (the
 /// daemon leaves out allow prefixes inside a deny prefix, so a deny always wins). Looked up
 /// only while `CONFIG_F_POLICY` is set. Written by the daemon.
 #[btf_map]
-static POLICY: LpmTrie<PrefixData, u32, { MAX_POLICY_PREFIXES as usize }> = LpmTrie::new();
+pub(crate) static POLICY: LpmTrie<PrefixData, u32, { MAX_POLICY_PREFIXES as usize }> =
+    LpmTrie::new();
 
 /// Rate limits of ingress ports (key: ifindex): data beyond the rate is dropped
 /// (`drop_rate_limit`). Looked up only while `CONFIG_F_RATE_PORTS` is set. The state is
 /// updated without a lock: CPUs racing on one port may each let a packet through.
 #[btf_map]
-static RATE_PORTS: HashMap<u32, PortRate, { MAX_PORTS as usize }> = HashMap::new();
+pub(crate) static RATE_PORTS: HashMap<u32, PortRate, { MAX_PORTS as usize }> = HashMap::new();
 
 /// Per-group rate limits by group prefix (`[[rate_limit]]`, `--rate-limit`): every group of
 /// the prefix has its own budget. Looked up only while `CONFIG_F_RATE_GROUPS` is set.
 #[btf_map]
-static RATE_PREFIXES: LpmTrie<PrefixData, RateLimit, { MAX_RATE_PREFIXES as usize }> =
+pub(crate) static RATE_PREFIXES: LpmTrie<PrefixData, RateLimit, { MAX_RATE_PREFIXES as usize }> =
     LpmTrie::new();
 
 /// The rate state of each limited group (key: the group, IPv4-mapped; value: theoretical
 /// arrival time of its next conforming packet). Least recently used groups make room.
 #[btf_map]
-static RATE_GROUPS: LruHashMap<PrefixData, u64, { MAX_RATE_GROUPS as usize }> = LruHashMap::new();
+pub(crate) static RATE_GROUPS: LruHashMap<PrefixData, u64, { MAX_RATE_GROUPS as usize }> =
+    LruHashMap::new();
+
+/// The port sets of `GROUP_PORTS` as arrays the TC program walks. Key: as `GROUP_PORTS`.
+/// Value: [`TcPorts`]. Written by the daemon's group map writer in the same round as
+/// `GROUP_PORTS`.
+#[btf_map]
+pub(crate) static GROUP_TC_PORTS: HashMap<GroupKey, TcPorts, { MAX_GROUPS as usize }> =
+    HashMap::new();
+
+/// Ports in TC mode (`mcrelay_tc`). Key: ifindex. Value: `TC_PORT_*` bits (`TC_PORT_L3`: the
+/// packets start with the IP header). Written by the daemon when it attaches a port.
+#[btf_map]
+pub(crate) static TC_PORTS: HashMap<u32, u32, { MAX_PORTS as usize }> = HashMap::new();
 
 /// Broadcast to every port of the map except the one the frame came in on.
 const BROADCAST_FLAGS: u64 = (BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) as u64;
@@ -110,44 +133,45 @@ pub fn mcrelay_xdp(ctx: XdpContext) -> u32 {
         Class::Control => (Counter::PassedControl, xdp_action::XDP_PASS),
         Class::LinkLocal => (Counter::PassedLinkLocal, xdp_action::XDP_PASS),
         Class::Malformed => (Counter::Malformed, xdp_action::XDP_PASS),
-        Class::Data(data) => forward(&ctx, &frame, &data),
+        Class::Data(data) => match forward(&ctx, &frame, &data) {
+            Ok(verdict) => verdict,
+            // Handed to the TC program, which counts it.
+            Err(action) => return action,
+        },
     };
     count(ctx.ingress_ifindex() as u32, counter, frame.end - frame.start);
     action
 }
 
-/// Decides what happens to multicast data and performs the redirect.
+/// Decides what happens to multicast data and performs the redirect. `Err(XDP_PASS)`: the
+/// group has a member only the TC program reaches; the TC program of this port copies the
+/// frame to every member (and counts it).
 #[inline(always)]
-fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> (Counter, u32) {
+fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> Result<(Counter, u32), u32> {
     let config = CONFIG.get(0).copied().unwrap_or_default();
-    // Loop guard: a frame some mcrelay relayed carries its relay MAC as source. Ours, or a
-    // redundant peer's, means the frame went round a loop: never relay it again.
+    let ingress = ctx.ingress_ifindex() as u32;
     let Some(source) = frame.read::<6>(6) else {
-        return (Counter::Malformed, xdp_action::XDP_PASS);
+        return Ok((Counter::Malformed, xdp_action::XDP_PASS));
     };
-    if source[..3] == RELAY_MAC_PREFIX
-        && (source == config.relay_mac
-            // SAFETY: the value is only tested for presence.
-            || unsafe { LOOP_MACS.get(loop_mac_key(source)) }.is_some())
-    {
-        return (Counter::DropLoop, xdp_action::XDP_DROP);
+    if is_loop_source(&config, source) {
+        return Ok((Counter::DropLoop, xdp_action::XDP_DROP));
     }
-    if config.flags & CONFIG_F_STANDBY != 0 {
-        // SAFETY: as above.
-        if unsafe { STANDBY_PORTS.get(ctx.ingress_ifindex() as u32) }.is_some() {
-            return (Counter::DropLoop, xdp_action::XDP_PASS);
-        }
+    if is_standby(&config, ingress) {
+        return Ok((Counter::DropLoop, xdp_action::XDP_PASS));
     }
     if config.flags & (CONFIG_F_POLICY | CONFIG_F_RATE_PORTS | CONFIG_F_RATE_GROUPS) != 0 {
-        if let Some(verdict) = police(ctx, &config, data) {
-            return verdict;
+        if let Some(counter) = police(ingress, &config, data) {
+            return Ok((counter, xdp_action::XDP_DROP));
         }
     }
     // (S,G) first, when any exist: its port set is complete for that source.
     if config.flags & CONFIG_F_SOURCE_ENTRIES != 0 {
         // SAFETY: the inner map reference is only used for the redirect helper call.
         if let Some(ports) = unsafe { GROUP_PORTS.get(&data.key) } {
-            return redirect(ctx, &config, ports.redirect(0, BROADCAST_FLAGS));
+            if needs_tc(&config, &data.key) {
+                return Err(xdp_action::XDP_PASS);
+            }
+            return Ok(redirect(ctx, &config, ports.redirect(0, BROADCAST_FLAGS)));
         }
     }
     // The source as a copy of two zero words: a `[0; 16]` literal becomes a `memset` call.
@@ -159,21 +183,51 @@ fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> (Counter, u32)
     };
     // SAFETY: as above.
     if let Some(ports) = unsafe { GROUP_PORTS.get(&key) } {
-        return redirect(ctx, &config, ports.redirect(0, BROADCAST_FLAGS));
+        if needs_tc(&config, &key) {
+            return Err(xdp_action::XDP_PASS);
+        }
+        return Ok(redirect(ctx, &config, ports.redirect(0, BROADCAST_FLAGS)));
     }
-    match UnknownPolicy::from_u32(config.unknown_policy) {
+    Ok(match UnknownPolicy::from_u32(config.unknown_policy) {
         UnknownPolicy::RouterPorts if config.router_ports > 0 => {
             redirect(ctx, &config, ROUTER_PORTS.redirect(0, BROADCAST_FLAGS))
         }
         UnknownPolicy::RouterPorts => (Counter::PassedUnknown, xdp_action::XDP_PASS),
         UnknownPolicy::Drop => (Counter::DropNoMembers, xdp_action::XDP_DROP),
         UnknownPolicy::Flood => redirect(ctx, &config, FLOOD_PORTS.redirect(0, BROADCAST_FLAGS)),
-    }
+    })
 }
 
-/// The group policy and the rate limits: a verdict for a frame that must not be relayed.
+/// Whether a group's port set has a member the XDP program cannot reach (looked up only
+/// while some port is attached in TC mode).
 #[inline(always)]
-fn police(ctx: &XdpContext, config: &Config, data: &Data) -> Option<(Counter, u32)> {
+fn needs_tc(config: &Config, key: &GroupKey) -> bool {
+    config.flags & CONFIG_F_TC_PORTS != 0
+        // SAFETY: the value is read once, right here.
+        && unsafe { GROUP_TC_PORTS.get(key) }.is_some_and(|p| p.flags & TC_TARGET_NO_XDP != 0)
+}
+
+/// Loop guard: a frame some mcrelay relayed carries its relay MAC as source. Ours, or a
+/// redundant peer's, means the frame went round a loop: never relay it again.
+#[inline(always)]
+pub(crate) fn is_loop_source(config: &Config, source: [u8; 6]) -> bool {
+    source[..3] == RELAY_MAC_PREFIX
+        && (source == config.relay_mac
+            // SAFETY: the value is only tested for presence.
+            || unsafe { LOOP_MACS.get(loop_mac_key(source)) }.is_some())
+}
+
+/// Whether data arriving on `ingress` is not relayed because the port is in standby.
+#[inline(always)]
+pub(crate) fn is_standby(config: &Config, ingress: u32) -> bool {
+    // SAFETY: the value is only tested for presence.
+    config.flags & CONFIG_F_STANDBY != 0 && unsafe { STANDBY_PORTS.get(ingress) }.is_some()
+}
+
+/// The group policy and the rate limits: the drop counter of a frame that must not be
+/// relayed.
+#[inline(always)]
+pub(crate) fn police(ingress: u32, config: &Config, data: &Data) -> Option<Counter> {
     if config.flags & CONFIG_F_POLICY != 0 {
         let key = Key { prefix_len: 128, data: data.key.group };
         let denied = match POLICY.get(&key) {
@@ -181,7 +235,7 @@ fn police(ctx: &XdpContext, config: &Config, data: &Data) -> Option<(Counter, u3
             None => config.flags & CONFIG_F_ALLOW_LIST != 0,
         };
         if denied {
-            return Some((Counter::DropPolicy, xdp_action::XDP_DROP));
+            return Some(Counter::DropPolicy);
         }
     }
     if config.flags & (CONFIG_F_RATE_PORTS | CONFIG_F_RATE_GROUPS) == 0 {
@@ -190,11 +244,11 @@ fn police(ctx: &XdpContext, config: &Config, data: &Data) -> Option<(Counter, u3
     // SAFETY: a plain helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if config.flags & CONFIG_F_RATE_PORTS != 0 {
-        if let Some(rate) = RATE_PORTS.get_ptr_mut(ctx.ingress_ifindex() as u32) {
+        if let Some(rate) = RATE_PORTS.get_ptr_mut(ingress) {
             // SAFETY: the value lives in the map; a racing CPU at worst admits one more packet.
             let rate = unsafe { &mut *rate };
             if !rate.limit.admit(now, &mut rate.tat) {
-                return Some((Counter::DropRateLimit, xdp_action::XDP_DROP));
+                return Some(Counter::DropRateLimit);
             }
         }
     }
@@ -205,7 +259,7 @@ fn police(ctx: &XdpContext, config: &Config, data: &Data) -> Option<(Counter, u3
                 // SAFETY: as above.
                 Some(tat) => {
                     if !limit.admit(now, unsafe { &mut *tat }) {
-                        return Some((Counter::DropRateLimit, xdp_action::XDP_DROP));
+                        return Some(Counter::DropRateLimit);
                     }
                 }
                 None => {
@@ -237,7 +291,7 @@ fn redirect(ctx: &XdpContext, config: &Config, result: Result<u32, u32>) -> (Cou
 }
 
 #[inline(always)]
-fn count(ifindex: u32, counter: Counter, len: usize) {
+pub(crate) fn count(ifindex: u32, counter: Counter, len: usize) {
     if let Some(stats) = PORT_STATS.get_ptr_mut(ifindex) {
         let i = counter as usize;
         // SAFETY: per-CPU value, only this CPU writes it while the program runs.

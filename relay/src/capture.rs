@@ -1,6 +1,7 @@
 //! The control-plane socket: one AF_PACKET socket that receives every IGMP, MLD and PIM frame
 //! arriving on any interface (a classic BPF filter keeps everything else out) and sends the
-//! queries mcrelay originates.
+//! queries mcrelay originates. On L3 ports (tun, WireGuard) frames are IP packets without a
+//! link-layer header, received and sent as such.
 //!
 //! Why not raw IGMP sockets: the kernel delivers IGMP to raw sockets only for groups the host
 //! itself joined (ip_check_mc_rcu), so reports for other groups would be missed. The XDP program
@@ -14,36 +15,157 @@ use std::{
 
 use tokio::io::unix::AsyncFd;
 
-/// A classic BPF program: accept frames with a multicast destination MAC that carry IPv4
-/// IGMP (2) or PIM (103), IPv6 whose first next-header is hop-by-hop (0), ICMPv6 (58) or
-/// PIM (103), or mcrelay's own hellos (EtherType 0x88b5, the loop guard). Userspace parses
-/// and checks the rest.
-fn filter() -> [libc::sock_filter; 15] {
-    const fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
-        libc::sock_filter { code, jt, jf, k }
-    }
+/// `ARPHRD_ETHER`: Ethernet devices (frames start with the MAC header).
+const ARPHRD_ETHER: u32 = 1;
+/// `ARPHRD_NONE`: L3 devices such as tun and WireGuard (packets start with the IP header).
+const ARPHRD_NONE: u32 = 0xfffe;
+
+/// A jump target of the filter program (an instruction index once placed).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Label {
+    Next,
+    Accept,
+    Reject,
+    EthIpv4,
+    EthIpv6,
+    L3,
+    L3Ipv4,
+}
+
+/// One instruction: a load/ALU (no jump) or a conditional jump to labels, or a label.
+enum Insn {
+    Op(u16, u32),
+    Jump(u16, u32, Label, Label),
+    Here(Label),
+}
+
+/// The classic BPF filter of the control socket. It accepts only what the control plane acts
+/// on, on Ethernet ports (after the MAC header, destination MAC with the group bit) and on L3
+/// ports (tun, WireGuard: the IP header first):
+/// - IPv4 IGMP (reports, queries, leaves, multicast router advertisements) and PIM hellos;
+/// - IPv6 whose first next header is hop-by-hop (MLD and MRD carry a router alert there) and
+///   PIM hellos;
+/// - mcrelay's own hellos (EtherType 0x88b5, the loop guard; Ethernet only).
+///
+/// Other ICMPv6 (Neighbour Solicitations to solicited-node groups, router advertisements, ...)
+/// stays out: it would only load the control loop. Userspace parses and checks the rest.
+fn filter() -> Vec<libc::sock_filter> {
     const LDB: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
     const LDH: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
+    const LDW: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const LDB_IND: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_IND) as u16;
+    const LDX_MSH: u16 = (libc::BPF_LDX | libc::BPF_B | libc::BPF_MSH) as u16;
+    const AND: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
     const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
     const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
     const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-    [
-        /* 0 */ op(LDB, 0, 0, 0), // destination MAC, first byte
-        /* 1 */ op(JSET, 0, 12, 1), // group bit clear -> drop (14)
-        /* 2 */ op(LDH, 0, 0, 12), // ethertype
-        /* 3 */ op(JEQ, 0, 3, 0x0800), // not IPv4 -> 7
-        /* 4 */ op(LDB, 0, 0, 23), // IPv4 protocol
-        /* 5 */ op(JEQ, 7, 0, 2), // IGMP -> accept (13)
-        /* 6 */ op(JEQ, 6, 7, 103), // PIM -> accept, else drop
-        /* 7 */ op(JEQ, 5, 0, relay_common::HELLO_ETHERTYPE as u32), // hello -> accept
-        /* 8 */ op(JEQ, 0, 5, 0x86dd), // not IPv6 -> drop (14)
-        /* 9 */ op(LDB, 0, 0, 20), // IPv6 next header
-        /* 10 */ op(JEQ, 2, 0, 0), // hop-by-hop -> accept
-        /* 11 */ op(JEQ, 1, 0, 58), // ICMPv6 -> accept
-        /* 12 */ op(JEQ, 0, 1, 103), // PIM -> accept, else drop
-        /* 13 */ op(RET, 0, 0, 0x0004_0000), // accept (whole frame)
-        /* 14 */ op(RET, 0, 0, 0), // drop
-    ]
+    const HATYPE: u32 = (libc::SKF_AD_OFF + libc::SKF_AD_HATYPE) as u32;
+    const ETH: u32 = 14;
+    const PIM: u32 = 103;
+    const PIM_HELLO: u32 = 0x20;
+    use Insn::{Here, Jump, Op};
+    use Label::*;
+    let program = [
+        Op(LDW, HATYPE),
+        Jump(JEQ, ARPHRD_NONE, L3, Next),
+        Jump(JEQ, ARPHRD_ETHER, Next, Reject),
+        // Ethernet: multicast destination MAC, then by EtherType.
+        Op(LDB, 0),
+        Jump(JSET, 1, Next, Reject),
+        Op(LDH, 12),
+        Jump(JEQ, u32::from(relay_common::HELLO_ETHERTYPE), Accept, Next),
+        Jump(JEQ, 0x0800, EthIpv4, Next),
+        Jump(JEQ, 0x86dd, EthIpv6, Reject),
+        Here(EthIpv4),
+        Op(LDB, ETH + 9),
+        Jump(JEQ, 2, Accept, Next),
+        Jump(JEQ, PIM, Next, Reject),
+        Op(LDX_MSH, ETH),
+        Op(LDB_IND, ETH),
+        Jump(JEQ, PIM_HELLO, Accept, Reject),
+        Here(EthIpv6),
+        Op(LDB, ETH + 6),
+        Jump(JEQ, 0, Accept, Next),
+        Jump(JEQ, PIM, Next, Reject),
+        Op(LDB, ETH + 40),
+        Jump(JEQ, PIM_HELLO, Accept, Reject),
+        // L3 device: the IP version, then the same tests without the MAC header.
+        Here(L3),
+        Op(LDB, 0),
+        Op(AND, 0xf0),
+        Jump(JEQ, 0x40, L3Ipv4, Next),
+        Jump(JEQ, 0x60, Next, Reject),
+        Op(LDB, 6),
+        Jump(JEQ, 0, Accept, Next),
+        Jump(JEQ, PIM, Next, Reject),
+        Op(LDB, 40),
+        Jump(JEQ, PIM_HELLO, Accept, Reject),
+        Here(L3Ipv4),
+        Op(LDB, 9),
+        Jump(JEQ, 2, Accept, Next),
+        Jump(JEQ, PIM, Next, Reject),
+        Op(LDX_MSH, 0),
+        Op(LDB_IND, 0),
+        Jump(JEQ, PIM_HELLO, Accept, Reject),
+        Here(Accept),
+        Op(RET, 0x0004_0000), // whole frame
+        Here(Reject),
+        Op(RET, 0),
+    ];
+    assemble(&program)
+}
+
+/// Places the instructions and resolves the labels into jump offsets.
+fn assemble(program: &[Insn]) -> Vec<libc::sock_filter> {
+    let mut at = std::collections::BTreeMap::new();
+    let mut n = 0usize;
+    for insn in program {
+        match insn {
+            Insn::Here(label) => {
+                at.insert(*label as u8, n);
+            }
+            _ => n += 1,
+        }
+    }
+    let mut out = Vec::with_capacity(n);
+    for insn in program {
+        let pc = out.len();
+        let offset = |label: Label| -> u8 {
+            let target = if label == Label::Next { pc + 1 } else { at[&(label as u8)] };
+            u8::try_from(target - pc - 1).unwrap_or(u8::MAX)
+        };
+        match *insn {
+            Insn::Op(code, k) => out.push(libc::sock_filter { code, jt: 0, jf: 0, k }),
+            Insn::Jump(code, k, jt, jf) => {
+                out.push(libc::sock_filter { code, jt: offset(jt), jf: offset(jf), k });
+            }
+            Insn::Here(_) => {}
+        }
+    }
+    out
+}
+
+/// An Ethernet frame around an IP packet received on an L3 port (for relaying it to Ethernet
+/// ports): the group's MAC as destination, a zero source (the caller puts its own), the
+/// EtherType of the IP version. `None` for anything that is not IPv4 or IPv6.
+pub fn ethernet_frame(packet: &[u8]) -> Option<Vec<u8>> {
+    let (dst, ethertype) = match packet.first()? >> 4 {
+        4 => {
+            let g = packet.get(16..20)?;
+            ([0x01, 0x00, 0x5e, g[1] & 0x7f, g[2], g[3]], 0x0800u16)
+        }
+        6 => {
+            let g = packet.get(36..40)?;
+            ([0x33, 0x33, g[0], g[1], g[2], g[3]], 0x86dd)
+        }
+        _ => return None,
+    };
+    let mut frame = Vec::with_capacity(14 + packet.len());
+    frame.extend_from_slice(&dst);
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+    frame.extend_from_slice(packet);
+    Some(frame)
 }
 
 /// One AF_PACKET socket for all ports.
@@ -210,6 +332,32 @@ impl ControlSocket {
         }
     }
 
+    /// Sends an IP packet out of an L3 port (tun, WireGuard: no link-layer header).
+    pub fn send_ip(&self, ifindex: u32, packet: &[u8]) -> io::Result<()> {
+        let ethertype: u16 = match packet.first().map(|b| b >> 4) {
+            Some(4) => 0x0800,
+            Some(6) => 0x86dd,
+            _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "not an IP packet")),
+        };
+        // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+        let mut addr: libc::sockaddr_ll = unsafe { zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_protocol = ethertype.to_be();
+        // SAFETY: packet and addr are valid for their lengths.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.get_ref().as_raw_fd(),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        check(n as libc::c_int, "sendto(AF_PACKET, L3)").map(|_| ())
+    }
+
     /// Sends a complete Ethernet frame out of `ifindex`.
     pub fn send(&self, ifindex: u32, frame: &[u8]) -> io::Result<()> {
         // SAFETY: zeroed sockaddr_ll is valid; fields set below.
@@ -233,5 +381,42 @@ impl ControlSocket {
             )
         };
         check(n as libc::c_int, "sendto(AF_PACKET)").map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every jump of the filter lands inside the program, and the program ends in returns.
+    #[test]
+    fn filter_jumps_stay_inside_the_program() {
+        let program = filter();
+        let jmp = (libc::BPF_JMP) as u16;
+        for (pc, insn) in program.iter().enumerate() {
+            if insn.code & 0x07 == jmp {
+                for off in [insn.jt, insn.jf] {
+                    assert!(pc + 1 + usize::from(off) < program.len(), "jump at {pc}");
+                    assert_ne!(off, u8::MAX, "unresolved jump at {pc}");
+                }
+            }
+        }
+        let ret = (libc::BPF_RET | libc::BPF_K) as u16;
+        assert_eq!(program[program.len() - 1].code, ret);
+        assert_eq!(program[program.len() - 2].code, ret);
+    }
+
+    #[test]
+    fn ethernet_frame_maps_the_group() {
+        let mut v4 = vec![0x45u8; 20];
+        v4[16..20].copy_from_slice(&[239, 129, 2, 3]);
+        let f = ethernet_frame(&v4).expect("v4");
+        assert_eq!(&f[..6], &[0x01, 0x00, 0x5e, 0x01, 2, 3]);
+        assert_eq!(&f[12..14], &[0x08, 0x00]);
+        assert_eq!(&f[14..], &v4[..]);
+        let mut v6 = vec![0x60u8; 40];
+        v6[36..40].copy_from_slice(&[0, 0, 0, 0x16]);
+        assert_eq!(&ethernet_frame(&v6).expect("v6")[..6], &[0x33, 0x33, 0, 0, 0, 0x16]);
+        assert!(ethernet_frame(&[0x10]).is_none());
     }
 }

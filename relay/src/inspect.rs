@@ -181,7 +181,9 @@ pub fn read_ports(pin_dir: &Path) -> Result<Vec<PortRow>, InspectError> {
             mode: AttachMode::from_u32(info.attach_mode).map_or("unknown", AttachMode::as_str),
             role: if info.role & PORT_ROLE_ROUTER != 0 { "router" } else { "member" },
             standby_reason: crate::loop_guard::standby_reason(info.role),
-            receives_copies: info.role & relay_common::PORT_NO_XDP_XMIT == 0,
+            // A device without XDP transmit gets its copies from the TC program (TC mode).
+            receives_copies: info.role & relay_common::PORT_NO_XDP_XMIT == 0
+                || info.attach_mode == AttachMode::Tc as u32,
             counters,
         });
     }

@@ -248,6 +248,16 @@ impl McastSender {
         Self { label, v4, v6 }
     }
 
+    /// Sends with multicast TTL / hop limit `hops` (the default is 1: enough for a bridged
+    /// relay, expired at the first routed hop).
+    pub fn with_hop_limit(self, hops: u32) -> Self {
+        socket2::SockRef::from(&self.v4)
+            .set_multicast_ttl_v4(hops)
+            .and_then(|()| socket2::SockRef::from(&self.v6).set_multicast_hops_v6(hops))
+            .unwrap_or_else(|e| panic!("{}: setting the hop limit: {e}", self.label));
+        self
+    }
+
     /// Sends test datagram `seq` to `group:port`.
     pub fn send(&self, group: IpAddr, port: u16, seq: u64) -> io::Result<()> {
         let socket = if group.is_ipv4() { &self.v4 } else { &self.v6 };
@@ -398,6 +408,8 @@ fn set_multicast_if_index_v4(socket: &Socket, ifindex: u32) -> io::Result<()> {
 struct WireState {
     /// Per group: frames seen (duplicates included) and distinct sequence numbers.
     seen: Mutex<BTreeMap<IpAddr, (u64, BTreeSet<u64>)>>,
+    /// The TTL / hop limit values the datagrams of each group arrived with.
+    hop_limits: Mutex<BTreeMap<IpAddr, BTreeSet<u8>>>,
     error: Mutex<Option<String>>,
 }
 
@@ -437,6 +449,14 @@ impl WireObserver {
             .seen
             .lock()
             .map_or(0, |seen| seen.get(&group).map_or(0, |(_, seqs)| seqs.len() as u64))
+    }
+
+    /// The TTL (IPv4) / hop limit (IPv6) values the datagrams of `group` arrived with.
+    pub fn hop_limits(&self, group: IpAddr) -> BTreeSet<u8> {
+        self.state
+            .hop_limits
+            .lock()
+            .map_or_else(|_| BTreeSet::new(), |seen| seen.get(&group).cloned().unwrap_or_default())
     }
 
     /// Waits until at least `n` datagrams of `group` arrived or `timeout` passed; returns the
@@ -567,6 +587,10 @@ fn observe_loop(fd: &OwnedFd, state: &WireState, stop: &AtomicBool) {
                 let entry = seen.entry(group).or_default();
                 entry.0 += 1;
                 entry.1.insert(seq);
+            }
+            let hop_limit = if group.is_ipv4() { buf[8] } else { buf[7] };
+            if let Ok(mut seen) = state.hop_limits.lock() {
+                seen.entry(group).or_default().insert(hop_limit);
             }
         }
     }

@@ -71,6 +71,10 @@ use crate::{
 pub const SERVER_TAP_PREFIX: &str = "vpntap";
 /// Name of every client's tap device (in the client's own namespace).
 pub const CLIENT_TAP: &str = "tap0";
+/// Name of the server's tun device `i` in the gateway (`vpntun0`, ...), routed variant.
+pub const SERVER_TUN_PREFIX: &str = "vpntun";
+/// Name of every client's tun device, routed variant.
+pub const CLIENT_TUN: &str = "tun0";
 /// Name of a client's and a LAN host's interface towards the gateway.
 pub const HOST_IFACE: &str = "eth0";
 /// The Linux bridge of the bridge variant.
@@ -120,11 +124,21 @@ pub struct VpnOptions {
     pub client_to_client: bool,
     /// The bridge variant: LAN veths and the tap in `br0`, `server-bridge` addressing.
     pub bridge: bool,
+    /// Routed: `dev tun` (`topology subnet`) instead of `dev tap`; the server's device is
+    /// `vpntunN`, every client's is [`CLIENT_TUN`].
+    pub tun: bool,
 }
 
 impl Default for VpnOptions {
     fn default() -> Self {
-        Self { lan_hosts: 2, clients: 2, servers: 1, client_to_client: false, bridge: false }
+        Self {
+            lan_hosts: 2,
+            clients: 2,
+            servers: 1,
+            client_to_client: false,
+            bridge: false,
+            tun: false,
+        }
     }
 }
 
@@ -411,6 +425,7 @@ impl VpnBed {
         assert!(options.servers >= 1 && options.servers < 100, "1..100 servers");
         assert!(options.clients < 100 && options.lan_hosts < 100, "fewer than 100 hosts");
         assert!(!(options.bridge && options.servers != 1), "the bridge variant has one server");
+        assert!(!(options.bridge && options.tun), "a tun cannot be bridged");
         let dir = ScratchDir::new();
         let client_names: Vec<String> = (0..options.clients).map(|n| format!("c{n}")).collect();
         make_pki(dir.path(), &client_names);
@@ -474,7 +489,16 @@ impl VpnBed {
 
         let mut servers = Vec::with_capacity(options.servers);
         for i in 0..options.servers {
-            let tap = format!("{SERVER_TAP_PREFIX}{i}");
+            let tap = if options.tun {
+                format!("{SERVER_TUN_PREFIX}{i}")
+            } else {
+                format!("{SERVER_TAP_PREFIX}{i}")
+            };
+            let device = if options.tun {
+                format!("dev {tap}\ndev-type tun\ntopology subnet\n")
+            } else {
+                format!("dev {tap}\ndev-type tap\nlladdr 02:6d:63:76:00:{i:02x}\n")
+            };
             let port = BASE_PORT + i as u16;
             let (v4, addressing) = if options.bridge {
                 (BRIDGE_V4, format!("server-bridge {BRIDGE_V4} 255.255.255.0 198.18.0.100 198.18.0.199\nscript-security 2\nup {}/bridge-up.sh\n", dir.path().display()))
@@ -489,7 +513,7 @@ impl VpnBed {
                 &format!("server{i}.conf"),
                 &format!(
                     "# OpenVPN server {i} of the mcrelay test bed\n\
-                     dev {tap}\ndev-type tap\nlladdr 02:6d:63:76:00:{i:02x}\n\
+                     {device}\
                      proto udp\nport {port}\n\
                      {addressing}{c2c}\
                      client-config-dir ccd\n\
@@ -504,6 +528,8 @@ impl VpnBed {
         }
 
         let mut clients = Vec::with_capacity(options.clients);
+        let (client_dev, client_dev_type) =
+            if options.tun { (CLIENT_TUN, "tun") } else { (CLIENT_TAP, "tap") };
         for (n, name) in client_names.iter().enumerate() {
             let ns = NetNs::new(&format!("mcr{tag}-{name}"));
             let wan_gw = format!("wan{n}");
@@ -517,7 +543,7 @@ impl VpnBed {
                 &format!("{name}.conf"),
                 &format!(
                     "# OpenVPN client {name} of the mcrelay test bed\n\
-                     client\ndev {CLIENT_TAP}\ndev-type tap\nproto udp\n\
+                     client\ndev {client_dev}\ndev-type {client_dev_type}\nproto udp\n\
                      remote 10.99.{n}.1 {}\nnobind\nconnect-retry 1 1\n\
                      ca ca.crt\ncert {name}.crt\nkey {name}.key\nremote-cert-tls server\n\
                      persist-tun\nscript-security 2\nroute-up {}/mcast-routes.sh\nverb 3\n",
@@ -528,11 +554,11 @@ impl VpnBed {
             );
             let log = dir.path().join(format!("{name}.log"));
             let process = OpenVpn::start(&ns, dir.path(), &config, &log);
-            let label = format!("VPN client {name} ({CLIENT_TAP} in {ns}, server {server})");
+            let label = format!("VPN client {name} ({client_dev} in {ns}, server {server})");
             clients.push(VpnClient {
                 process,
                 ns,
-                tap: CLIENT_TAP.to_string(),
+                tap: client_dev.to_string(),
                 wan: HOST_IFACE.to_string(),
                 server,
                 v4: Ipv4Addr::UNSPECIFIED,

@@ -7,7 +7,11 @@
 //! VLAN subinterfaces (`eth1.10`) as ports cannot be tested on this kernel (no 8021q); see
 //! docs/architecture.md, "Topologies".
 
-use std::{net::Ipv4Addr, thread, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    thread,
+    time::Duration,
+};
 
 use mcrelay_tests::{
     daemon::{port_counter, stats_json},
@@ -66,22 +70,36 @@ fn tagged_and_misaddressed_data_is_passed_not_relayed() {
     }
 }
 
-/// A device that cannot transmit XDP redirects (here a bridge; VLAN subinterfaces, dummies,
-/// VXLAN and L3 tun are the same) is attached, but devmap broadcasts skip it: mcrelay says so
-/// in its log and in `mcrelay ports` (`receives_copies: false`) instead of counting copies that
-/// never leave.
+/// A device that cannot transmit XDP redirects (here a bridge; VLAN subinterfaces, VXLAN and
+/// L3 tun are the same) is attached in TC mode and does receive copies: a receiver behind the
+/// bridge gets every datagram of a group the bridge is a member of. `mcrelay ports` says `tc`.
 #[test]
-fn ports_that_cannot_take_xdp_copies_are_marked() {
+fn ports_that_cannot_take_xdp_copies_get_them_through_tc() {
     require_testbed!();
     let star = Star::new("nx", 1);
-    star.gw.ip(&["link", "add", "dum0", "type", "bridge"]);
-    star.gw.ip(&["link", "set", "dum0", "up"]);
-    let relay = star.start_relay(&["-i", "dum0"]);
+    let sender = &star.hosts[0];
+    star.gw.add_bridge("brx0");
+    let behind = mcrelay_tests::NetNs::new("mcrnx-behind");
+    mcrelay_tests::veth_pair(&star.gw, "bp0", &behind, "eth0");
+    star.gw.set_master("bp0", "brx0");
+    star.gw.ip(&["link", "set", "brx0", "up"]);
+    behind.add_addr("eth0", "198.18.77.2/24");
+    let group = Ipv4Addr::new(239, 12, 0, 2);
+    let member = format!("{group}@brx0");
+    let relay = star.start_relay(&["-i", "brx0", "--static", &member]);
     let ports = mcrelay_tests::daemon::ports_json(&star.gw);
-    let copies = |iface: &str| {
-        mcrelay_tests::daemon::port_entry(&ports, iface).map(|p| p["receives_copies"].clone())
-    };
-    assert_eq!(copies("dum0"), Some(serde_json::Value::Bool(false)), "{ports:#}");
-    assert_eq!(copies(&star.hosts[0].gw_port), Some(serde_json::Value::Bool(true)), "{ports:#}");
+    let port = |iface: &str| mcrelay_tests::daemon::port_entry(&ports, iface).cloned();
+    let bridge = port("brx0").expect("brx0 attached");
+    assert_eq!(bridge["mode"], "tc", "{ports:#}");
+    assert_eq!(bridge["receives_copies"], true, "{ports:#}");
     assert!(relay.stderr().contains("cannot transmit XDP redirects"), "{}", relay.stderr());
+
+    let rx = mcrelay_tests::McastReceiver::join(&behind, IpAddr::V4(group), PORT, "eth0");
+    mcrelay_tests::McastSender::new(&sender.ns, &sender.iface).send_numbered(
+        IpAddr::V4(group),
+        PORT,
+        N,
+        Duration::from_millis(1),
+    );
+    assert_eq!(rx.wait_for(N, Duration::from_secs(10)), N, "{rx}: behind the bridge");
 }

@@ -39,6 +39,8 @@ pub struct PortSpec {
     pub per_client: bool,
     /// Upstream of an RFC 4605 proxy: mcrelay is a host there.
     pub upstream: bool,
+    /// An L3 device (tun, WireGuard): IP packets without a link-layer header.
+    pub l3: bool,
 }
 
 /// Everything the control loop works on.
@@ -48,6 +50,8 @@ pub struct Control {
     socket: ControlSocket,
     /// MAC of every port (query source).
     macs: BTreeMap<u32, [u8; 6]>,
+    /// L3 ports (no link-layer header): received packets are parsed as IP, sent ones are IP.
+    l3_ports: BTreeSet<u32>,
     names: BTreeMap<u32, String>,
     counters: ControlCounters,
     dirty: bool,
@@ -101,6 +105,7 @@ impl Control {
             table,
             socket,
             macs: BTreeMap::new(),
+            l3_ports: BTreeSet::new(),
             names: BTreeMap::new(),
             counters: ControlCounters::default(),
             dirty: true,
@@ -128,6 +133,11 @@ impl Control {
         if port.upstream {
             tracing::info!(iface = %port.name, "upstream (RFC 4605 proxy): reporting the downstream memberships here");
             self.upstream.insert(port.ifindex, BTreeSet::new());
+        }
+        if port.l3 {
+            self.l3_ports.insert(port.ifindex);
+        } else {
+            self.l3_ports.remove(&port.ifindex);
         }
         if port.per_client {
             tracing::info!(iface = %port.name, "per-client delivery: one copy per joined client, to its unicast MAC");
@@ -168,6 +178,7 @@ impl Control {
         self.table.forget_port(ifindex);
         self.engine.remove_port(ifindex);
         self.macs.remove(&ifindex);
+        self.l3_ports.remove(&ifindex);
         self.clients.remove_port(ifindex);
         self.loop_guard.forget_port(ifindex);
         self.router_signals_logged.retain(|(port, _)| *port != ifindex);
@@ -320,6 +331,10 @@ impl Control {
             self.counters.ignored_other_port += 1;
             return;
         }
+        if self.l3_ports.contains(&ifindex) {
+            self.on_l3_packet(now, ifindex, frame);
+            return;
+        }
         if loop_guard::is_hello(frame) {
             if let Some(hello) = loop_guard::parse_hello(frame) {
                 self.counters.hellos_received += 1;
@@ -359,6 +374,33 @@ impl Control {
                 self.dirty = true;
             }
             Err(e) => self.count_malformed(e),
+        }
+    }
+
+    /// Handles an IP packet received on an L3 port: no MAC, so no loop-guard check and no
+    /// per-client tracking; relayed like a frame, in an Ethernet header of this relay.
+    fn on_l3_packet(&mut self, now: Duration, ifindex: u32, packet: &[u8]) {
+        self.counters.received += 1;
+        match packet::parse_ip(packet) {
+            Ok(msg) => {
+                tracing::trace!(port = ifindex, ?msg, "control message (L3 port)");
+                self.engine.handle(now, ifindex, &msg);
+                if let Some(frame) = crate::capture::ethernet_frame(packet) {
+                    self.relay_control(ifindex, &frame, &msg);
+                }
+                self.dirty = true;
+            }
+            Err(e) => self.count_malformed(e),
+        }
+    }
+
+    /// Sends a frame built for Ethernet out of `port`: as is, or as the IP packet it carries
+    /// on an L3 port.
+    fn send_frame(&self, port: u32, frame: &[u8]) -> std::io::Result<()> {
+        if self.l3_ports.contains(&port) {
+            self.socket.send_ip(port, frame.get(14..).unwrap_or_default())
+        } else {
+            self.socket.send(port, frame)
         }
     }
 
@@ -546,7 +588,7 @@ impl Control {
             frame[6..12].copy_from_slice(&self.loop_guard.relay_mac());
         }
         for port in targets.into_iter().filter(|p| !self.decision.standby.contains_key(p)) {
-            match self.socket.send(port, &frame) {
+            match self.send_frame(port, &frame) {
                 Ok(()) => self.counters.relayed += 1,
                 Err(e) => {
                     self.counters.send_errors += 1;
@@ -696,7 +738,9 @@ impl Control {
     }
 
     fn send_query(&mut self, port: u32, source: IpAddr, query: &packet::Query) {
-        let Some(mac) = self.macs.get(&port).copied() else {
+        // An L3 port has no MAC: the query goes out without its Ethernet header.
+        let l3 = self.l3_ports.contains(&port).then_some([0; 6]);
+        let Some(mac) = self.macs.get(&port).copied().or(l3) else {
             return;
         };
         if source.is_ipv6() && source.is_unspecified() {
@@ -713,7 +757,7 @@ impl Control {
             return;
         }
         match packet::build_query(mac, source, query) {
-            Ok(frame) => match self.socket.send(port, &frame) {
+            Ok(frame) => match self.send_frame(port, &frame) {
                 Ok(()) => self.counters.queries_sent += 1,
                 Err(e) => {
                     self.counters.send_errors += 1;

@@ -168,18 +168,18 @@ impl Daemon {
                 iface = %port.name,
                 "attached in generic (skb) mode because native XDP failed: {reason}"
             ),
+            None if mode == relay_common::AttachMode::Tc => tracing::info!(
+                iface = %port.name,
+                ifindex = port.index,
+                kind = port.kind.as_deref().unwrap_or("?"),
+                l3 = !port.ether,
+                "attached in TC mode: the device cannot transmit XDP redirects (no \
+                 ndo_xdp_xmit), so the TC program copies to it{}",
+                if port.ether { "" } else { "; routed port: TTL decremented on the way through" }
+            ),
             None => {
                 tracing::info!(iface = %port.name, ifindex = port.index, mode = mode.as_str(), "attached")
             }
-        }
-        if port.native_xdp() == Some(false) {
-            tracing::warn!(
-                iface = %port.name,
-                kind = port.kind.as_deref().unwrap_or("?"),
-                "this device cannot transmit XDP redirects (no ndo_xdp_xmit): data from other \
-                 ports does not reach it (the TC path that would copy to it is not built yet); \
-                 data it receives is relayed. `mcrelay ports` shows receives_copies: false"
-            );
         }
         if port.is_veth() {
             tracing::info!(
@@ -196,6 +196,7 @@ impl Daemon {
             mac: port.mac,
             per_client: self.plan.settings.is_per_client(&port.name),
             upstream: self.plan.settings.is_upstream(&port.name),
+            l3: !port.ether,
         };
         self.control.add_port(self.start.elapsed(), spec, opts);
         Ok(())

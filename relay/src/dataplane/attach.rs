@@ -1,5 +1,11 @@
-//! Ports: attaching the XDP program, pinning and adopting its links, and the per-port maps
-//! (`PORTS`, `PORT_STATS`, `FLOOD_PORTS`).
+//! Ports: attaching the XDP and TC programs, pinning and adopting their links, and the
+//! per-port maps (`PORTS`, `PORT_STATS`, `FLOOD_PORTS`, `TC_PORTS`).
+//!
+//! Which program goes where (docs/architecture.md, "The TC path"): a device that cannot take
+//! XDP redirects (`Link::native_xdp() == Some(false)`: tun, WireGuard, VXLAN, bridges, VLAN
+//! subinterfaces, ...) gets the TC program alone (`AttachMode::Tc`); every other port gets the
+//! XDP program and, behind it, the TC program (tcx ingress), which copies the data the XDP
+//! program hands over for groups with members only TC reaches.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -10,12 +16,16 @@ use std::{
 use aya::{
     maps::{DevMapHash, HashMap, MapData, PerCpuHashMap, PerCpuValues},
     programs::{
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
         xdp::{XdpLink, XdpLinkId},
-        Xdp, XdpMode as KernelXdpMode,
+        SchedClassifier, TcAttachType, Xdp, XdpMode as KernelXdpMode,
     },
 };
-use relay_common::{AttachMode, PortCounters, PortInfo, PORT_ROLE_ROUTER};
+use relay_common::{
+    AttachMode, PortCounters, PortInfo, PORT_ROLE_ROUTER, TC_PORT_ATTACHED, TC_PORT_L3,
+    TC_TARGET_L3, TC_TARGET_NO_XDP,
+};
 
 use super::{
     error::{DataplaneError, KernelContext as _},
@@ -39,6 +49,16 @@ pub fn unpin_link(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Where the TC links are pinned, next to the XDP links' directory.
+pub const TC_LINKS: &str = "tc-links";
+
+/// The two TC programs: the whole program for ports in TC mode, the hand-over copier behind
+/// XDP on the others.
+pub struct TcPrograms<'a> {
+    pub tc_mode: &'a mut SchedClassifier,
+    pub handover: &'a mut SchedClassifier,
+}
+
 /// A port the program is attached to.
 #[derive(Debug)]
 pub struct AttachedPort {
@@ -46,14 +66,20 @@ pub struct AttachedPort {
     pub mode: AttachMode,
     /// Taken over from a previous daemon's pinned link (not attached by this one).
     pub adopted: bool,
-    port_link: PortLink,
+    /// The XDP link (none in TC mode).
+    port_link: Option<PortLink>,
+    /// The TC (tcx ingress) link: the whole program in TC mode, the copier behind XDP
+    /// otherwise (none when tcx is not available).
+    tc_link: Option<PortLink>,
 }
 
-/// Who keeps a port's XDP link alive.
+/// Who keeps a port's link alive.
 #[derive(Debug)]
 enum PortLink {
-    /// The loaded program (no pins): dropping the dataplane detaches it.
+    /// The loaded XDP program (no pins): dropping the dataplane detaches it.
     Owned(XdpLinkId),
+    /// A loaded TC program (no pins): the hand-over program's when `behind_xdp`.
+    OwnedTc { id: SchedClassifierLinkId, behind_xdp: bool },
     /// A pin in bpffs: the link survives the daemon; removing the pin detaches it.
     Pinned(PathBuf),
 }
@@ -63,6 +89,8 @@ pub struct Ports {
     info: HashMap<MapData, u32, PortInfo>,
     stats: PerCpuHashMap<MapData, u32, PortCounters>,
     flood: DevMapHash<MapData>,
+    /// `TC_PORTS`: the `TC_PORT_*` bits of the ports in TC mode.
+    tc_ports: HashMap<MapData, u32, u32>,
     attached: BTreeMap<u32, AttachedPort>,
     /// Router ports as last set (`PORT_ROLE_ROUTER` in [`PortInfo::role`]).
     routers: BTreeSet<u32>,
@@ -84,12 +112,14 @@ impl Ports {
         info: HashMap<MapData, u32, PortInfo>,
         stats: PerCpuHashMap<MapData, u32, PortCounters>,
         flood: DevMapHash<MapData>,
+        tc_ports: HashMap<MapData, u32, u32>,
         pin_dir: Option<&Path>,
     ) -> Self {
         Self {
             info,
             stats,
             flood,
+            tc_ports,
             attached: BTreeMap::new(),
             routers: BTreeSet::new(),
             standby: BTreeMap::new(),
@@ -118,9 +148,155 @@ impl Ports {
         Ok(total)
     }
 
-    /// Attaches `program` to `link` in the requested mode and registers the port. Returns
-    /// the mode used and, for `auto`, why native mode was not possible.
+    /// Whether some attached port is in TC mode.
+    pub fn any_tc(&self) -> bool {
+        self.attached.values().any(|p| p.mode == AttachMode::Tc)
+    }
+
+    /// The `TC_TARGET_*` bits of a port as a copy target of the TC program.
+    pub fn tc_target_flags(&self, ifindex: u32) -> u32 {
+        let Some(port) = self.attached.get(&ifindex) else { return 0 };
+        let l3 = if port.link.ether { 0 } else { TC_TARGET_L3 };
+        let no_xdp = if port.mode == AttachMode::Tc || port.link.native_xdp() == Some(false) {
+            TC_TARGET_NO_XDP
+        } else {
+            0
+        };
+        l3 | no_xdp
+    }
+
+    /// Attaches the programs to `link` and registers the port: the TC program alone for a
+    /// device that cannot take XDP redirects, else the XDP program in the requested mode with
+    /// the TC program behind it. Returns the mode used and, for `auto`, why native mode was not
+    /// possible.
     pub fn attach(
+        &mut self,
+        xdp: &mut Xdp,
+        tc: TcPrograms<'_>,
+        link: &Link,
+        mode: XdpMode,
+    ) -> Result<(AttachMode, Option<String>), DataplaneError> {
+        if link.native_xdp() == Some(false) {
+            return self.attach_tc_mode(tc.tc_mode, link);
+        }
+        let used = self.attach_xdp(xdp, link, mode)?;
+        // The copier behind XDP: without it, groups with members in TC mode miss the data
+        // arriving here (the XDP program hands it over), nothing else changes.
+        match self.attach_tc(tc.handover, link, true) {
+            Ok(tc_link) => {
+                if let Some(port) = self.attached.get_mut(&link.index) {
+                    port.tc_link = Some(tc_link);
+                }
+            }
+            Err(e) => tracing::warn!(
+                iface = %link.name,
+                "cannot attach the TC program behind XDP ({e}): ports in TC mode get no copies \
+                 of data arriving here"
+            ),
+        }
+        Ok(used)
+    }
+
+    /// Attaches the TC program alone (TC mode) and registers the port.
+    fn attach_tc_mode(
+        &mut self,
+        tc: &mut SchedClassifier,
+        link: &Link,
+    ) -> Result<(AttachMode, Option<String>), DataplaneError> {
+        // A previous daemon of an older version may have left an XDP link here.
+        if let Some(path) = self.link_pin(link.index).filter(|p| p.exists()) {
+            let _ = unpin_link(&path);
+        }
+        let adopted = self.tc_link_pin(link.index).is_some_and(|p| p.exists());
+        let tc_link = self.attach_tc(tc, link, false)?;
+        let adopted = adopted && matches!(tc_link, PortLink::Pinned(_));
+        self.attached.insert(
+            link.index,
+            AttachedPort {
+                link: link.clone(),
+                mode: AttachMode::Tc,
+                adopted,
+                port_link: None,
+                tc_link: Some(tc_link),
+            },
+        );
+        let registered = if adopted {
+            self.register_adopted(link.index, &link.name, AttachMode::Tc)
+        } else {
+            self.register(link.index, &link.name, AttachMode::Tc)
+        };
+        if let Err(e) = registered {
+            self.detach_links(link.index, None, Some(tc), None);
+            self.forget(link.index);
+            return Err(e);
+        }
+        Ok((AttachMode::Tc, None))
+    }
+
+    /// Where the TC link of a port is pinned (`None` without pins).
+    fn tc_link_pin(&self, ifindex: u32) -> Option<PathBuf> {
+        self.pin_dir.as_ref().map(|d| d.join(TC_LINKS).join(ifindex.to_string()))
+    }
+
+    /// Attaches a TC program (`behind_xdp`: the hand-over one) to the tcx ingress of `link`,
+    /// or takes over the pinned link a previous daemon left there (program replaced
+    /// atomically).
+    fn attach_tc(
+        &mut self,
+        tc: &mut SchedClassifier,
+        link: &Link,
+        behind_xdp: bool,
+    ) -> Result<PortLink, DataplaneError> {
+        let pin = self.tc_link_pin(link.index);
+        if let Some(path) = pin.as_ref().filter(|p| p.exists()) {
+            let adopted = (|| -> Result<(), DataplaneError> {
+                let fd_link =
+                    FdLink::from(PinnedLink::from_pin(path).kernel("opening the pinned TC link")?);
+                let tc_link =
+                    SchedClassifierLink::try_from(fd_link).kernel("using the pinned TC link")?;
+                let id = tc.attach_to_link(tc_link).kernel("replacing the TC program")?;
+                drop(tc.take_link(id).kernel("releasing the TC link")?);
+                Ok(())
+            })();
+            match adopted {
+                Ok(()) => {
+                    tracing::info!(iface = %link.name, "adopted the pinned TC link (program replaced atomically)");
+                    return Ok(PortLink::Pinned(path.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(iface = %link.name, "cannot adopt {}: {e}; attaching anew", path.display());
+                    let _ = unpin_link(path);
+                }
+            }
+        }
+        let id = tc
+            .attach_with_options(
+                &link.name,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| DataplaneError::Attach {
+                iface: link.name.clone(),
+                mode: "tc",
+                reason: error_chain(&e),
+                hint: " (TC mode needs tcx, Linux 6.6 or later)",
+            })?;
+        let Some(path) = pin.filter(|_| self.pin_links) else {
+            return Ok(PortLink::OwnedTc { id, behind_xdp });
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).kernel(format!("creating {}", dir.display()))?;
+            paths::restrict(dir, true).kernel(format!("restricting {}", dir.display()))?;
+        }
+        let context = format!("pinning the TC link of {}", link.name);
+        let tc_link = tc.take_link(id).kernel(context.clone())?;
+        let fd_link = FdLink::try_from(tc_link).kernel(context.clone())?;
+        fd_link.pin(&path).kernel(context)?;
+        Ok(PortLink::Pinned(path))
+    }
+
+    /// Attaches the XDP program to `link` in the requested mode and registers the port.
+    fn attach_xdp(
         &mut self,
         program: &mut Xdp,
         link: &Link,
@@ -184,10 +360,17 @@ impl Ports {
         };
         self.attached.insert(
             link.index,
-            AttachedPort { link: link.clone(), mode: used, adopted: false, port_link },
+            AttachedPort {
+                link: link.clone(),
+                mode: used,
+                adopted: false,
+                port_link: Some(port_link),
+                tc_link: None,
+            },
         );
         if let Err(e) = self.register(link.index, &link.name, used) {
-            self.detach(program, link.index);
+            self.detach_links(link.index, Some(program), None, None);
+            self.forget(link.index);
             return Err(e);
         }
         Ok((used, fallback_reason))
@@ -259,7 +442,8 @@ impl Ports {
                     link: link.clone(),
                     mode,
                     adopted: true,
-                    port_link: PortLink::Pinned(path.clone()),
+                    port_link: Some(PortLink::Pinned(path.clone())),
+                    tc_link: None,
                 },
             );
             self.register_adopted(link.index, &link.name, mode)?;
@@ -283,7 +467,8 @@ impl Ports {
     /// interfaces that are gone or no longer wanted): that detaches them. Also drops their
     /// entries from PORTS, PORT_STATS and FLOOD_PORTS.
     pub fn prune_stale(&mut self) {
-        if let Some(dir) = self.pin_dir.as_ref().map(|d| d.join(pins::LINKS)) {
+        let dirs = self.pin_dir.as_ref().map(|d| [d.join(pins::LINKS), d.join(TC_LINKS)]);
+        for dir in dirs.into_iter().flatten() {
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for entry in entries.flatten() {
                     let stale = entry
@@ -345,27 +530,53 @@ impl Ports {
             .kernel("sizing PORT_STATS")?;
         self.stats.insert(ifindex, zero, 0).kernel("creating the PORT_STATS entry")?;
         self.flood.insert(ifindex, ifindex, None, 0).kernel("writing FLOOD_PORTS")?;
+        if mode == AttachMode::Tc {
+            let l3 = self.attached.get(&ifindex).is_some_and(|p| !p.link.ether);
+            let bits = TC_PORT_ATTACHED | if l3 { TC_PORT_L3 } else { 0 };
+            self.tc_ports.insert(ifindex, bits, 0).kernel("writing TC_PORTS")?;
+        }
         Ok(())
     }
 
-    /// Detaches the program from a port and forgets the port in the maps (best effort).
-    pub fn detach(&mut self, program: &mut Xdp, ifindex: u32) {
-        if let Some(port) = self.attached.remove(&ifindex) {
-            match port.port_link {
-                PortLink::Owned(id) => {
-                    if let Err(e) = program.detach(id) {
-                        tracing::warn!(iface = %port.link.name, "detaching: {e}");
+    /// Detaches the programs from a port and forgets the port in the maps (best effort).
+    pub fn detach(&mut self, xdp: &mut Xdp, tc: TcPrograms<'_>, ifindex: u32) {
+        self.detach_links(ifindex, Some(xdp), Some(tc.tc_mode), Some(tc.handover));
+        self.forget(ifindex);
+    }
+
+    /// Releases the links of a port: owned links through their program, pinned ones by
+    /// removing the pin (the last reference).
+    fn detach_links(
+        &mut self,
+        ifindex: u32,
+        mut xdp: Option<&mut Xdp>,
+        mut tc: Option<&mut SchedClassifier>,
+        mut handover: Option<&mut SchedClassifier>,
+    ) {
+        let Some(port) = self.attached.remove(&ifindex) else { return };
+        let name = &port.link.name;
+        for link in [port.port_link, port.tc_link].into_iter().flatten() {
+            let result = match link {
+                PortLink::Owned(id) => match xdp.as_deref_mut() {
+                    Some(program) => program.detach(id).map_err(|e| e.to_string()),
+                    None => Ok(()),
+                },
+                PortLink::OwnedTc { id, behind_xdp } => {
+                    let program =
+                        if behind_xdp { handover.as_deref_mut() } else { tc.as_deref_mut() };
+                    match program {
+                        Some(program) => program.detach(id).map_err(|e| e.to_string()),
+                        None => Ok(()),
                     }
                 }
-                // Removing the last reference (the pin) detaches a pinned link.
                 PortLink::Pinned(path) => {
-                    if let Err(e) = unpin_link(&path) {
-                        tracing::warn!(iface = %port.link.name, "unpinning {}: {e}", path.display());
-                    }
+                    unpin_link(&path).map_err(|e| format!("unpinning {}: {e}", path.display()))
                 }
+            };
+            if let Err(e) = result {
+                tracing::warn!(iface = %name, "detaching: {e}");
             }
         }
-        self.forget(ifindex);
     }
 
     /// Records the standby reason bits of every attached port in `PORTS` (for the CLI).
@@ -405,6 +616,7 @@ impl Ports {
     }
 
     fn forget(&mut self, ifindex: u32) {
+        let _ = self.tc_ports.remove(&ifindex);
         let _ = self.info.remove(&ifindex);
         let _ = self.stats.remove(&ifindex);
         let _ = self.flood.remove(ifindex);

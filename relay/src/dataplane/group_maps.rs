@@ -1,5 +1,7 @@
 //! The group map writer: `GROUP_PORTS`, a HASH_OF_MAPS from [`GroupKey`] to an inner
-//! DEVMAP_HASH holding the port set.
+//! DEVMAP_HASH holding the port set, and `GROUP_TC_PORTS`, the same port sets as arrays for
+//! the TC program (which cannot walk a devmap), written in the same round right after
+//! `GROUP_PORTS` for the keys written there.
 //!
 //! A change builds a new inner map and swaps it in with one outer-map write, so a packet sees
 //! the old port set or the new one, never a half-built one. Every syscall write of a
@@ -15,10 +17,12 @@ use std::{
 };
 
 use aya::{
-    maps::{of_maps::HashOfMaps, DevMapHash, Map, MapData},
+    maps::{of_maps::HashOfMaps, DevMapHash, HashMap, Map, MapData},
     programs::ProgramFd,
 };
-use relay_common::{GroupKey, BPF_MAP_TYPE_DEVMAP_HASH, DEVMAP_VALUE_SIZE, MAX_PORTS_PER_GROUP};
+use relay_common::{
+    GroupKey, TcPorts, BPF_MAP_TYPE_DEVMAP_HASH, DEVMAP_VALUE_SIZE, MAX_PORTS_PER_GROUP,
+};
 
 use super::{
     error::{DataplaneError, KernelContext as _},
@@ -41,6 +45,8 @@ pub struct GroupMaps {
     outer: HashOfMaps<MapData, GroupKey, DevMapHash<MapData>>,
     /// The fd of `outer` (for the batch calls aya does not have).
     outer_fd: RawFd,
+    /// `GROUP_TC_PORTS`: the same keys, the port sets as [`TcPorts`] arrays.
+    tc: HashMap<MapData, GroupKey, TcPorts>,
     /// The inner-map keys (ports, per-client keys) of every entry, as written. The inner maps
     /// themselves are not kept open: the outer map holds the only reference, so the daemon's
     /// descriptors do not grow with the number of groups.
@@ -53,13 +59,17 @@ pub struct GroupMaps {
 
 impl GroupMaps {
     /// Wraps the map; with `adopted`, takes over the entries a previous daemon left.
-    pub fn new(outer: Map, adopted: bool) -> Result<Self, DataplaneError> {
+    pub fn new(
+        outer: Map,
+        tc: HashMap<MapData, GroupKey, TcPorts>,
+        adopted: bool,
+    ) -> Result<Self, DataplaneError> {
         let Map::HashOfMaps(data) = outer else {
             return Err(DataplaneError::Missing("GROUP_PORTS of type HASH_OF_MAPS".into()));
         };
         let outer_fd = data.fd().as_fd().as_raw_fd();
         let outer = HashOfMaps::try_from(Map::HashOfMaps(data)).kernel("opening GROUP_PORTS")?;
-        let mut maps = Self { outer, outer_fd, inner: BTreeMap::new(), last_publish: None };
+        let mut maps = Self { outer, outer_fd, tc, inner: BTreeMap::new(), last_publish: None };
         if adopted {
             let keys: Vec<GroupKey> = maps.outer.keys().filter_map(Result::ok).collect();
             for key in keys {
@@ -94,8 +104,8 @@ impl GroupMaps {
     }
 
     /// Builds an inner map holding `entries` (at most [`MAX_PORTS_PER_GROUP`]; the rest are
-    /// left out with a warning).
-    pub fn build(entries: &[InnerEntry<'_>]) -> Result<InnerMap, DataplaneError> {
+    /// left out with a warning), to be written with `tc`, the TC program's array of the set.
+    pub fn build(entries: &[InnerEntry<'_>], tc: TcPorts) -> Result<InnerMap, DataplaneError> {
         let mut entries = entries;
         if entries.len() > MAX_PORTS_PER_GROUP as usize {
             tracing::warn!(
@@ -119,7 +129,7 @@ impl GroupMaps {
         for e in entries {
             inner.insert(e.key, e.ifindex, e.program, 0).kernel("filling a group port set")?;
         }
-        Ok(InnerMap { map: inner, fd, keys: entries.iter().map(|e| e.key).collect() })
+        Ok(InnerMap { map: inner, fd, keys: entries.iter().map(|e| e.key).collect(), tc })
     }
 
     /// Writes a round of changes: `sets` replace (or create) entries, `removes` delete them.
@@ -135,6 +145,15 @@ impl GroupMaps {
             removes.into_iter().filter(|k| self.inner.contains_key(k)).collect();
         if !removes.is_empty() {
             self.last_publish = Some(Instant::now());
+            for key in &removes {
+                // Gone from the TC path first: a group without members gets no copies there.
+                match self.tc.remove(key) {
+                    Err(e) if !is_not_found(&e) => {
+                        tracing::warn!("removing a GROUP_TC_PORTS entry: {e}");
+                    }
+                    _ => {}
+                }
+            }
             match delete_batch(outer_fd, &removes) {
                 Ok(()) => removes.iter().for_each(|k| {
                     self.inner.remove(k);
@@ -158,10 +177,12 @@ impl GroupMaps {
             self.last_publish = Some(Instant::now());
             let keys: Vec<GroupKey> = sets.iter().map(|(k, _)| *k).collect();
             let fds: Vec<u32> = sets.iter().map(|(_, m)| m.fd as u32).collect();
+            let mut written = Vec::with_capacity(sets.len());
             match update_batch(outer_fd, &keys, &fds) {
                 Ok(()) => {
                     for (key, map) in sets {
                         self.inner.insert(key, map.keys);
+                        written.push((key, map.tc));
                     }
                 }
                 Err(e) => {
@@ -170,10 +191,18 @@ impl GroupMaps {
                         match self.outer.insert(key, &map.map, 0) {
                             Ok(()) => {
                                 self.inner.insert(key, map.keys);
+                                written.push((key, map.tc));
                             }
                             Err(e) => failed.push((key, kernel_error("writing GROUP_PORTS", e))),
                         }
                     }
+                }
+            }
+            // The TC program's copy of each set written. A failure is reported for the key
+            // (the reconciler writes it again, both maps).
+            for (key, tc) in written {
+                if let Err(e) = self.tc.insert(key, tc, 0) {
+                    failed.push((key, kernel_error("writing GROUP_TC_PORTS", e)));
                 }
             }
         }
@@ -188,6 +217,8 @@ pub struct InnerMap {
     fd: RawFd,
     /// The keys written into it.
     keys: Vec<u32>,
+    /// The same set for the TC program.
+    tc: TcPorts,
 }
 
 fn kernel_error(context: &str, e: aya::maps::MapError) -> DataplaneError {

@@ -4,8 +4,8 @@
 //! | module | what it does |
 //! | --- | --- |
 //! | `mod.rs` | loading the object and pinning its maps; the facade the daemon uses |
-//! | [`attach`] | attaching the XDP program, pinned links, adoption, `PORTS`/`PORT_STATS`/`FLOOD_PORTS` |
-//! | [`group_maps`] | the `GROUP_PORTS` writer (inner-map swaps, batches, exact per-key outcome) |
+//! | [`attach`] | attaching the XDP and TC programs, pinned links, adoption, `PORTS`/`PORT_STATS`/`FLOOD_PORTS`/`TC_PORTS` |
+//! | [`group_maps`] | the `GROUP_PORTS` + `GROUP_TC_PORTS` writer (inner-map swaps, batches, exact per-key outcome) |
 //! | [`kernel_config`] | `CONFIG` and `ROUTER_PORTS` |
 //! | [`clients`] | per-client delivery: the egress program and its maps |
 //! | [`sys`] | raw `bpf(2)` calls aya 0.14 lacks, error helpers |
@@ -29,14 +29,17 @@ use std::{
 pub use attach::AttachedPort;
 use aya::{
     maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, Map, MapData, PerCpuHashMap},
-    programs::Xdp,
+    programs::{Program, Xdp},
     Ebpf, EbpfLoader,
 };
 pub use clients::{CLIENT_KEY_BIT, CLIENT_OBJECT, CLIENT_PROGRAM};
 pub use error::DataplaneError;
 use error::KernelContext as _;
 use group_maps::{GroupMaps, InnerEntry};
-use relay_common::{AttachMode, GroupKey, PortCounters, PortInfo, UnknownPolicy, MAX_PORTS};
+use relay_common::{
+    AttachMode, GroupKey, PortCounters, PortInfo, TcPorts, TcTarget, UnknownPolicy,
+    CONFIG_F_TC_PORTS, MAX_PORTS, MAX_TC_TARGETS, TC_TARGET_ETHERNET, TC_TARGET_L3,
+};
 
 use crate::{
     options::XdpMode,
@@ -50,12 +53,23 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// Name of the XDP entry point in the object.
 pub const XDP_PROGRAM: &str = "mcrelay_xdp";
+/// Name of the TC (tcx ingress) entry point for ports in TC mode.
+pub const TC_PROGRAM: &str = "mcrelay_tc";
+/// Name of the TC entry point behind the XDP program (copies what XDP hands over).
+pub const TC_HANDOVER_PROGRAM: &str = "mcrelay_tc_handover";
+
+/// The TC program's port sets (pin name = map name).
+const GROUP_TC_PORTS: &str = "GROUP_TC_PORTS";
+/// The ports in TC mode (pin name = map name).
+const TC_PORTS: &str = "TC_PORTS";
 
 /// `BPF_MAP_TYPE_HASH`.
 const BPF_MAP_TYPE_HASH: u32 = 1;
 
 /// Maps of the object that are pinned (and reused by the next daemon).
-const OBJECT_MAPS: [&str; 11] = [
+const OBJECT_MAPS: [&str; 13] = [
+    GROUP_TC_PORTS,
+    TC_PORTS,
     pins::GROUP_PORTS,
     pins::FLOOD_PORTS,
     pins::ROUTER_PORTS,
@@ -112,6 +126,9 @@ impl Dataplane {
             }
         })?;
         program_mut(&mut ebpf)?.load().kernel("the kernel rejected the XDP program (verifier)")?;
+        let (_, tc) = programs_mut(&mut ebpf)?;
+        tc.tc_mode.load().kernel("the kernel rejected the TC program (verifier)")?;
+        tc.handover.load().kernel("the kernel rejected the TC hand-over program (verifier)")?;
         if let Some(dir) = pin_dir {
             // Pins are created 0600; `mcrelay ports/stats` of the `mcrelay` group read them.
             paths::restrict_pin_dir(dir).kernel(format!("restricting {}", dir.display()))?;
@@ -141,7 +158,10 @@ impl Dataplane {
             rate_prefixes: LpmTrie::try_from(take(pins::RATE_PREFIXES)?)
                 .kernel("opening RATE_PREFIXES")?,
         };
-        let groups = GroupMaps::new(take(pins::GROUP_PORTS)?, adopted)?;
+        let tc_groups =
+            HashMap::try_from(take(GROUP_TC_PORTS)?).kernel("opening GROUP_TC_PORTS")?;
+        let tc_ports = HashMap::try_from(take(TC_PORTS)?).kernel("opening TC_PORTS")?;
+        let groups = GroupMaps::new(take(pins::GROUP_PORTS)?, tc_groups, adopted)?;
         let info = ports_map(pin_dir)?;
 
         let mut config =
@@ -152,7 +172,7 @@ impl Dataplane {
             pin_dir: pin_dir.map(Path::to_owned),
             adopted,
             config,
-            ports: attach::Ports::new(info, stats, flood, pin_dir),
+            ports: attach::Ports::new(info, stats, flood, tc_ports, pin_dir),
             groups,
             clients: clients::Clients::default(),
         })
@@ -237,8 +257,16 @@ impl Dataplane {
     /// Attaches the program to `link` in the requested mode and registers the port in the
     /// maps. Returns the mode actually used and, for `auto`, why native mode was not possible.
     pub fn attach(&mut self, link: &Link, mode: XdpMode) -> Result<(AttachMode, Option<String>)> {
-        let program = program_mut(&mut self.ebpf)?;
-        self.ports.attach(program, link, mode)
+        let (xdp, tc) = programs_mut(&mut self.ebpf)?;
+        let attached = self.ports.attach(xdp, tc, link, mode);
+        self.update_tc_flag()?;
+        attached
+    }
+
+    /// `CONFIG_F_TC_PORTS` on while some port is in TC mode.
+    fn update_tc_flag(&mut self) -> Result<()> {
+        let bits = if self.ports.any_tc() { CONFIG_F_TC_PORTS } else { 0 };
+        self.config.set_flags(CONFIG_F_TC_PORTS, bits)
     }
 
     /// Registers a port in the maps without attaching (tests run the program for it).
@@ -251,9 +279,12 @@ impl Dataplane {
         if let Err(e) = self.config.set_port_rate(ifindex, None) {
             tracing::warn!("removing the rate limit of ifindex {ifindex}: {e}");
         }
-        match program_mut(&mut self.ebpf) {
-            Ok(program) => self.ports.detach(program, ifindex),
+        match programs_mut(&mut self.ebpf) {
+            Ok((xdp, tc)) => self.ports.detach(xdp, tc, ifindex),
             Err(e) => tracing::warn!("detaching ifindex {ifindex}: {e}"),
+        }
+        if let Err(e) = self.update_tc_flag() {
+            tracing::warn!("updating the TC flag: {e}");
         }
     }
 
@@ -333,6 +364,31 @@ impl Dataplane {
         }
         out
     }
+
+    /// A port set as the TC program's array: one target per interface (per-client entries
+    /// of a port make one plain copy there), with what the TC program must know about it.
+    fn tc_targets(&self, entries: &[InnerEntry<'_>]) -> TcPorts {
+        let mut out = TcPorts::default();
+        let mut n = 0;
+        for e in entries {
+            if out.targets[..n].iter().any(|t| t.ifindex == e.ifindex) {
+                continue;
+            }
+            if n == MAX_TC_TARGETS {
+                tracing::warn!(
+                    "the TC path copies a group to at most {MAX_TC_TARGETS} ports; the rest get \
+                     no copy of data arriving on TC ports"
+                );
+                break;
+            }
+            let flags = self.ports.tc_target_flags(e.ifindex);
+            out.targets[n] = TcTarget { ifindex: e.ifindex, flags };
+            out.flags |= flags | if flags & TC_TARGET_L3 == 0 { TC_TARGET_ETHERNET } else { 0 };
+            n += 1;
+        }
+        out.count = n as u32;
+        out
+    }
 }
 
 impl GroupWriter for Dataplane {
@@ -344,10 +400,13 @@ impl GroupWriter for Dataplane {
         let mut removes = Vec::new();
         for write in writes {
             match write {
-                GroupWrite::Set(key, ports) => match GroupMaps::build(&self.entries(&ports)) {
-                    Ok(inner) => sets.push((key, inner)),
-                    Err(e) => failed.push((key, e)),
-                },
+                GroupWrite::Set(key, ports) => {
+                    let entries = self.entries(&ports);
+                    match GroupMaps::build(&entries, self.tc_targets(&entries)) {
+                        Ok(inner) => sets.push((key, inner)),
+                        Err(e) => failed.push((key, e)),
+                    }
+                }
                 GroupWrite::Remove(key) => removes.push(key),
             }
         }
@@ -428,7 +487,7 @@ pub fn unpin_links_under(dir: &Path, depth: usize) {
         if !path.is_dir() {
             continue;
         }
-        if entry.file_name() == pins::LINKS {
+        if entry.file_name() == pins::LINKS || entry.file_name() == attach::TC_LINKS {
             for link in std::fs::read_dir(&path).into_iter().flatten().flatten() {
                 if let Err(e) = attach::unpin_link(&link.path()) {
                     tracing::warn!("unpinning {}: {e}", link.path().display());
@@ -438,6 +497,27 @@ pub fn unpin_links_under(dir: &Path, depth: usize) {
             unpin_links_under(&path, depth - 1);
         }
     }
+}
+
+/// The XDP and the two TC programs at once.
+fn programs_mut(ebpf: &mut Ebpf) -> Result<(&mut Xdp, attach::TcPrograms<'_>)> {
+    let (mut xdp, mut tc, mut handover) = (None, None, None);
+    for (name, program) in ebpf.programs_mut() {
+        match (name, program) {
+            (XDP_PROGRAM, Program::Xdp(p)) => xdp = Some(p),
+            (TC_PROGRAM, Program::SchedClassifier(p)) => tc = Some(p),
+            (TC_HANDOVER_PROGRAM, Program::SchedClassifier(p)) => handover = Some(p),
+            _ => {}
+        }
+    }
+    let missing = |name: &str| DataplaneError::Missing(format!("program {name}"));
+    Ok((
+        xdp.ok_or_else(|| missing(XDP_PROGRAM))?,
+        attach::TcPrograms {
+            tc_mode: tc.ok_or_else(|| missing(TC_PROGRAM))?,
+            handover: handover.ok_or_else(|| missing(TC_HANDOVER_PROGRAM))?,
+        },
+    ))
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp> {

@@ -1,0 +1,199 @@
+//! Routed (L3) ports end to end with real OpenVPN in `dev tun` mode (TLS, `topology subnet`,
+//! clients in their own namespaces; see `mcrelay_tests::openvpn`, option `tun`). mcrelay runs on
+//! the gateway with a LAN veth and the server's tun: the tun is attached in TC mode, the LAN
+//! veth in XDP with the TC program behind it. Memberships are learned from the hosts' own IGMP
+//! (over the tunnel for the client: the server's tun carries IP packets without a MAC header).
+//!
+//! Senders use TTL 8: a routed hop decrements it (to 7 on the far side) and TTL 1 is not
+//! forwarded (`drop_ttl`).
+
+use std::{net::IpAddr, thread, time::Duration};
+
+use mcrelay_tests::{
+    addr,
+    daemon::{ports_json, stats_json, wait_member},
+    openvpn::{VpnBed, VpnClient, VpnOptions},
+    port_counter, require_testbed,
+    topology::Host,
+    McastReceiver, McastSender, Mcrelay, NetNs, WireObserver,
+};
+
+const PORT: u16 = 5000;
+const COUNT: u64 = 50;
+const INTERVAL: Duration = Duration::from_millis(2);
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(20);
+const MEMBER_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long to keep watching after everything expected arrived, for duplicates and leaks.
+const QUIET: Duration = Duration::from_millis(700);
+/// The senders' TTL / hop limit.
+const HOPS: u32 = 8;
+const TIMERS: [&str; 6] =
+    ["--query-interval", "5", "--query-response-interval", "1", "--last-member-interval", "0.2"];
+
+/// A routed bed: one LAN host, one VPN client over `dev tun`.
+fn bed(tag: &str) -> VpnBed {
+    VpnBed::new(tag, VpnOptions { tun: true, lan_hosts: 1, clients: 1, ..VpnOptions::default() })
+}
+
+fn start_relay(bed: &VpnBed, extra: &[String]) -> Mcrelay {
+    let mut args = vec!["run".to_string()];
+    args.extend(bed.iface_args());
+    args.extend(TIMERS.iter().map(|s| s.to_string()));
+    args.extend(extra.iter().cloned());
+    Mcrelay::start_ready(&bed.gw, &args)
+}
+
+fn counter(gw: &NetNs, iface: &str, key: &str) -> u64 {
+    port_counter(&stats_json(gw), iface, "packets", key)
+}
+
+fn send(ns: &NetNs, iface: &str, group: IpAddr, hops: u32) {
+    McastSender::new(ns, iface).with_hop_limit(hops).send_numbered(group, PORT, COUNT, INTERVAL);
+}
+
+/// Every datagram arrived exactly once, and the wire saw them with TTL / hop limit `hops`.
+fn expect_all(rx: &McastReceiver, wire: &WireObserver, group: IpAddr, hops: u8) {
+    assert_eq!(rx.wait_for(COUNT, DELIVERY_TIMEOUT), COUNT, "{rx}: datagrams received");
+    thread::sleep(QUIET);
+    assert_eq!(rx.count(), COUNT, "{rx}: duplicates");
+    assert_eq!(rx.distinct(), COUNT, "{rx}: distinct datagrams");
+    wire.check_thread();
+    assert_eq!(
+        wire.hop_limits(group).into_iter().collect::<Vec<_>>(),
+        vec![hops],
+        "{wire}: TTL / hop limit of {group} (sent with {HOPS}, one routed hop)"
+    );
+}
+
+/// (a) A LAN sender's group reaches the tun client that joined (its IGMP report learned on the
+/// server's tun), TTL decremented once; (c) TTL 1 is not forwarded and counted as `drop_ttl`;
+/// (d) `mcrelay ports --json` shows the tun in mode `tc`.
+///
+/// IPv6: an OpenVPN server in tun mode silently drops every packet from a client whose source
+/// is link-local ("add address learning" is a TODO in its multi.c), and MLD reports always
+/// have one: no MLD membership can be learned over `dev tun`. The IPv6 case therefore makes the
+/// tun a static member of the group.
+fn lan_to_tun_client(tag: &str, group: IpAddr) {
+    let bed = bed(tag);
+    let h0: &Host = &bed.lan[0];
+    let c0: &VpnClient = &bed.clients[0];
+    let tun = bed.servers[0].tap.clone();
+    let statics = if group.is_ipv6() {
+        vec!["--static".to_string(), format!("{group}@{tun}")]
+    } else {
+        vec![]
+    };
+    let _relay = start_relay(&bed, &statics);
+
+    let doc = ports_json(&bed.gw);
+    let port = doc["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["iface"] == tun.as_str())
+        .unwrap_or_else(|| panic!("{tun} missing from mcrelay ports: {doc}"));
+    assert_eq!(port["mode"], "tc", "{tun}: {port}");
+    assert_eq!(port["receives_copies"], true, "{tun}: {port}");
+
+    let wire = WireObserver::new(&c0.ns, &c0.tap);
+    let rx = McastReceiver::join(&c0.ns, group, PORT, &c0.tap);
+    wait_member(&bed.gw, group, &tun, MEMBER_TIMEOUT);
+
+    send(&h0.ns, &h0.iface, group, HOPS);
+    expect_all(&rx, &wire, group, HOPS as u8 - 1);
+    assert_eq!(counter(&bed.gw, &h0.gw_port, "forwarded"), COUNT, "forwarded on {}", h0.gw_port);
+
+    send(&h0.ns, &h0.iface, group, 1);
+    thread::sleep(QUIET);
+    assert_eq!(rx.count(), COUNT, "{rx}: datagrams with TTL 1 arrived through a routed hop");
+    assert_eq!(counter(&bed.gw, &h0.gw_port, "drop_ttl"), COUNT, "drop_ttl on {}", h0.gw_port);
+}
+
+/// (b) The tun client's multicast reaches a LAN receiver that joined (an Ethernet header put
+/// in front of it), TTL decremented once; (c) TTL 1 from the tunnel is not forwarded.
+fn tun_client_to_lan(tag: &str, group: IpAddr) {
+    let bed = bed(tag);
+    let h0: &Host = &bed.lan[0];
+    let c0: &VpnClient = &bed.clients[0];
+    let tun = bed.servers[0].tap.clone();
+    let _relay = start_relay(&bed, &[]);
+
+    let wire = WireObserver::new(&h0.ns, &h0.iface);
+    let rx = McastReceiver::join(&h0.ns, group, PORT, &h0.iface);
+    wait_member(&bed.gw, group, &h0.gw_port, MEMBER_TIMEOUT);
+
+    send(&c0.ns, &c0.tap, group, HOPS);
+    expect_all(&rx, &wire, group, HOPS as u8 - 1);
+    assert_eq!(counter(&bed.gw, &tun, "forwarded"), COUNT, "forwarded on {tun}");
+
+    send(&c0.ns, &c0.tap, group, 1);
+    thread::sleep(QUIET);
+    assert_eq!(rx.count(), COUNT, "{rx}: datagrams with TTL 1 arrived through a routed hop");
+    assert_eq!(counter(&bed.gw, &tun, "drop_ttl"), COUNT, "drop_ttl on {tun}");
+}
+
+#[test]
+fn lan_sender_reaches_tun_client_ipv4() {
+    require_testbed!("openvpn", "openssl", "ping");
+    lan_to_tun_client("rtl4", addr("239.30.1.1"));
+}
+
+#[test]
+fn tun_client_sender_reaches_lan_receiver_ipv4() {
+    require_testbed!("openvpn", "openssl", "ping");
+    tun_client_to_lan("rtc4", addr("239.30.2.1"));
+}
+
+#[test]
+fn lan_sender_reaches_tun_client_ipv6() {
+    require_testbed!("openvpn", "openssl", "ping");
+    lan_to_tun_client("rtl6", addr("ff1e::30:1:1"));
+}
+
+#[test]
+fn tun_client_sender_reaches_lan_receiver_ipv6() {
+    require_testbed!("openvpn", "openssl", "ping");
+    tun_client_to_lan("rtc6", addr("ff1e::30:2:1"));
+}
+
+/// The tun's pinned TC link is adopted by the next daemon (forwarding goes on), and a tun that
+/// OpenVPN re-creates (server restart) is attached again in TC mode and relays again.
+#[test]
+fn tun_port_survives_daemon_restart_and_tun_recreation() {
+    require_testbed!("openvpn", "openssl", "ping");
+    let group = addr("239.30.3.1");
+    let mut bed = bed("rtr");
+    let tun = bed.servers[0].tap.clone();
+    let mut relay = start_relay(&bed, &[]);
+    let rx = McastReceiver::join(&bed.clients[0].ns, group, PORT, &bed.clients[0].tap);
+    wait_member(&bed.gw, group, &tun, MEMBER_TIMEOUT);
+
+    // A new daemon takes the pinned links over.
+    relay.stop();
+    let relay = start_relay(&bed, &[]);
+    send(&bed.lan[0].ns, &bed.lan[0].iface, group, HOPS);
+    assert_eq!(rx.wait_for(COUNT, DELIVERY_TIMEOUT), COUNT, "{rx}: after the daemon restart");
+    let stderr = relay.stderr();
+    assert!(stderr.contains("adopted the pinned TC link"), "{stderr}");
+
+    // OpenVPN restarts: the tun goes away and comes back under the same name.
+    bed.stop_server(0);
+    bed.start_server(0);
+    bed.wait_connected();
+    wait_member(&bed.gw, group, &tun, MEMBER_TIMEOUT);
+    let mode = |doc: &mcrelay_tests::serde_json::Value| {
+        mcrelay_tests::daemon::port_entry(doc, &tun).map(|p| p["mode"].clone())
+    };
+    let deadline = std::time::Instant::now() + MEMBER_TIMEOUT;
+    while mode(&ports_json(&bed.gw)) != Some("tc".into()) {
+        assert!(std::time::Instant::now() < deadline, "{tun} not attached again in TC mode");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let before = rx.count();
+    send(&bed.lan[0].ns, &bed.lan[0].iface, group, HOPS);
+    assert_eq!(
+        rx.wait_for(before + COUNT, DELIVERY_TIMEOUT),
+        before + COUNT,
+        "{rx}: after the tun was re-created"
+    );
+}
