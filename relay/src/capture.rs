@@ -30,6 +30,7 @@ enum Label {
     EthIpv6,
     L3,
     L3Ipv4,
+    PortOk,
 }
 
 /// One instruction: a load/ALU (no jump) or a conditional jump to labels, or a label.
@@ -49,7 +50,11 @@ enum Insn {
 ///
 /// Other ICMPv6 (Neighbour Solicitations to solicited-node groups, router advertisements, ...)
 /// stays out: it would only load the control loop. Userspace parses and checks the rest.
-fn filter() -> Vec<libc::sock_filter> {
+///
+/// Only frames that arrived on one of `ports` pass (tested by ifindex up to [`FILTER_PORTS`]
+/// ports): frames on interfaces that are not relay ports never wake the daemon. No port: no
+/// frame.
+fn filter(ports: &[u32]) -> Vec<libc::sock_filter> {
     const LDB: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
     const LDH: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
     const LDW: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
@@ -65,7 +70,19 @@ fn filter() -> Vec<libc::sock_filter> {
     const PIM_HELLO: u32 = 0x20;
     use Insn::{Here, Jump, Op};
     use Label::*;
-    let program = [
+    let mut program = Vec::new();
+    if ports.is_empty() {
+        // No port yet: nothing to take (frames queued now would only be ignored later).
+        return assemble(&[Op(RET, 0)]);
+    }
+    if ports.len() <= FILTER_PORTS {
+        const IFINDEX: u32 = (libc::SKF_AD_OFF + libc::SKF_AD_IFINDEX) as u32;
+        program.push(Op(LDW, IFINDEX));
+        program.extend(ports.iter().map(|&port| Jump(JEQ, port, PortOk, Next)));
+        program.push(Op(RET, 0));
+        program.push(Here(PortOk));
+    }
+    program.extend([
         Op(LDW, HATYPE),
         Jump(JEQ, ARPHRD_NONE, L3, Next),
         Jump(JEQ, ARPHRD_ETHER, Next, Reject),
@@ -111,9 +128,32 @@ fn filter() -> Vec<libc::sock_filter> {
         Op(RET, 0x0004_0000), // whole frame
         Here(Reject),
         Op(RET, 0),
-    ];
+    ]);
     assemble(&program)
 }
+
+/// Attaches (or replaces) the socket's classic BPF filter.
+fn attach_filter(fd: libc::c_int, prog: &[libc::sock_filter]) -> io::Result<()> {
+    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr().cast_mut() };
+    // SAFETY: the option value points at a live sock_fprog whose program outlives the call.
+    check(
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_FILTER,
+                (&raw const fprog).cast(),
+                size_of::<libc::sock_fprog>() as libc::socklen_t,
+            )
+        },
+        "SO_ATTACH_FILTER",
+    )
+    .map(drop)
+}
+
+/// Most ports the filter tests by ifindex (its jumps reach 255 instructions); with more, it
+/// takes frames from every interface and the control plane ignores the others.
+const FILTER_PORTS: usize = 200;
 
 /// Places the instructions and resolves the labels into jump offsets.
 fn assemble(program: &[Insn]) -> Vec<libc::sock_filter> {
@@ -232,21 +272,10 @@ impl ControlSocket {
             )?;
             OwnedFd::from_raw_fd(raw)
         };
-        let prog = filter();
-        let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr().cast_mut() };
+        attach_filter(fd.as_raw_fd(), &filter(&[]))?;
         let one: libc::c_int = 1;
         // SAFETY: option values point at live, correctly sized values.
         unsafe {
-            check(
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_ATTACH_FILTER,
-                    (&raw const fprog).cast(),
-                    size_of::<libc::sock_fprog>() as libc::socklen_t,
-                ),
-                "SO_ATTACH_FILTER",
-            )?;
             // Do not see our own queries.
             check(
                 libc::setsockopt(
@@ -308,6 +337,11 @@ impl ControlSocket {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Lets only frames from `ports` through (all interfaces while `ports` is empty).
+    pub fn set_ports(&self, ports: &[u32]) -> io::Result<()> {
+        attach_filter(self.fd.as_raw_fd(), &filter(ports))
     }
 
     /// Frames the kernel dropped because the receive queue was full, since the last call
@@ -391,7 +425,7 @@ mod tests {
     /// Every jump of the filter lands inside the program, and the program ends in returns.
     #[test]
     fn filter_jumps_stay_inside_the_program() {
-        let program = filter();
+        let program = filter(&[2, 3, 40_000]);
         let jmp = (libc::BPF_JMP) as u16;
         for (pc, insn) in program.iter().enumerate() {
             if insn.code & 0x07 == jmp {

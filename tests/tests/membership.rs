@@ -629,3 +629,25 @@ fn member_timer_ms(doc: &serde_json::Value, group: IpAddr, port: &str) -> Option
         .find(|m| m["port"] == port)?["timer_ms"]
         .as_u64()
 }
+
+/// The control socket takes frames from the relay's ports only: IGMP arriving on an interface
+/// of the gateway that is not a port never reaches the daemon (its cBPF filter tests the
+/// ifindex; before, such frames were read and counted as `control.ignored_other_port`).
+#[test]
+fn control_frames_of_other_interfaces_never_reach_the_daemon() {
+    require_testbed!();
+    let star = Star::new("op", 1);
+    let other = mcrelay_tests::NetNs::new("mcrop-other");
+    mcrelay_tests::veth_pair(&star.gw, "np0", &other, "eth0");
+    other.add_addr("eth0", "198.18.99.2/24");
+    let _relay = star.start_relay(&[]);
+    // The kernel's own reports, on the interface that is not a port...
+    let _elsewhere = McastReceiver::join(&other, addr("239.10.11.1"), PORT, "eth0");
+    // ... and on a port, to know the daemon reads and learns meanwhile.
+    let on_port = addr("239.10.11.2");
+    let _rx = join(&star.hosts[0], on_port);
+    wait_member(&star.gw, on_port, &star.hosts[0].gw_port, DELIVERY_TIMEOUT);
+    thread::sleep(QUIET);
+    let doc = groups(&star.gw);
+    assert_eq!(doc["control"]["ignored_other_port"], 0, "{doc:#}");
+}

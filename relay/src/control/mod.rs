@@ -155,7 +155,16 @@ impl Control {
             }
         }
         self.names.insert(port.ifindex, port.name);
+        self.refresh_capture();
         self.dirty = true;
+    }
+
+    /// Lets only the ports' control frames reach the socket.
+    fn refresh_capture(&self) {
+        let ports: Vec<u32> = self.names.keys().copied().collect();
+        if let Err(e) = self.socket.set_ports(&ports) {
+            tracing::warn!("narrowing the control socket to the ports: {e}");
+        }
     }
 
     /// New membership options for a port that stays (also: its addresses changed).
@@ -183,6 +192,7 @@ impl Control {
         self.loop_guard.forget_port(ifindex);
         self.router_signals_logged.retain(|(port, _)| *port != ifindex);
         self.report_tokens.remove(&ifindex);
+        self.refresh_capture();
         self.upstream.remove(&ifindex);
         self.rate_limit_logged.remove(&ifindex);
         self.dirty = true;

@@ -177,6 +177,18 @@ impl Ports {
         mode: XdpMode,
     ) -> Result<(AttachMode, Option<String>), DataplaneError> {
         if link.native_xdp() == Some(false) {
+            if mode == XdpMode::Native {
+                // Asked for native XDP only: say it cannot be had rather than use TC.
+                return Err(DataplaneError::Attach {
+                    iface: link.name.clone(),
+                    mode: "native",
+                    reason: format!(
+                        "a {} device has no native XDP (it gets TC mode with --xdp-mode auto)",
+                        link.kind.as_deref().unwrap_or("non-Ethernet")
+                    ),
+                    hint: " (try --xdp-mode auto)",
+                });
+            }
             return self.attach_tc_mode(tc.tc_mode, link);
         }
         let used = self.attach_xdp(xdp, link, mode)?;
