@@ -22,14 +22,23 @@ impl Frame for PacketFrame {
 
     #[inline(always)]
     fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        let at = self.start + offset;
-        if at + N > self.end {
-            return None;
-        }
-        // SAFETY: `at..at + N` lies inside the packet, checked just above (the program's
-        // context guarantees `start..end` is the packet).
-        Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) })
+        read_between(self.start, self.end, offset)
     }
+}
+
+/// `N` bytes at `offset` from `start`, if they end before `end`.
+///
+/// The caller's `start..end` must be readable packet data (the program's context guarantees
+/// it for `data..data_end`).
+#[inline(always)]
+fn read_between<const N: usize>(start: usize, end: usize, offset: usize) -> Option<[u8; N]> {
+    let at = start + offset;
+    if at + N > end {
+        return None;
+    }
+    // SAFETY: `at..at + N` lies inside `start..end`, checked just above, which the caller
+    // vouches for.
+    Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) })
 }
 
 /// A socket buffer as the TC program sees it: reads are bounded by the linear part
@@ -52,11 +61,7 @@ impl Frame for SkbFrame {
 
     #[inline(always)]
     fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        let at = self.start + offset;
-        if at + N > self.end {
-            return None;
-        }
-        // SAFETY: `at..at + N` lies inside the linear part of the packet, checked just above.
-        Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) })
+        // Bounded by the linear part, `data..data_end`.
+        read_between(self.start, self.end, offset)
     }
 }
