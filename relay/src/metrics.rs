@@ -10,6 +10,7 @@
 //! | `mcrelay_dataplane_up` | gauge | - (1: the pinned maps were readable) |
 //! | `mcrelay_control_up` | gauge | - (1: the daemon's state file was readable) |
 //! | `mcrelay_port_info` | gauge (1) | `iface`, `ifindex`, `mode` (native/skb/tc), `role` |
+//! | `mcrelay_port_standby` | gauge (0/1) | `iface`, `reason` (loop guard) |
 //! | `mcrelay_port_packets_total` | counter | `iface`, `reason` (the `Counter` names) |
 //! | `mcrelay_port_bytes_total` | counter | `iface`, `reason` |
 //! | `mcrelay_groups` | gauge | `kind` (static/learned) |
@@ -404,8 +405,12 @@ fn render_ports(registry: &mut Registry, ports: &[PortRow]) {
     let info = Family::<Labels, Gauge>::default();
     let packets = Family::<Labels, Counter>::default();
     let bytes = Family::<Labels, Counter>::default();
+    let standby = Family::<Labels, Gauge>::default();
     for port in ports {
         let ifindex = port.ifindex.to_string();
+        standby
+            .get_or_create(&labels([("iface", &port.iface), ("reason", port.standby_reason)]))
+            .set(i64::from(!port.standby_reason.is_empty()));
         info.get_or_create(&labels([
             ("iface", &port.iface),
             ("ifindex", &ifindex),
@@ -423,6 +428,12 @@ fn render_ports(registry: &mut Registry, ports: &[PortRow]) {
         "port_info",
         "Attached port: attach mode (native, skb, tc) and role (member, router); value 1",
         info,
+    );
+    registry.register(
+        "port_standby",
+        "1 while the loop guard keeps the port in standby (it relays nothing and gets no \
+         copies), with the reason",
+        standby,
     );
     registry.register(
         "port_packets",
@@ -684,6 +695,7 @@ mod tests {
             "mcrelay_control_up 1".into(),
             "mcrelay_port_info{iface=\"b0\",ifindex=\"3\",mode=\"native\",role=\"member\"} 1"
                 .into(),
+            "mcrelay_port_standby{iface=\"b0\",reason=\"\"} 0".into(),
             "mcrelay_port_packets_total{iface=\"b0\",reason=\"forwarded\"} 10".into(),
             "mcrelay_port_bytes_total{iface=\"b0\",reason=\"forwarded\"} 1000".into(),
             "mcrelay_port_packets_total{iface=\"c0\",reason=\"malformed\"} 2".into(),
