@@ -491,41 +491,9 @@ impl Drop for FrameCapture {
 }
 
 fn capture_loop(fd: &OwnedFd, state: &CaptureState, stop: &AtomicBool) {
-    let mut buf = [0u8; 4096];
-    while !stop.load(Ordering::SeqCst) {
-        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-        // SAFETY: recvfrom(2) into a buffer and a sockaddr_ll we own, with their sizes.
-        let n = unsafe {
-            libc::recvfrom(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-                std::ptr::addr_of_mut!(addr).cast(),
-                &mut len,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
-            ) {
-                continue;
-            }
-            if let Ok(mut error) = state.error.lock() {
-                *error = Some(e.to_string());
-            }
-            return;
-        }
-        if addr.sll_pkttype == libc::PACKET_OUTGOING {
-            continue;
-        }
-        let frame = &buf[..n as usize];
+    crate::mcast::receive_frames(fd, &state.error, stop, |_, frame| {
         if frame.len() < 14 {
-            continue;
+            return;
         }
         let mut dst: Mac = [0; 6];
         dst.copy_from_slice(&frame[..6]);
@@ -541,7 +509,7 @@ fn capture_loop(fd: &OwnedFd, state: &CaptureState, stop: &AtomicBool) {
                 *data.entry(group).or_default().entry(src).or_default() += 1;
             }
         }
-    }
+    });
 }
 
 #[cfg(test)]

@@ -548,7 +548,15 @@ fn packet_socket(iface: &str) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-fn observe_loop(fd: &OwnedFd, state: &WireState, stop: &AtomicBool) {
+/// Reads frames from a packet socket (with a receive timeout) until `stop`, handing every
+/// incoming one (not our own outgoing) to `on_frame` with its address; a socket error other
+/// than a timeout is recorded in `error` and ends the loop.
+pub(crate) fn receive_frames(
+    fd: &OwnedFd,
+    error: &Mutex<Option<String>>,
+    stop: &AtomicBool,
+    mut on_frame: impl FnMut(&libc::sockaddr_ll, &[u8]),
+) {
     let mut buf = [0u8; 4096];
     while !stop.load(Ordering::SeqCst) {
         // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
@@ -573,27 +581,32 @@ fn observe_loop(fd: &OwnedFd, state: &WireState, stop: &AtomicBool) {
             ) {
                 continue;
             }
-            if let Ok(mut error) = state.error.lock() {
-                *error = Some(e.to_string());
+            if let Ok(mut slot) = error.lock() {
+                *slot = Some(e.to_string());
             }
             return;
         }
-        if addr.sll_pkttype == libc::PACKET_OUTGOING {
-            continue;
+        if addr.sll_pkttype != libc::PACKET_OUTGOING {
+            on_frame(&addr, &buf[..n as usize]);
         }
+    }
+}
+
+fn observe_loop(fd: &OwnedFd, state: &WireState, stop: &AtomicBool) {
+    receive_frames(fd, &state.error, stop, |addr, packet| {
         let ethertype = u16::from_be(addr.sll_protocol);
-        if let Some((group, seq)) = parse_test_datagram(ethertype, &buf[..n as usize]) {
+        if let Some((group, seq)) = parse_test_datagram(ethertype, packet) {
             if let Ok(mut seen) = state.seen.lock() {
                 let entry = seen.entry(group).or_default();
                 entry.0 += 1;
                 entry.1.insert(seq);
             }
-            let hop_limit = if group.is_ipv4() { buf[8] } else { buf[7] };
+            let hop_limit = if group.is_ipv4() { packet[8] } else { packet[7] };
             if let Ok(mut seen) = state.hop_limits.lock() {
                 seen.entry(group).or_default().insert(hop_limit);
             }
         }
-    }
+    });
 }
 
 /// The group and sequence number of a test datagram, given its ethertype and the bytes from the
