@@ -99,8 +99,9 @@ pub struct RunArgs {
     #[arg(long = "static", value_name = "GROUP@IFACES", value_parser = parse_static)]
     pub static_groups: Vec<StaticGroup>,
 
-    /// How to attach XDP: auto tries native (driver) mode and falls back to generic (skb) mode
-    /// [default: auto].
+    /// How to attach XDP: auto tries native (driver) mode and falls back to generic (skb) mode;
+    /// devices XDP cannot send to (tun, WireGuard, bridges, VXLAN, VLAN subinterfaces) get the
+    /// TC program instead, except with `native` [default: auto].
     #[arg(long, value_enum)]
     pub xdp_mode: Option<XdpMode>,
 

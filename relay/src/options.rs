@@ -10,7 +10,8 @@ use crate::membership::{IgmpVersion, MldVersion};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum XdpMode {
-    /// Native where the driver supports it, generic (skb) elsewhere, with a warning.
+    /// Native where the driver supports it, generic (skb) elsewhere, with a warning; TC for
+    /// devices XDP cannot send to.
     #[default]
     Auto,
     /// Native (driver) mode only; fail when the driver cannot.
