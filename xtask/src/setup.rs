@@ -41,7 +41,9 @@ const BPFFS: &str = "/sys/fs/bpf";
 /// - procps: `sysctl`, `ps`;
 /// - nftables, iptables: `mcrelay doctor`'s firewall check is tested against real rules;
 /// - openssl: certificates for the OpenVPN test bed;
-/// - systemd: `systemd-analyze verify` of the unit file.
+/// - systemd: `systemd-analyze verify` of the unit file;
+/// - wireguard-go, wireguard-tools: real WireGuard peers (this kernel may lack the module);
+/// - igmpproxy: the routed side-by-side test runs it on the same bed as mcrelay.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("ethtool", "ethtool"),
@@ -58,6 +60,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     ("openssl", "openssl"),
     ("systemd", "systemd-analyze"),
+    ("wireguard-go", "wireguard-go"),
+    ("wireguard-tools", "wg"),
+    ("igmpproxy", "igmpproxy"),
 ];
 
 /// How much of the set-up to do.
