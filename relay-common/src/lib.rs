@@ -16,7 +16,7 @@ pub use counters::{Counter, PortCounters, COUNTER_COUNT};
 
 /// Version of the map layout. Pins live in a directory named after it, so a daemon never reuses a
 /// map whose key or value layout differs from what its program expects.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Maximum number of groups (keys of `GROUP_PORTS`).
 pub const MAX_GROUPS: u32 = 16_384;
@@ -179,6 +179,10 @@ pub const TC_TARGET_L3: u32 = 1;
 pub const TC_TARGET_NO_XDP: u32 = 2;
 /// [`TcPorts::flags`] bit: some target has an Ethernet header.
 pub const TC_TARGET_ETHERNET: u32 = 4;
+/// [`TcTarget::flags`] / [`TcPorts::flags`] bit: a per-peer copy on an L3 port (`--per-client`
+/// on tun / WireGuard): the copy's destination address is rewritten to [`TcTarget::peer`] (IP
+/// and UDP checksums fixed), so the VPN delivers it to that one peer.
+pub const TC_TARGET_PEER: u32 = 8;
 
 /// One copy target of the TC program.
 #[repr(C)]
@@ -186,8 +190,11 @@ pub const TC_TARGET_ETHERNET: u32 = 4;
 pub struct TcTarget {
     /// Egress ifindex.
     pub ifindex: u32,
-    /// `TC_TARGET_*` bits of the device.
+    /// `TC_TARGET_*` bits of the device (and [`TC_TARGET_PEER`] for a per-peer copy).
     pub flags: u32,
+    /// With [`TC_TARGET_PEER`]: the peer's address (IPv4-mapped for IPv4), of the group's
+    /// family. Zero otherwise.
+    pub peer: [u8; 16],
 }
 
 /// Value of `GROUP_TC_PORTS` (key: [`GroupKey`], the same keys as `GROUP_PORTS`): a group's
@@ -203,7 +210,7 @@ pub struct TcPorts {
     pub flags: u32,
     pub targets: [TcTarget; MAX_TC_TARGETS],
 }
-const _: () = assert!(core::mem::size_of::<TcPorts>() == 8 + 8 * MAX_TC_TARGETS);
+const _: () = assert!(core::mem::size_of::<TcPorts>() == 8 + 24 * MAX_TC_TARGETS);
 
 impl Default for TcPorts {
     fn default() -> Self {
@@ -371,6 +378,15 @@ pub struct ClientSet {
 }
 const _: () = assert!(core::mem::size_of::<ClientSet>() == 8 + 6 * MAX_CLIENTS_PER_SET);
 
+/// Key of the per-CPU `PEER_COPIES` (value: `u64` copies): a per-peer target of the TC
+/// program, its port and address (as in [`TcTarget::peer`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Pod, Zeroable)]
+pub struct PeerKey {
+    pub ifindex: u32,
+    pub peer: [u8; 16],
+}
+
 /// Value of the per-CPU `CLIENT_COPIES`: copies addressed to each slot of a [`ClientSet`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
@@ -413,4 +429,5 @@ mod user {
     unsafe impl aya::Pod for super::RateLimit {}
     unsafe impl aya::Pod for super::PortRate {}
     unsafe impl aya::Pod for super::TcPorts {}
+    unsafe impl aya::Pod for super::PeerKey {}
 }

@@ -16,20 +16,30 @@
 //! header (the group's MAC, this relay's MAC as source) before the copies to Ethernet ports.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_skb_change_head,
-    macros::classifier,
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::PerCpuHashMap,
+    helpers::{bpf_csum_diff, bpf_skb_change_head},
+    macros::{btf_map, classifier},
     programs::TcContext,
 };
 use relay_common::{
     parse::{classify, classify_ip, group_mac, Class, Data, Frame as _, ETH_HLEN},
-    Config, Counter, GroupKey, TcPorts, UnknownPolicy, CONFIG_F_POLICY, CONFIG_F_RATE_GROUPS,
-    CONFIG_F_RATE_PORTS, CONFIG_F_SOURCE_ENTRIES, MAX_TC_TARGETS, TC_PORT_L3, TC_TARGET_ETHERNET,
-    TC_TARGET_L3, TC_TARGET_NO_XDP,
+    Config, Counter, GroupKey, PeerKey, TcPorts, UnknownPolicy, CONFIG_F_POLICY,
+    CONFIG_F_RATE_GROUPS, CONFIG_F_RATE_PORTS, CONFIG_F_SOURCE_ENTRIES, MAX_TC_TARGETS, TC_PORT_L3,
+    TC_TARGET_ETHERNET, TC_TARGET_L3, TC_TARGET_NO_XDP, TC_TARGET_PEER,
 };
 use relay_ebpf::SkbFrame;
 
 use crate::{count, is_loop_source, is_standby, police, CONFIG, GROUP_TC_PORTS, TC_PORTS};
+
+/// Copies sent to each per-peer target (`--per-client` on an L3 port). Key: [`PeerKey`].
+/// Entries are made on a peer's first copy; the daemon removes those of peers that left.
+#[btf_map]
+pub(crate) static PEER_COPIES: PerCpuHashMap<PeerKey, u64, { MAX_PEER_ENTRIES }> =
+    PerCpuHashMap::new();
+
+/// Capacity of [`PEER_COPIES`].
+const MAX_PEER_ENTRIES: usize = 4096;
 
 /// Headers the classifier reads are made linear up to this many bytes.
 const PULL_LEN: usize = 128;
@@ -171,7 +181,11 @@ fn copy(
             return (Counter::DropTtl, SHOT);
         }
         clone_to(ctx, ports, ingress, TC_TARGET_L3);
-        if ports.flags & TC_TARGET_ETHERNET != 0 && push_ethernet(ctx, config, data).is_ok() {
+        let ethernet = ports.flags & TC_TARGET_ETHERNET != 0;
+        if ports.flags & TC_TARGET_PEER != 0 {
+            peer_copies(ctx, ports, ingress, data, ethernet);
+        }
+        if ethernet && push_ethernet(ctx, config, data).is_ok() {
             clone_to(ctx, ports, ingress, 0);
         }
         return (Counter::Forwarded, SHOT);
@@ -188,11 +202,14 @@ fn copy(
             return (Counter::DropTtl, SHOT);
         }
         clone_to(ctx, ports, ingress, TC_TARGET_L3);
+        if ports.flags & TC_TARGET_PEER != 0 {
+            peer_copies(ctx, ports, ingress, data, false);
+        }
     }
     (Counter::Forwarded, SHOT)
 }
 
-/// Clones the packet to every target but `ingress` whose `TC_TARGET_L3` bit is `l3`.
+/// Clones the packet to every plain target but `ingress` whose `TC_TARGET_L3` bit is `l3`.
 #[inline(always)]
 fn clone_to(ctx: &TcContext, ports: &TcPorts, ingress: u32, l3: u32) {
     let count = ports.count as usize;
@@ -202,10 +219,103 @@ fn clone_to(ctx: &TcContext, ports: &TcPorts, ingress: u32, l3: u32) {
             break;
         }
         let target = ports.targets[i];
-        if target.ifindex != ingress && target.flags & TC_TARGET_L3 == l3 {
+        if target.ifindex != ingress && target.flags & (TC_TARGET_L3 | TC_TARGET_PEER) == l3 {
             let _ = ctx.clone_redirect(target.ifindex, 0);
         }
         i += 1;
+    }
+}
+
+/// One copy to each per-peer target but those of `ingress`: the destination address becomes
+/// the peer's (IPv4 header and UDP checksums fixed) and the VPN sends the copy to that peer
+/// alone. The hop limit was already decremented. With `restore`, the group address is put
+/// back afterwards (copies without a peer address follow).
+///
+/// The address to replace is read back from the packet each time rather than carried in a
+/// variable: the verifier then sees the same state at every turn of the loop.
+#[inline(always)]
+fn peer_copies(ctx: &TcContext, ports: &TcPorts, ingress: u32, data: &Data, restore: bool) {
+    let udp_csum = udp_checksum_offset(ctx, data);
+    let count = ports.count as usize;
+    let mut i = 0;
+    while i < MAX_TC_TARGETS {
+        if i >= count {
+            break;
+        }
+        let target = &ports.targets[i];
+        if target.flags & TC_TARGET_PEER != 0
+            && target.ifindex != ingress
+            && set_destination(ctx, data, udp_csum, &target.peer).is_ok()
+            && ctx.clone_redirect(target.ifindex, 0).is_ok()
+        {
+            count_peer_copy(target.ifindex, target.peer);
+        }
+        i += 1;
+    }
+    if restore {
+        let _ = set_destination(ctx, data, udp_csum, &data.key.group);
+    }
+}
+
+/// Offset of the UDP checksum when the packet is UDP (IPv6: right after the fixed header).
+/// Other protocols keep their checksum as is.
+#[inline(always)]
+fn udp_checksum_offset(ctx: &TcContext, data: &Data) -> Option<usize> {
+    let l3 = data.l3_offset;
+    if data.ipv6 {
+        let next: u8 = ctx.load(l3 + 6).ok()?;
+        return (next == 17).then_some(l3 + 40 + 6);
+    }
+    let first: u8 = ctx.load(l3).ok()?;
+    let protocol: u8 = ctx.load(l3 + 9).ok()?;
+    (protocol == 17).then_some(l3 + usize::from(first & 0x0f) * 4 + 6)
+}
+
+/// Rewrites the destination address to `to` (IPv4-mapped for IPv4) with the checksums that
+/// cover it.
+#[inline(never)]
+fn set_destination(
+    ctx: &TcContext,
+    data: &Data,
+    udp_csum: Option<usize>,
+    to: &[u8; 16],
+) -> Result<(), ()> {
+    let l3 = data.l3_offset;
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0);
+    if data.ipv6 {
+        let mut old: [u8; 16] = ctx.load(l3 + 24).map_err(|_| ())?;
+        let mut new = *to;
+        // SAFETY: both buffers are 16 bytes on this stack, as the sizes say.
+        let diff =
+            unsafe { bpf_csum_diff(old.as_mut_ptr().cast(), 16, new.as_mut_ptr().cast(), 16, 0) };
+        if diff < 0 {
+            return Err(());
+        }
+        if let Some(at) = udp_csum {
+            ctx.l4_csum_replace(at, 0, diff as u64, pseudo).map_err(|_| ())?;
+        }
+        return ctx.store(l3 + 24, to, 0).map_err(|_| ());
+    }
+    let from: [u8; 4] = ctx.load(l3 + 16).map_err(|_| ())?;
+    let old = u64::from(u32::from_ne_bytes(from));
+    let new = u64::from(u32::from_ne_bytes([to[12], to[13], to[14], to[15]]));
+    if let Some(at) = udp_csum {
+        ctx.l4_csum_replace(at, old, new, pseudo | 4).map_err(|_| ())?;
+    }
+    ctx.l3_csum_replace(l3 + 10, old, new, 4).map_err(|_| ())?;
+    let address: [u8; 4] = [to[12], to[13], to[14], to[15]];
+    ctx.store(l3 + 16, &address, 0).map_err(|_| ())
+}
+
+#[inline(always)]
+fn count_peer_copy(ifindex: u32, peer: [u8; 16]) {
+    let key = PeerKey { ifindex, peer };
+    match PEER_COPIES.get_ptr_mut(key) {
+        // SAFETY: a per-CPU value only this CPU writes.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = PEER_COPIES.insert(key, 1, 0);
+        }
     }
 }
 

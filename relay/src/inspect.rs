@@ -374,11 +374,12 @@ pub fn groups(pin_root: &Path, as_json: bool) -> anyhow::Result<()> {
     if !state.clients.is_empty() {
         println!();
         println!(
-            "{:<16} {:<18} {:>10} GROUPS (per-client delivery)",
-            "PORT", "CLIENT MAC", "COPIES"
+            "{:<16} {:<24} {:>10} GROUPS (per-client delivery)",
+            "PORT", "CLIENT (MAC OR PEER)", "COPIES"
         );
         for c in &state.clients {
-            println!("{:<16} {:<18} {:>10} {}", c.port, c.mac, c.copies, c.groups.join(" "));
+            let client = c.mac.as_deref().or(c.address.as_deref()).unwrap_or("?");
+            println!("{:<16} {:<24} {:>10} {}", c.port, client, c.copies, c.groups.join(" "));
         }
     }
     if !state.not_taken.is_empty() {

@@ -99,8 +99,12 @@ pub struct NotTaken {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClientState {
     pub port: String,
-    /// The client's MAC, `aa:bb:cc:dd:ee:ff`.
-    pub mac: String,
+    /// A client of an Ethernet port: its MAC, `aa:bb:cc:dd:ee:ff`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// A peer of an L3 port (tun, WireGuard): its tunnel address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
     pub groups: Vec<String>,
     /// Copies sent to this client (all groups).
     pub copies: u64,

@@ -63,8 +63,22 @@ impl McastReceiver {
     /// (`IP_MULTICAST_ALL` off and bound to the group address).
     pub fn join(ns: &NetNs, group: IpAddr, port: u16, iface: &str) -> Self {
         let label = format!("receiver of {group}:{port} on {iface} in {ns}");
+        Self::open(label, ns, group, port, iface, Bind::Group)
+    }
+
+    /// Binds the unspecified address, port `port`, in `ns` (as most receiving applications
+    /// do) and, with `join`, joins `group` on `iface`. It receives datagrams of `group`'s
+    /// test payload whatever their destination: the group, or this host's own address (a
+    /// per-peer copy on a routed VPN).
+    pub fn bound_to_port(ns: &NetNs, group: IpAddr, port: u16, iface: &str, join: bool) -> Self {
+        let what = if join { "joined" } else { "not joined" };
+        let label = format!("receiver on port {port} ({group} {what} on {iface}) in {ns}");
+        Self::open(label, ns, group, port, iface, if join { Bind::AnyJoined } else { Bind::Any })
+    }
+
+    fn open(label: String, ns: &NetNs, group: IpAddr, port: u16, iface: &str, bind: Bind) -> Self {
         let socket = ns
-            .in_netns(|| join_socket(group, port, iface))
+            .in_netns(|| join_socket(group, port, iface, bind))
             .unwrap_or_else(|e| panic!("{label}: {e}"));
         let state = Arc::new(RxState::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -130,15 +144,29 @@ impl Drop for McastReceiver {
     }
 }
 
-fn join_socket(group: IpAddr, port: u16, iface: &str) -> io::Result<UdpSocket> {
+/// What a receiving socket binds and joins.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bind {
+    /// The group address, joined.
+    Group,
+    /// The unspecified address, the group joined.
+    AnyJoined,
+    /// The unspecified address, nothing joined.
+    Any,
+}
+
+fn join_socket(group: IpAddr, port: u16, iface: &str, bind: Bind) -> io::Result<UdpSocket> {
     let ifindex = nix::net::if_::if_nametoindex(iface).map_err(io::Error::from)?;
     let socket = match group {
         IpAddr::V4(g) => {
             let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
             socket.set_reuse_address(true)?;
             socket.set_multicast_all_v4(false)?;
-            socket.bind(&SocketAddr::new(group, port).into())?;
-            socket.join_multicast_v4_n(&g, &InterfaceIndexOrAddress::Index(ifindex))?;
+            let address = if bind == Bind::Group { group } else { Ipv4Addr::UNSPECIFIED.into() };
+            socket.bind(&SocketAddr::new(address, port).into())?;
+            if bind != Bind::Any {
+                socket.join_multicast_v4_n(&g, &InterfaceIndexOrAddress::Index(ifindex))?;
+            }
             socket
         }
         IpAddr::V6(g) => {
@@ -147,8 +175,11 @@ fn join_socket(group: IpAddr, port: u16, iface: &str) -> io::Result<UdpSocket> {
             socket.set_reuse_address(true)?;
             socket.set_multicast_all_v6(false)?;
             // The scope id is needed (and only used) for link-scoped groups such as ff02::fb.
-            socket.bind(&SocketAddrV6::new(g, port, 0, ifindex).into())?;
-            socket.join_multicast_v6(&g, ifindex)?;
+            let address = if bind == Bind::Group { g } else { Ipv6Addr::UNSPECIFIED };
+            socket.bind(&SocketAddrV6::new(address, port, 0, ifindex).into())?;
+            if bind != Bind::Any {
+                socket.join_multicast_v6(&g, ifindex)?;
+            }
             socket
         }
     };
@@ -410,6 +441,9 @@ struct WireState {
     seen: Mutex<BTreeMap<IpAddr, (u64, BTreeSet<u64>)>>,
     /// The TTL / hop limit values the datagrams of each group arrived with.
     hop_limits: Mutex<BTreeMap<IpAddr, BTreeSet<u8>>>,
+    /// Per group: datagrams of the group addressed to another destination (per-peer copies),
+    /// counted by destination. Their hop limits are under the destination in `hop_limits`.
+    readdressed: Mutex<BTreeMap<IpAddr, BTreeMap<IpAddr, u64>>>,
     error: Mutex<Option<String>>,
 }
 
@@ -451,7 +485,17 @@ impl WireObserver {
             .map_or(0, |seen| seen.get(&group).map_or(0, |(_, seqs)| seqs.len() as u64))
     }
 
-    /// The TTL (IPv4) / hop limit (IPv6) values the datagrams of `group` arrived with.
+    /// Datagrams of `group`'s test payload that arrived addressed to another destination
+    /// (per-peer copies), by destination.
+    pub fn readdressed(&self, group: IpAddr) -> BTreeMap<IpAddr, u64> {
+        self.state
+            .readdressed
+            .lock()
+            .map_or_else(|_| BTreeMap::new(), |seen| seen.get(&group).cloned().unwrap_or_default())
+    }
+
+    /// The TTL (IPv4) / hop limit (IPv6) values the datagrams of `group` (or, for per-peer
+    /// copies, to the destination `group`) arrived with.
     pub fn hop_limits(&self, group: IpAddr) -> BTreeSet<u8> {
         self.state
             .hop_limits
@@ -595,7 +639,20 @@ pub(crate) fn receive_frames(
 fn observe_loop(fd: &OwnedFd, state: &WireState, stop: &AtomicBool) {
     receive_frames(fd, &state.error, stop, |addr, packet| {
         let ethertype = u16::from_be(addr.sll_protocol);
-        if let Some((group, seq)) = parse_test_datagram(ethertype, packet) {
+        let Some((group, dst, seq)) = parse_any_test_datagram(ethertype, packet) else {
+            return;
+        };
+        if group != dst {
+            if let Ok(mut seen) = state.readdressed.lock() {
+                *seen.entry(group).or_default().entry(dst).or_default() += 1;
+            }
+            let hop_limit = if group.is_ipv4() { packet[8] } else { packet[7] };
+            if let Ok(mut seen) = state.hop_limits.lock() {
+                seen.entry(dst).or_default().insert(hop_limit);
+            }
+            return;
+        }
+        {
             if let Ok(mut seen) = state.seen.lock() {
                 let entry = seen.entry(group).or_default();
                 entry.0 += 1;
@@ -613,6 +670,13 @@ fn observe_loop(fd: &OwnedFd, state: &WireState, stop: &AtomicBool) {
 /// IP header on; `None` for anything else (including a payload naming another group than the
 /// destination address).
 pub fn parse_test_datagram(ethertype: u16, packet: &[u8]) -> Option<(IpAddr, u64)> {
+    let (group, dst, seq) = parse_any_test_datagram(ethertype, packet)?;
+    (group == dst).then_some((dst, seq))
+}
+
+/// The group its payload names, the destination address and the sequence number of a test
+/// datagram, whatever its destination (a per-peer copy is addressed to the peer).
+pub fn parse_any_test_datagram(ethertype: u16, packet: &[u8]) -> Option<(IpAddr, IpAddr, u64)> {
     let (dst, udp) = match ethertype {
         0x0800 => {
             let ihl = usize::from(*packet.first()? & 0x0f) * 4;
@@ -634,8 +698,8 @@ pub fn parse_test_datagram(ethertype: u16, packet: &[u8]) -> Option<(IpAddr, u64
     let text = std::str::from_utf8(udp.get(8..)?).ok()?;
     let mut words = text.split_whitespace();
     match (words.next(), words.next(), words.next()) {
-        (Some(PAYLOAD_TAG), Some(group), Some(seq)) if group.parse::<IpAddr>().ok()? == dst => {
-            Some((dst, seq.parse().ok()?))
+        (Some(PAYLOAD_TAG), Some(group), Some(seq)) => {
+            Some((group.parse().ok()?, dst, seq.parse().ok()?))
         }
         _ => None,
     }

@@ -11,7 +11,7 @@ use std::{net::IpAddr, thread, time::Duration};
 
 use mcrelay_tests::{
     addr,
-    daemon::{ports_json, stats_json, wait_member},
+    daemon::{ports_json, stats_json, wait_groups, wait_member},
     openvpn::{VpnBed, VpnClient, VpnOptions},
     port_counter, require_testbed,
     topology::Host,
@@ -196,4 +196,77 @@ fn tun_port_survives_daemon_restart_and_tun_recreation() {
         before + COUNT,
         "{rx}: after the tun was re-created"
     );
+}
+
+/// The client entry of `address` in `mcrelay groups --json` (per-client delivery), if any.
+fn client_entry(
+    doc: &mcrelay_tests::serde_json::Value,
+    address: IpAddr,
+) -> Option<&mcrelay_tests::serde_json::Value> {
+    doc["clients"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["address"].as_str() == Some(address.to_string().as_str()))
+}
+
+fn has_group(client: Option<&mcrelay_tests::serde_json::Value>, group: IpAddr) -> bool {
+    client.is_some_and(|c| {
+        c["groups"].as_array().into_iter().flatten().any(|g| g.as_str() == Some(&group.to_string()))
+    })
+}
+
+/// Per-peer delivery on a routed VPN (`--per-client` on the tun): OpenVPN in `dev tun` mode
+/// floods multicast to every client, so mcrelay addresses each copy to a joined client's own
+/// tunnel address instead (the destination rewritten, checksums fixed, TTL decremented once).
+/// The joined client's application (bound to the port, joined on its tun) receives every
+/// datagram; the other client's tun carries none (neither the group nor readdressed); after
+/// the client leaves, no more copies go to it.
+#[test]
+fn per_client_tun_delivers_only_to_the_joined_client() {
+    require_testbed!("openvpn", "openssl", "ping");
+    let group = addr("239.30.4.1");
+    let bed = VpnBed::new(
+        "rtp",
+        VpnOptions { tun: true, lan_hosts: 1, clients: 2, ..VpnOptions::default() },
+    );
+    let tun = bed.servers[0].tap.clone();
+    let _relay = start_relay(&bed, &["--per-client".to_string(), tun.clone()]);
+    let (h0, c0, c1) = (&bed.lan[0], &bed.clients[0], &bed.clients[1]);
+    let (a0, a1) = (IpAddr::V4(c0.v4), IpAddr::V4(c1.v4));
+
+    let wire0 = WireObserver::new(&c0.ns, &c0.tap);
+    let wire1 = WireObserver::new(&c1.ns, &c1.tap);
+    let rx0 = McastReceiver::bound_to_port(&c0.ns, group, PORT, &c0.tap, true);
+    let rx1 = McastReceiver::bound_to_port(&c1.ns, group, PORT, &c1.tap, false);
+    wait_groups(&bed.gw, "the joined client as a per-client member", MEMBER_TIMEOUT, |doc| {
+        has_group(client_entry(doc, a0), group)
+    });
+
+    send(&h0.ns, &h0.iface, group, HOPS);
+    assert_eq!(rx0.wait_for(COUNT, DELIVERY_TIMEOUT), COUNT, "{rx0}: datagrams received");
+    thread::sleep(QUIET);
+    assert_eq!((rx0.count(), rx0.distinct()), (COUNT, COUNT), "{rx0}: duplicates");
+    assert_eq!(wire0.readdressed(group), [(a0, COUNT)].into(), "{wire0}: copies to {a0}");
+    assert_eq!(wire0.count(group), 0, "{wire0}: copies still addressed to {group}");
+    assert_eq!(wire0.hop_limits(a0).into_iter().collect::<Vec<_>>(), vec![HOPS as u8 - 1]);
+    assert_eq!(rx1.count(), 0, "{rx1}: the client that did not join");
+    assert_eq!(wire1.count(group) + wire1.readdressed(group).values().sum::<u64>(), 0, "{wire1}");
+    let doc = mcrelay_tests::daemon::groups_json(&bed.gw);
+    assert_eq!(client_entry(&doc, a0).map(|c| c["copies"].clone()), Some(COUNT.into()), "{doc:#}");
+    assert!(client_entry(&doc, a1).is_none(), "{a1} is no member: {doc:#}");
+
+    // The client leaves (its kernel sends the leave over the tunnel): no more copies.
+    drop(rx0);
+    wait_groups(&bed.gw, "the client's leave", MEMBER_TIMEOUT, |doc| {
+        !has_group(client_entry(doc, a0), group)
+            && !doc["groups"].as_array().into_iter().flatten().any(|g| {
+                g["group"].as_str() == Some(&group.to_string())
+                    && g["ports"].as_array().into_iter().flatten().any(|p| p == tun.as_str())
+            })
+    });
+    send(&h0.ns, &h0.iface, group, HOPS);
+    thread::sleep(QUIET);
+    assert_eq!(wire0.readdressed(group), [(a0, COUNT)].into(), "{wire0}: copies after the leave");
+    assert_eq!(wire0.count(group), 0, "{wire0}: after the leave");
 }

@@ -21,8 +21,8 @@ use crate::{
     groups::is_link_local_group,
     loop_guard::{self, Decision, LoopGuard},
     membership::{
-        packet, Action, Clients, Engine, Family, Limits, Message, MessageKind, ParseError,
-        PortOptions, Refusal, Remembered, RouterSignal,
+        packet, Action, ClientId, Clients, Engine, Family, Limits, Message, MessageKind,
+        ParseError, PortOptions, Refusal, Remembered, RouterSignal,
     },
     reconciler::{GroupTable, Installed, WriteFailures},
     state::{mac_string, DaemonState},
@@ -378,7 +378,7 @@ impl Control {
             Ok(msg) => {
                 tracing::trace!(port = ifindex, ?msg, "control message");
                 let expiry = now + self.engine.config().gmi();
-                self.clients.on_message(ifindex, source, &msg, expiry);
+                self.clients.on_message(ifindex, ClientId::Mac(source), &msg, expiry);
                 self.engine.handle(now, ifindex, &msg);
                 self.relay_control(ifindex, frame, &msg);
                 self.dirty = true;
@@ -387,13 +387,22 @@ impl Control {
         }
     }
 
-    /// Handles an IP packet received on an L3 port: no MAC, so no loop-guard check and no
-    /// per-client tracking; relayed like a frame, in an Ethernet header of this relay.
+    /// Handles an IP packet received on an L3 port: no MAC, so no loop-guard check; a peer
+    /// of a per-client port is known by its address (the report's source). Relayed like a
+    /// frame, in an Ethernet header of this relay.
     fn on_l3_packet(&mut self, now: Duration, ifindex: u32, packet: &[u8]) {
         self.counters.received += 1;
+        if !self.report_budget(now, ifindex) {
+            self.counters.rate_limited += 1;
+            return;
+        }
         match packet::parse_ip(packet) {
             Ok(msg) => {
                 tracing::trace!(port = ifindex, ?msg, "control message (L3 port)");
+                if !msg.source.is_unspecified() {
+                    let expiry = now + self.engine.config().gmi();
+                    self.clients.on_message(ifindex, ClientId::Peer(msg.source), &msg, expiry);
+                }
                 self.engine.handle(now, ifindex, &msg);
                 if let Some(frame) = crate::capture::ethernet_frame(packet) {
                     self.relay_control(ifindex, &frame, &msg);

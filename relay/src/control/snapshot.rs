@@ -6,7 +6,7 @@ use std::{net::IpAddr, time::Duration};
 use super::Control;
 use crate::{
     dataplane::Dataplane,
-    membership::{CompatMode, Family, FilterMode},
+    membership::{ClientId, CompatMode, Family, FilterMode},
     state::{
         mac_string, ms, unix_ms, ClientState, DaemonState, GroupState, MemberState, QuerierState,
         SourcePorts, SourceTimer,
@@ -107,10 +107,17 @@ pub fn build(control: &Control, now: Duration, dp: &Dataplane) -> DaemonState {
 fn clients(control: &Control, dp: &Dataplane) -> Vec<ClientState> {
     dp.client_copies()
         .into_iter()
-        .map(|(port, mac, copies)| ClientState {
+        .map(|(port, client, copies)| ClientState {
             port: control.name(port),
-            mac: mac_string(&mac),
-            groups: control.clients.groups_of(port, mac).iter().map(IpAddr::to_string).collect(),
+            mac: match client {
+                ClientId::Mac(mac) => Some(mac_string(&mac)),
+                ClientId::Peer(_) => None,
+            },
+            address: match client {
+                ClientId::Peer(address) => Some(address.to_string()),
+                ClientId::Mac(_) => None,
+            },
+            groups: control.clients.groups_of(port, client).iter().map(IpAddr::to_string).collect(),
             copies,
         })
         .collect()

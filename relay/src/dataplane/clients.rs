@@ -1,6 +1,11 @@
-//! Per-client delivery on a shared port: the `mcrelay_client` devmap egress program and its
-//! maps (`CLIENT_SETS`, `CLIENT_CURSOR`, `CLIENT_COPIES`), and the inner-map keys that stand
-//! for a port's clients in a group's port set.
+//! Per-client delivery on a shared port, and the inner-map keys that stand for a port's
+//! clients in a group's port set.
+//!
+//! - Ethernet ports (an OpenVPN TAP): the `mcrelay_client` devmap egress program and its maps
+//!   (`CLIENT_SETS`, `CLIENT_CURSOR`, `CLIENT_COPIES`) address each copy to a client's MAC.
+//! - L3 ports (tun, WireGuard): each joined peer is a target of the TC program with its
+//!   address (`TcTarget::peer`); the copy's destination becomes the peer's address, so the
+//!   VPN routes it to that peer alone. Copies are counted in the TC program's `PEER_COPIES`.
 //!
 //! A per-client key is `CLIENT_KEY_BIT | id << 8 | slot`: `id` is a small number this daemon
 //! gives each per-client port (the devmap value holds the port's real ifindex, so any ifindex
@@ -9,17 +14,17 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use aya::{
-    maps::{HashMap, PerCpuHashMap, PerCpuValues},
+    maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues},
     programs::{ProgramFd, Xdp},
     Ebpf, EbpfLoader,
 };
-use relay_common::{ClientCopies, ClientSet, ClientSetKey, MAX_CLIENTS_PER_SET};
+use relay_common::{ClientCopies, ClientSet, ClientSetKey, PeerKey, MAX_CLIENTS_PER_SET};
 
 use super::{
     error::{DataplaneError, KernelContext as _},
     sys::cpus,
 };
-use crate::groups::group_key;
+use crate::{groups::group_key, membership::ClientId};
 
 /// The per-client egress program (relay-ebpf's `client` binary).
 pub static CLIENT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/client"));
@@ -48,6 +53,10 @@ pub struct Clients {
     ports: BTreeMap<u32, u32>,
     /// Copies per (port, client MAC) counted before the client's set was last rewritten.
     totals: BTreeMap<(u32, [u8; 6]), u64>,
+    /// Per-peer delivery on L3 ports: (port, group key) -> the joined peers, slot by slot.
+    peers: BTreeMap<(u32, [u8; 16]), Vec<IpAddr>>,
+    /// The TC program's `PEER_COPIES` (set once the object is loaded).
+    peer_copies: Option<PerCpuHashMap<MapData, PeerKey, u64>>,
 }
 
 impl Clients {
@@ -75,10 +84,78 @@ impl Clients {
         Ok(id)
     }
 
+    /// Gives the TC program's per-peer copy counters.
+    pub fn set_peer_copies(&mut self, map: PerCpuHashMap<MapData, PeerKey, u64>) {
+        self.peer_copies = Some(map);
+    }
+
+    /// Whether `ifindex` delivers to peers by address (an L3 per-client port with members).
+    pub fn is_peer_port(&self, ifindex: u32) -> bool {
+        self.peers.keys().any(|(port, _)| *port == ifindex)
+    }
+
+    /// The address of the peer a per-client key of `ifindex` stands for in `group`'s set.
+    pub fn peer_of(&self, ifindex: u32, group: &[u8; 16], key: u32) -> Option<IpAddr> {
+        self.peers.get(&(ifindex, *group))?.get((key & 0xff) as usize).copied()
+    }
+
+    /// Sets the clients of a per-client port that joined a group: MACs on an Ethernet port,
+    /// addresses on an L3 port (`l3`). Returns the inner-map keys that stand for them.
+    pub fn set_clients(
+        &mut self,
+        ifindex: u32,
+        group: IpAddr,
+        clients: &[ClientId],
+        l3: bool,
+    ) -> Result<Vec<u32>, DataplaneError> {
+        if l3 {
+            let peers: Vec<IpAddr> = clients
+                .iter()
+                .filter_map(|c| match c {
+                    ClientId::Peer(a) if a.is_ipv4() == group.is_ipv4() => Some(*a),
+                    _ => None,
+                })
+                .collect();
+            return self.set_peers(ifindex, group, &peers);
+        }
+        let macs: Vec<[u8; 6]> = clients
+            .iter()
+            .filter_map(|c| match c {
+                ClientId::Mac(m) => Some(*m),
+                ClientId::Peer(_) => None,
+            })
+            .collect();
+        self.set(ifindex, group, &macs)
+    }
+
+    /// Sets the peers of an L3 port that joined a group (at most [`MAX_CLIENTS_PER_SET`]).
+    fn set_peers(
+        &mut self,
+        ifindex: u32,
+        group: IpAddr,
+        peers: &[IpAddr],
+    ) -> Result<Vec<u32>, DataplaneError> {
+        let key = (ifindex, group_key(group).group);
+        if peers.is_empty() {
+            self.peers.remove(&key);
+            return Ok(Vec::new());
+        }
+        if peers.len() > MAX_CLIENTS_PER_SET {
+            tracing::warn!(
+                "{} peers joined {group} on one port; the first {MAX_CLIENTS_PER_SET} get copies",
+                peers.len()
+            );
+        }
+        let n = peers.len().min(MAX_CLIENTS_PER_SET);
+        let port_id = self.port_id(ifindex)?;
+        self.peers.insert(key, peers[..n].to_vec());
+        Ok((0..n as u32).map(|slot| client_key(port_id, slot)).collect())
+    }
+
     /// Sets the clients of a shared port that joined a group (at most
     /// [`MAX_CLIENTS_PER_SET`]); returns the inner-map keys the group's port set must contain
     /// for that port instead of the port itself (empty: no per-client copies).
-    pub fn set(
+    fn set(
         &mut self,
         ifindex: u32,
         group: IpAddr,
@@ -161,13 +238,41 @@ impl Clients {
         self.ebpf.as_mut().ok_or_else(|| DataplaneError::Missing(CLIENT_PROGRAM.into()))
     }
 
-    /// Forgets the totals of clients that are gone (`keep` says which (port, MAC) stay).
-    pub fn retain(&mut self, keep: impl Fn(u32, [u8; 6]) -> bool) {
-        self.totals.retain(|(i, m), _| keep(*i, *m));
+    /// Forgets the copy counts of clients that are gone (`keep` says which stay).
+    pub fn retain(&mut self, keep: impl Fn(u32, ClientId) -> bool) {
+        self.totals.retain(|(i, m), _| keep(*i, ClientId::Mac(*m)));
+        if let Some(map) = &mut self.peer_copies {
+            let gone: Vec<PeerKey> = map
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !keep(k.ifindex, ClientId::Peer(peer_address(&k.peer))))
+                .collect();
+            for k in gone {
+                let _ = map.remove(&k);
+            }
+        }
     }
 
-    /// Copies sent to each client so far: (port ifindex, MAC, copies), all groups together.
-    pub fn copies(&self) -> Vec<(u32, [u8; 6], u64)> {
+    /// Copies sent to each client so far: (port ifindex, client, copies), all groups together.
+    pub fn copies(&self) -> Vec<(u32, ClientId, u64)> {
+        let mut out = self.mac_copies();
+        // Every peer with a membership, with the copies counted so far (none yet: 0).
+        let mut peers: BTreeMap<(u32, IpAddr), u64> = self
+            .peers
+            .iter()
+            .flat_map(|((port, _), peers)| peers.iter().map(move |p| ((*port, *p), 0)))
+            .collect();
+        if let Some(map) = &self.peer_copies {
+            for (key, per_cpu) in map.iter().filter_map(Result::ok) {
+                let n: u64 = per_cpu.iter().sum();
+                *peers.entry((key.ifindex, peer_address(&key.peer))).or_default() += n;
+            }
+        }
+        out.extend(peers.into_iter().map(|((port, peer), n)| (port, ClientId::Peer(peer), n)));
+        out
+    }
+
+    fn mac_copies(&self) -> Vec<(u32, ClientId, u64)> {
         let mut totals = self.totals.clone();
         if let Some(ebpf) = &self.ebpf {
             let sets = ebpf
@@ -187,8 +292,14 @@ impl Clients {
                 }
             }
         }
-        totals.into_iter().map(|((i, m), n)| (i, m, n)).collect()
+        totals.into_iter().map(|((i, m), n)| (i, ClientId::Mac(m), n)).collect()
     }
+}
+
+/// An address as the TC program keeps it (IPv4-mapped for IPv4).
+fn peer_address(bytes: &[u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(*bytes);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
 }
 
 /// A map of the per-client object, typed.

@@ -38,10 +38,11 @@ use error::KernelContext as _;
 use group_maps::{GroupMaps, InnerEntry};
 use relay_common::{
     AttachMode, GroupKey, PortCounters, PortInfo, TcPorts, TcTarget, UnknownPolicy,
-    CONFIG_F_TC_PORTS, MAX_PORTS, MAX_TC_TARGETS, TC_TARGET_ETHERNET, TC_TARGET_L3,
+    CONFIG_F_TC_PORTS, MAX_PORTS, MAX_TC_TARGETS, TC_TARGET_ETHERNET, TC_TARGET_L3, TC_TARGET_PEER,
 };
 
 use crate::{
+    membership::ClientId,
     options::XdpMode,
     paths::{self, pins},
     ports::Link,
@@ -62,14 +63,17 @@ pub const TC_HANDOVER_PROGRAM: &str = "mcrelay_tc_handover";
 const GROUP_TC_PORTS: &str = "GROUP_TC_PORTS";
 /// The ports in TC mode (pin name = map name).
 const TC_PORTS: &str = "TC_PORTS";
+/// Copies per peer of per-client L3 ports (pin name = map name).
+const PEER_COPIES: &str = "PEER_COPIES";
 
 /// `BPF_MAP_TYPE_HASH`.
 const BPF_MAP_TYPE_HASH: u32 = 1;
 
 /// Maps of the object that are pinned (and reused by the next daemon).
-const OBJECT_MAPS: [&str; 13] = [
+const OBJECT_MAPS: [&str; 14] = [
     GROUP_TC_PORTS,
     TC_PORTS,
+    PEER_COPIES,
     pins::GROUP_PORTS,
     pins::FLOOD_PORTS,
     pins::ROUTER_PORTS,
@@ -161,6 +165,10 @@ impl Dataplane {
         let tc_groups =
             HashMap::try_from(take(GROUP_TC_PORTS)?).kernel("opening GROUP_TC_PORTS")?;
         let tc_ports = HashMap::try_from(take(TC_PORTS)?).kernel("opening TC_PORTS")?;
+        let mut clients = clients::Clients::default();
+        clients.set_peer_copies(
+            PerCpuHashMap::try_from(take(PEER_COPIES)?).kernel("opening PEER_COPIES")?,
+        );
         let groups = GroupMaps::new(take(pins::GROUP_PORTS)?, tc_groups, adopted)?;
         let info = ports_map(pin_dir)?;
 
@@ -174,7 +182,7 @@ impl Dataplane {
             config,
             ports: attach::Ports::new(info, stats, flood, tc_ports, pin_dir),
             groups,
-            clients: clients::Clients::default(),
+            clients,
         })
     }
 
@@ -312,24 +320,26 @@ impl Dataplane {
         }
     }
 
-    /// Sets the clients of a shared port that joined a group; returns the inner-map keys
-    /// that stand for them in the group's port sets (empty: plain copies).
+    /// Sets the clients of a per-client port that joined a group (MACs on an Ethernet port,
+    /// peer addresses on an L3 port); returns the inner-map keys that stand for them in the
+    /// group's port sets (empty: plain copies).
     pub fn set_client_set(
         &mut self,
         ifindex: u32,
         group: IpAddr,
-        macs: &[[u8; 6]],
+        clients: &[ClientId],
     ) -> Result<Vec<u32>> {
-        self.clients.set(ifindex, group, macs)
+        let l3 = self.ports.tc_target_flags(ifindex) & TC_TARGET_L3 != 0;
+        self.clients.set_clients(ifindex, group, clients, l3)
     }
 
-    /// Forgets the copy totals of clients that are gone.
-    pub fn retain_clients(&mut self, keep: impl Fn(u32, [u8; 6]) -> bool) {
+    /// Forgets the copy counts of clients that are gone.
+    pub fn retain_clients(&mut self, keep: impl Fn(u32, ClientId) -> bool) {
         self.clients.retain(keep);
     }
 
-    /// Copies sent to each client so far: (port ifindex, MAC, copies).
-    pub fn client_copies(&self) -> Vec<(u32, [u8; 6], u64)> {
+    /// Copies sent to each client so far: (port ifindex, client, copies).
+    pub fn client_copies(&self) -> Vec<(u32, ClientId, u64)> {
         self.clients.copies()
     }
 
@@ -355,7 +365,13 @@ impl Dataplane {
                 }
                 continue;
             }
-            match (self.clients.port_of(key), self.clients.program_fd()) {
+            let port = self.clients.port_of(key);
+            if let Some(ifindex) = port.filter(|p| self.clients.is_peer_port(*p)) {
+                // A peer of an L3 port: only the TC program copies there (see tc_targets).
+                out.push(InnerEntry { key, ifindex, program: None });
+                continue;
+            }
+            match (port, self.clients.program_fd()) {
                 (Some(ifindex), Some(program)) => {
                     out.push(InnerEntry { key, ifindex, program: Some(program) });
                 }
@@ -366,12 +382,16 @@ impl Dataplane {
     }
 
     /// A port set as the TC program's array: one target per interface (per-client entries
-    /// of a port make one plain copy there), with what the TC program must know about it.
-    fn tc_targets(&self, entries: &[InnerEntry<'_>]) -> TcPorts {
+    /// of an Ethernet port make one plain copy there), one per peer of an L3 per-client port,
+    /// with what the TC program must know about it.
+    fn tc_targets(&self, group: &[u8; 16], entries: &[InnerEntry<'_>]) -> TcPorts {
         let mut out = TcPorts::default();
         let mut n = 0;
         for e in entries {
-            if out.targets[..n].iter().any(|t| t.ifindex == e.ifindex) {
+            let peer = (e.key & CLIENT_KEY_BIT != 0)
+                .then(|| self.clients.peer_of(e.ifindex, group, e.key))
+                .flatten();
+            if peer.is_none() && out.targets[..n].iter().any(|t| t.ifindex == e.ifindex) {
                 continue;
             }
             if n == MAX_TC_TARGETS {
@@ -381,8 +401,13 @@ impl Dataplane {
                 );
                 break;
             }
-            let flags = self.ports.tc_target_flags(e.ifindex);
-            out.targets[n] = TcTarget { ifindex: e.ifindex, flags };
+            let mut flags = self.ports.tc_target_flags(e.ifindex);
+            let mut address = [0; 16];
+            if let Some(peer) = peer {
+                flags |= TC_TARGET_PEER;
+                address = crate::groups::group_key(peer).group;
+            }
+            out.targets[n] = TcTarget { ifindex: e.ifindex, flags, peer: address };
             out.flags |= flags | if flags & TC_TARGET_L3 == 0 { TC_TARGET_ETHERNET } else { 0 };
             n += 1;
         }
@@ -402,7 +427,7 @@ impl GroupWriter for Dataplane {
             match write {
                 GroupWrite::Set(key, ports) => {
                     let entries = self.entries(&ports);
-                    match GroupMaps::build(&entries, self.tc_targets(&entries)) {
+                    match GroupMaps::build(&entries, self.tc_targets(&key.group, &entries)) {
                         Ok(inner) => sets.push((key, inner)),
                         Err(e) => failed.push((key, e)),
                     }

@@ -1,6 +1,7 @@
-//! Per-client membership on shared ports (an OpenVPN `dev tap` server's TAP): which client,
-//! by its unicast MAC, joined which group on which port. The port-level state is the engine's;
-//! this only decides which clients get their own copy.
+//! Per-client membership on shared ports: which client joined which group on which port. A
+//! client is known by its unicast MAC on an Ethernet port (an OpenVPN `dev tap` server's TAP),
+//! by its address on an L3 port (a tun or WireGuard peer: the source of its reports). The
+//! port-level state is the engine's; this only decides which clients get their own copy.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -9,6 +10,24 @@ use std::{
 };
 
 use super::{engine::is_tracked, Message, MessageKind, RecordType, Refusal, Refused};
+
+/// A client of a per-client port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ClientId {
+    /// A host behind an Ethernet port, by its unicast MAC.
+    Mac([u8; 6]),
+    /// A peer behind an L3 port (tun, WireGuard), by its tunnel address.
+    Peer(IpAddr),
+}
+
+impl std::fmt::Display for ClientId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Mac(mac) => f.write_str(&crate::state::mac_string(mac)),
+            Self::Peer(address) => address.fmt(f),
+        }
+    }
+}
 
 /// A client's membership in one group: until when, and when it first joined (copies go to
 /// clients in the order they came, so a host forging many MACs cannot push out real ones).
@@ -24,7 +43,7 @@ pub struct Clients {
     /// Ports with per-client delivery.
     ports: BTreeSet<u32>,
     /// (group, port) -> client MAC -> its membership.
-    members: BTreeMap<(IpAddr, u32), BTreeMap<[u8; 6], Member>>,
+    members: BTreeMap<(IpAddr, u32), BTreeMap<ClientId, Member>>,
     /// Groups whose members changed since [`Clients::take_changed`].
     changed: BTreeSet<IpAddr>,
     /// Most distinct clients per port.
@@ -59,11 +78,11 @@ impl Clients {
     }
 
     /// Distinct clients with a membership on `port`.
-    fn clients_on(&self, port: u32) -> BTreeSet<[u8; 6]> {
+    fn clients_on(&self, port: u32) -> BTreeSet<ClientId> {
         self.members
             .iter()
             .filter(|((_, p), _)| *p == port)
-            .flat_map(|(_, macs)| macs.keys().copied())
+            .flat_map(|(_, clients)| clients.keys().copied())
             .collect()
     }
 
@@ -95,10 +114,10 @@ impl Clients {
         self.ports.iter().copied()
     }
 
-    /// A membership message from the client `mac` on `port`: a join (re)arms the client's
+    /// A membership message from the client `client` on `port`: a join (re)arms the client's
     /// timer until `expiry` (one group membership interval from now), a leave ends it at once
     /// (the port-level state still goes through the normal last-member queries).
-    pub fn on_message(&mut self, port: u32, mac: [u8; 6], msg: &Message, expiry: Duration) {
+    pub fn on_message(&mut self, port: u32, client: ClientId, msg: &Message, expiry: Duration) {
         if !self.is_per_client(port) {
             return;
         }
@@ -122,45 +141,46 @@ impl Clients {
             _ => {}
         }
         for group in joins.into_iter().filter(is_tracked) {
-            self.join(group, port, mac, expiry);
+            self.join(group, port, client, expiry);
         }
         for group in leaves {
-            if let Some(macs) = self.members.get_mut(&(group, port)) {
-                if macs.remove(&mac).is_some() {
+            if let Some(clients) = self.members.get_mut(&(group, port)) {
+                if clients.remove(&client).is_some() {
                     self.changed.insert(group);
                 }
             }
         }
     }
 
-    /// Makes `mac` a member of `group` on `port` until `expiry`; refused (and recorded) when
-    /// `mac` is a new client on a port that has its most clients.
-    pub fn join(&mut self, group: IpAddr, port: u32, mac: [u8; 6], expiry: Duration) {
-        if let Some(member) = self.members.get_mut(&(group, port)).and_then(|m| m.get_mut(&mac)) {
+    /// Makes `client` a member of `group` on `port` until `expiry`; refused (and recorded) when
+    /// `client` is a new client on a port that has its most clients.
+    pub fn join(&mut self, group: IpAddr, port: u32, client: ClientId, expiry: Duration) {
+        if let Some(member) = self.members.get_mut(&(group, port)).and_then(|m| m.get_mut(&client))
+        {
             member.expiry = expiry;
             return;
         }
         let clients = self.clients_on(port);
-        if !clients.contains(&mac) && clients.len() >= self.max_per_port {
+        if !clients.contains(&client) && clients.len() >= self.max_per_port {
             self.refused.push(Refused { port, group, why: Refusal::MaxClientsPerPort });
             return;
         }
         self.joins += 1;
         let member = Member { expiry, since: self.joins };
-        self.members.entry((group, port)).or_default().insert(mac, member);
+        self.members.entry((group, port)).or_default().insert(client, member);
         self.changed.insert(group);
     }
 
     /// Drops memberships that timed out.
     pub fn expire(&mut self, now: Duration) {
-        for ((group, _), macs) in &mut self.members {
-            let before = macs.len();
-            macs.retain(|_, member| member.expiry > now);
-            if macs.len() != before {
+        for ((group, _), clients) in &mut self.members {
+            let before = clients.len();
+            clients.retain(|_, member| member.expiry > now);
+            if clients.len() != before {
                 self.changed.insert(*group);
             }
         }
-        self.members.retain(|_, macs| !macs.is_empty());
+        self.members.retain(|_, clients| !clients.is_empty());
     }
 
     /// The groups whose members changed since the last call.
@@ -169,37 +189,37 @@ impl Clients {
     }
 
     /// The clients that are members of `group` on `port`, first come first.
-    pub fn members(&self, group: IpAddr, port: u32) -> Vec<[u8; 6]> {
-        let mut members: Vec<([u8; 6], u64)> = self
+    pub fn members(&self, group: IpAddr, port: u32) -> Vec<ClientId> {
+        let mut members: Vec<(ClientId, u64)> = self
             .members
             .get(&(group, port))
             .into_iter()
-            .flat_map(|m| m.iter().map(|(mac, member)| (*mac, member.since)))
+            .flat_map(|m| m.iter().map(|(client, member)| (*client, member.since)))
             .collect();
         members.sort_by_key(|(_, since)| *since);
-        members.into_iter().map(|(mac, _)| mac).collect()
+        members.into_iter().map(|(client, _)| client).collect()
     }
 
-    /// The groups client `mac` on `port` is a member of.
-    pub fn groups_of(&self, port: u32, mac: [u8; 6]) -> Vec<IpAddr> {
+    /// The groups client `client` on `port` is a member of.
+    pub fn groups_of(&self, port: u32, client: ClientId) -> Vec<IpAddr> {
         self.members
             .iter()
-            .filter(|((_, p), macs)| *p == port && macs.contains_key(&mac))
+            .filter(|((_, p), clients)| *p == port && clients.contains_key(&client))
             .map(|((group, _), _)| *group)
             .collect()
     }
 
-    /// Whether client `mac` on `port` is a member of any group.
-    pub fn is_member(&self, port: u32, mac: [u8; 6]) -> bool {
-        self.members.iter().any(|((_, p), macs)| *p == port && macs.contains_key(&mac))
+    /// Whether client `client` on `port` is a member of any group.
+    pub fn is_member(&self, port: u32, client: ClientId) -> bool {
+        self.members.iter().any(|((_, p), clients)| *p == port && clients.contains_key(&client))
     }
 
     /// Every (group, client) membership on `port`.
-    pub fn of_port(&self, port: u32) -> Vec<(IpAddr, [u8; 6])> {
+    pub fn of_port(&self, port: u32) -> Vec<(IpAddr, ClientId)> {
         self.members
             .iter()
             .filter(|((_, p), _)| *p == port)
-            .flat_map(|((group, _), macs)| macs.keys().map(move |mac| (*group, *mac)))
+            .flat_map(|((group, _), clients)| clients.keys().map(move |client| (*group, *client)))
             .collect()
     }
 }
@@ -211,8 +231,8 @@ mod tests {
     use super::*;
     use crate::membership::GroupRecord;
 
-    const A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
-    const B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+    const A: ClientId = ClientId::Mac([2, 0, 0, 0, 0, 0xa]);
+    const B: ClientId = ClientId::Mac([2, 0, 0, 0, 0, 0xb]);
     const G: IpAddr = IpAddr::V4(Ipv4Addr::new(239, 1, 1, 1));
     const SECOND: Duration = Duration::from_secs(1);
 

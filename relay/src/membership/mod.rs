@@ -7,7 +7,7 @@ pub mod engine;
 pub mod packet;
 mod remembered;
 
-pub use clients::Clients;
+pub use clients::{ClientId, Clients};
 pub use engine::{
     Action, CompatMode, Config, Engine, FilterMode, Forwarding, GroupSnapshot, IgmpVersion, Limits,
     MldVersion, PortOptions, PortSnapshot, QuerierStatus, Refusal, Refused, RouterEvent,

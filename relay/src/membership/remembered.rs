@@ -11,14 +11,14 @@ use std::{
     time::Duration,
 };
 
-use super::{Clients, Engine, FilterMode, GroupRecord, Message, MessageKind, RecordType};
+use super::{ClientId, Clients, Engine, FilterMode, GroupRecord, Message, MessageKind, RecordType};
 
 /// What a vanished port had learned.
 #[derive(Debug)]
 pub struct Remembered {
     until: Duration,
     records: Vec<GroupRecord>,
-    clients: Vec<(IpAddr, [u8; 6])>,
+    clients: Vec<(IpAddr, ClientId)>,
 }
 
 impl Remembered {
@@ -102,7 +102,7 @@ mod tests {
             },
         };
         engine.handle(NOW, 3, &report);
-        clients.join(group, 3, [2, 0, 0, 0, 0, 1], NOW + Duration::from_secs(260));
+        clients.join(group, 3, ClientId::Mac([2, 0, 0, 0, 0, 1]), NOW + Duration::from_secs(260));
         let remembered = Remembered::of_port(&engine, &clients, 3, NOW);
         assert_eq!(remembered.groups(), 1);
         assert!(remembered.is_current(NOW + Duration::from_secs(259)));
@@ -118,6 +118,6 @@ mod tests {
         let forwarding = engine.forwarding(&group);
         assert!(forwarding.ports_for(&"10.1.1.1".parse().expect("source")).contains(&9));
         assert!(!forwarding.ports_for(&blocked).contains(&9), "the blocked source stays blocked");
-        assert_eq!(clients.members(group, 9), [[2, 0, 0, 0, 0, 1]]);
+        assert_eq!(clients.members(group, 9), [ClientId::Mac([2, 0, 0, 0, 0, 1])]);
     }
 }
