@@ -120,7 +120,14 @@ fn per_peer_delivery_only_to_joined_peer() {
 
     let sender = McastSender::new(&h0.ns, &h0.iface).with_hop_limit(HOPS);
     sender.send_numbered(group, PORT, COUNT, INTERVAL);
-    assert_eq!(rx_a.wait_for(COUNT, DELIVERY_TIMEOUT), COUNT, "{rx_a}: datagrams from the LAN");
+    assert_eq!(
+        rx_a.wait_for(COUNT, DELIVERY_TIMEOUT),
+        COUNT,
+        "{rx_a}: datagrams from the LAN ({} forwarded on {}; per-client state: {})",
+        port_counter(&stats_json(&bed.gw), &h0.gw_port, "packets", "forwarded"),
+        h0.gw_port,
+        groups_json(&bed.gw)["clients"]
+    );
     thread::sleep(QUIET);
     assert_eq!(rx_a.count(), COUNT, "{rx_a}: duplicates");
     assert_eq!(rx_a.distinct(), COUNT, "{rx_a}: distinct datagrams");
