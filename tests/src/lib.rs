@@ -21,6 +21,7 @@ pub mod mcast;
 pub mod netns;
 pub mod openvpn;
 pub mod topology;
+pub mod wireguard;
 
 use std::{
     net::IpAddr,

@@ -10,7 +10,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt, io,
+    fmt,
+    io::{self, IoSliceMut},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
@@ -21,6 +22,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use nix::{
+    errno::Errno,
+    sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage},
+};
 use socket2::{Domain, InterfaceIndexOrAddress, Protocol, Socket, Type};
 
 use crate::netns::NetNs;
@@ -44,8 +49,20 @@ struct RxState {
     seqs: Mutex<BTreeSet<u64>>,
     /// Datagrams that are not test datagrams of this receiver's group.
     foreign: AtomicU64,
+    /// (source, destination) addresses of this receiver's group's datagrams.
+    addresses: Mutex<BTreeSet<(IpAddr, IpAddr)>>,
     /// The error that stopped the receiving thread, if any.
     error: Mutex<Option<String>>,
+}
+
+/// Which address a receiver binds and whether it joins.
+#[derive(Clone, Copy)]
+enum Bind<'a> {
+    /// `group:port`, joined on the interface.
+    Group(&'a str),
+    /// The unspecified address (`0.0.0.0` / `::`) and `port`, joined on the interface when
+    /// given.
+    Wildcard(Option<&'a str>),
 }
 
 /// A UDP socket joined to a group on one interface, counting datagrams on a background thread
@@ -63,22 +80,29 @@ impl McastReceiver {
     /// (`IP_MULTICAST_ALL` off and bound to the group address).
     pub fn join(ns: &NetNs, group: IpAddr, port: u16, iface: &str) -> Self {
         let label = format!("receiver of {group}:{port} on {iface} in {ns}");
-        Self::open(label, ns, group, port, iface, Bind::Group)
+        Self::start(ns, group, port, Bind::Group(iface), label)
     }
 
-    /// Binds the unspecified address, port `port`, in `ns` (as most receiving applications
-    /// do) and, with `join`, joins `group` on `iface`. It receives datagrams of `group`'s
-    /// test payload whatever their destination: the group, or this host's own address (a
-    /// per-peer copy on a routed VPN).
-    pub fn bound_to_port(ns: &NetNs, group: IpAddr, port: u16, iface: &str, join: bool) -> Self {
-        let what = if join { "joined" } else { "not joined" };
-        let label = format!("receiver on port {port} ({group} {what} on {iface}) in {ns}");
-        Self::open(label, ns, group, port, iface, if join { Bind::AnyJoined } else { Bind::Any })
+    /// Binds the unspecified address (`0.0.0.0:port` / `[::]:port`) in `ns` and joins `group`
+    /// on `iface`: receives the group's datagrams and those sent to one of the host's unicast
+    /// addresses on `port` (a copy whose destination a relay rewrote). Counts the datagrams
+    /// whose payload names `group`.
+    pub fn join_wildcard(ns: &NetNs, group: IpAddr, port: u16, iface: &str) -> Self {
+        let label = format!("receiver on port {port} joined to {group} on {iface} in {ns}");
+        Self::start(ns, group, port, Bind::Wildcard(Some(iface)), label)
     }
 
-    fn open(label: String, ns: &NetNs, group: IpAddr, port: u16, iface: &str, bind: Bind) -> Self {
+    /// Binds the unspecified address (`0.0.0.0:port` / `[::]:port`) in `ns` without joining
+    /// anything: catches datagrams of `group` (by payload) sent to one of the host's unicast
+    /// addresses on `port`. Sends no IGMP/MLD report.
+    pub fn wildcard(ns: &NetNs, group: IpAddr, port: u16) -> Self {
+        let label = format!("receiver on port {port} (not joined, counting {group}) in {ns}");
+        Self::start(ns, group, port, Bind::Wildcard(None), label)
+    }
+
+    fn start(ns: &NetNs, group: IpAddr, port: u16, bind: Bind<'_>, label: String) -> Self {
         let socket = ns
-            .in_netns(|| join_socket(group, port, iface, bind))
+            .in_netns(|| receiver_socket(group, port, bind))
             .unwrap_or_else(|e| panic!("{label}: {e}"));
         let state = Arc::new(RxState::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -97,6 +121,12 @@ impl McastReceiver {
     /// Distinct sequence numbers received so far.
     pub fn distinct(&self) -> u64 {
         self.state.seqs.lock().map_or(0, |seqs| seqs.len() as u64)
+    }
+
+    /// The (source, destination) address pairs of the datagrams counted so far (the
+    /// destination from `IP_PKTINFO` / `IPV6_PKTINFO`).
+    pub fn addresses(&self) -> BTreeSet<(IpAddr, IpAddr)> {
+        self.state.addresses.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
     /// Datagrams received that were not this group's test datagrams.
@@ -144,29 +174,27 @@ impl Drop for McastReceiver {
     }
 }
 
-/// What a receiving socket binds and joins.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Bind {
-    /// The group address, joined.
-    Group,
-    /// The unspecified address, the group joined.
-    AnyJoined,
-    /// The unspecified address, nothing joined.
-    Any,
-}
-
-fn join_socket(group: IpAddr, port: u16, iface: &str, bind: Bind) -> io::Result<UdpSocket> {
-    let ifindex = nix::net::if_::if_nametoindex(iface).map_err(io::Error::from)?;
+fn receiver_socket(group: IpAddr, port: u16, bind: Bind<'_>) -> io::Result<UdpSocket> {
+    let iface = match bind {
+        Bind::Group(iface) | Bind::Wildcard(Some(iface)) => Some(iface),
+        Bind::Wildcard(None) => None,
+    };
+    let ifindex = match iface {
+        Some(iface) => nix::net::if_::if_nametoindex(iface).map_err(io::Error::from)?,
+        None => 0,
+    };
+    let wildcard = matches!(bind, Bind::Wildcard(_));
     let socket = match group {
         IpAddr::V4(g) => {
             let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
             socket.set_reuse_address(true)?;
             socket.set_multicast_all_v4(false)?;
-            let address = if bind == Bind::Group { group } else { Ipv4Addr::UNSPECIFIED.into() };
-            socket.bind(&SocketAddr::new(address, port).into())?;
-            if bind != Bind::Any {
+            let local = if wildcard { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { group };
+            socket.bind(&SocketAddr::new(local, port).into())?;
+            if iface.is_some() {
                 socket.join_multicast_v4_n(&g, &InterfaceIndexOrAddress::Index(ifindex))?;
             }
+            setsockopt(&socket, sockopt::Ipv4PacketInfo, &true).map_err(io::Error::from)?;
             socket
         }
         IpAddr::V6(g) => {
@@ -175,11 +203,12 @@ fn join_socket(group: IpAddr, port: u16, iface: &str, bind: Bind) -> io::Result<
             socket.set_reuse_address(true)?;
             socket.set_multicast_all_v6(false)?;
             // The scope id is needed (and only used) for link-scoped groups such as ff02::fb.
-            let address = if bind == Bind::Group { g } else { Ipv6Addr::UNSPECIFIED };
-            socket.bind(&SocketAddrV6::new(address, port, 0, ifindex).into())?;
-            if bind != Bind::Any {
+            let local = if wildcard { Ipv6Addr::UNSPECIFIED } else { g };
+            socket.bind(&SocketAddrV6::new(local, port, 0, ifindex).into())?;
+            if iface.is_some() {
                 socket.join_multicast_v6(&g, ifindex)?;
             }
+            setsockopt(&socket, sockopt::Ipv6RecvPacketInfo, &true).map_err(io::Error::from)?;
             socket
         }
     };
@@ -212,11 +241,41 @@ fn set_large_receive_buffer(fd: std::os::fd::RawFd) {
     }
 }
 
+/// One datagram: its length, source and destination address.
+fn receive_one(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> nix::Result<(usize, Option<IpAddr>, Option<IpAddr>)> {
+    let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )?;
+    let source = msg.address.and_then(|a| {
+        a.as_sockaddr_in()
+            .map(|a| IpAddr::V4(a.ip()))
+            .or_else(|| a.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
+    });
+    let destination = msg.cmsgs()?.find_map(|c| match c {
+        ControlMessageOwned::Ipv4PacketInfo(info) => {
+            Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr))))
+        }
+        ControlMessageOwned::Ipv6PacketInfo(info) => {
+            Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)))
+        }
+        _ => None,
+    });
+    Ok((msg.bytes, source, destination))
+}
+
 fn receive_loop(socket: &UdpSocket, group: &str, state: &RxState, stop: &AtomicBool) {
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::SeqCst) {
-        match socket.recv(&mut buf) {
-            Ok(n) => {
+        match receive_one(socket, &mut buf) {
+            Ok((n, source, destination)) => {
                 let text = String::from_utf8_lossy(&buf[..n]);
                 let mut words = text.split_whitespace();
                 let seq = match (words.next(), words.next(), words.next()) {
@@ -230,6 +289,11 @@ fn receive_loop(socket: &UdpSocket, group: &str, state: &RxState, stop: &AtomicB
                         if let Ok(mut seqs) = state.seqs.lock() {
                             seqs.insert(seq);
                         }
+                        if let (Some(s), Some(d), Ok(mut addresses)) =
+                            (source, destination, state.addresses.lock())
+                        {
+                            addresses.insert((s, d));
+                        }
                         state.datagrams.fetch_add(1, Ordering::SeqCst);
                     }
                     None => {
@@ -237,8 +301,7 @@ fn receive_loop(socket: &UdpSocket, group: &str, state: &RxState, stop: &AtomicB
                     }
                 }
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(Errno::EAGAIN | Errno::EINTR) => {}
             Err(e) => {
                 if let Ok(mut error) = state.error.lock() {
                     *error = Some(e.to_string());

@@ -237,8 +237,8 @@ fn per_client_tun_delivers_only_to_the_joined_client() {
 
     let wire0 = WireObserver::new(&c0.ns, &c0.tap);
     let wire1 = WireObserver::new(&c1.ns, &c1.tap);
-    let rx0 = McastReceiver::bound_to_port(&c0.ns, group, PORT, &c0.tap, true);
-    let rx1 = McastReceiver::bound_to_port(&c1.ns, group, PORT, &c1.tap, false);
+    let rx0 = McastReceiver::join_wildcard(&c0.ns, group, PORT, &c0.tap);
+    let rx1 = McastReceiver::wildcard(&c1.ns, group, PORT);
     wait_groups(&bed.gw, "the joined client as a per-client member", MEMBER_TIMEOUT, |doc| {
         has_group(client_entry(doc, a0), group)
     });
