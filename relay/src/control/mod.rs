@@ -776,14 +776,36 @@ impl Control {
             return;
         }
         match packet::build_query(mac, source, query) {
-            Ok(frame) => match self.send_frame(port, &frame) {
+            Ok(frame) => {
+                match self.send_frame(port, &frame) {
+                    Ok(()) => self.counters.queries_sent += 1,
+                    Err(e) => {
+                        self.counters.send_errors += 1;
+                        tracing::debug!(port = self.name(port), "sending a query: {e}");
+                    }
+                }
+                if l3.is_some() && self.clients.is_per_client(port) {
+                    self.send_unicast_queries(port, frame.get(14..).unwrap_or_default());
+                }
+            }
+            Err(e) => tracing::warn!("building a query: {e:?}"),
+        }
+    }
+
+    /// A per-client L3 port also gets the query addressed to each known peer: WireGuard
+    /// sends a multicast destination to no peer (AllowedIPs are per peer), so without these
+    /// a peer never hears a query, never reports again, and its membership would time out
+    /// while it is still joined. (OpenVPN tun peers get both; they answer once.)
+    fn send_unicast_queries(&mut self, port: u32, packet: &[u8]) {
+        for peer in self.clients.peers_on(port) {
+            let Some(copy) = packet::readdress_ipv4(packet, peer) else { continue };
+            match self.socket.send_ip(port, &copy) {
                 Ok(()) => self.counters.queries_sent += 1,
                 Err(e) => {
                     self.counters.send_errors += 1;
-                    tracing::debug!(port = self.name(port), "sending a query: {e}");
+                    tracing::debug!(port = self.name(port), %peer, "sending a query: {e}");
                 }
-            },
-            Err(e) => tracing::warn!("building a query: {e:?}"),
+            }
         }
     }
 

@@ -25,8 +25,16 @@ fn compat_name(c: CompatMode) -> &'static str {
 
 /// The state of a running control plane.
 pub fn build(control: &Control, now: Duration, dp: &Dataplane) -> DaemonState {
+    // A per-client key stands for a copy to one client of a port: the port is named, once.
     let names = |ports: &mut dyn Iterator<Item = u32>| -> Vec<String> {
-        ports.map(|p| control.name(p)).collect()
+        let mut out: Vec<String> = Vec::new();
+        for p in ports {
+            let name = control.name(dp.client_port(p).unwrap_or(p));
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        out
     };
     let mut groups: Vec<GroupState> = Vec::new();
     let learned: std::collections::BTreeMap<IpAddr, _> =

@@ -333,6 +333,12 @@ impl Dataplane {
         self.clients.set_clients(ifindex, group, clients, l3)
     }
 
+    /// The port a per-client key of this daemon sends copies through (`None` for a plain
+    /// port key).
+    pub fn client_port(&self, key: u32) -> Option<u32> {
+        (key & CLIENT_KEY_BIT != 0).then(|| self.clients.port_of(key)).flatten()
+    }
+
     /// Forgets the copy counts of clients that are gone.
     pub fn retain_clients(&mut self, keep: impl Fn(u32, ClientId) -> bool) {
         self.clients.retain(keep);

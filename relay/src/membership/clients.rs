@@ -200,6 +200,17 @@ impl Clients {
         members.into_iter().map(|(client, _)| client).collect()
     }
 
+    /// The IPv4 peers of an L3 port with some membership there.
+    pub fn peers_on(&self, port: u32) -> Vec<std::net::Ipv4Addr> {
+        self.clients_on(port)
+            .into_iter()
+            .filter_map(|c| match c {
+                ClientId::Peer(IpAddr::V4(a)) => Some(a),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The groups client `client` on `port` is a member of.
     pub fn groups_of(&self, port: u32, client: ClientId) -> Vec<IpAddr> {
         self.members

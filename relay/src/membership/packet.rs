@@ -950,6 +950,20 @@ pub fn build(src_mac: [u8; 6], msg: &Message) -> Result<Vec<u8>, BuildError> {
     Ok(frame)
 }
 
+/// An IPv4 packet (from its header on) addressed to `to` instead, header checksum updated
+/// (IGMP's own checksum does not cover the addresses). `None` for anything but IPv4.
+pub fn readdress_ipv4(packet: &[u8], to: Ipv4Addr) -> Option<Vec<u8>> {
+    let ihl = usize::from(*packet.first()? & 0x0f) * 4;
+    if packet[0] >> 4 != 4 || ihl < 20 || packet.len() < ihl {
+        return None;
+    }
+    let mut copy = packet.to_vec();
+    copy[16..20].copy_from_slice(&to.octets());
+    copy[10..12].fill(0);
+    set_checksum(&mut copy[..ihl], 10, 0);
+    Some(copy)
+}
+
 fn put_addr(buf: &mut Vec<u8>, a: &IpAddr) {
     match a {
         IpAddr::V4(a) => buf.extend_from_slice(&a.octets()),

@@ -640,3 +640,17 @@ fn envelopes_that_break_the_rfcs_are_rejected_with_reasons() {
     assert_eq!(parse(&pim).map(|m| m.kind), Ok(MessageKind::PimHello));
     assert_eq!(parse(&f), Err(ParseError::BadDestination));
 }
+
+#[test]
+fn a_readdressed_query_parses_with_its_new_destination() {
+    let query = q(QueryVersion::IgmpV3, None, 1000);
+    let frame = build_query(MAC, a4("10.66.0.1"), &query).expect("query");
+    let peer = Ipv4Addr::new(10, 66, 0, 10);
+    let copy = readdress_ipv4(&frame[14..], peer).expect("IPv4");
+    assert_eq!(copy[16..20], peer.octets());
+    let ihl = usize::from(copy[0] & 0x0f) * 4;
+    assert_eq!(fold(sum16(&copy[..ihl], 0)), 0, "header checksum");
+    assert_eq!(copy[ihl..], frame[14 + ihl..], "the IGMP message is unchanged");
+    assert_eq!(copy[12..16], frame[26..30], "the source is unchanged");
+    assert!(readdress_ipv4(&[0x60; 40], peer).is_none(), "IPv6 is not readdressed");
+}
