@@ -3,18 +3,32 @@
 //! address (not the host's report relayed), answers the upstream router's query with the
 //! current state, reports the leave, never queries upstream, and relays upstream data to the
 //! downstream member.
+//!
+//! The routed scenario (two subnets, the gateway routing unicast between them, a querier and a
+//! sender upstream, a kernel host receiving downstream) runs once with mcrelay and once with
+//! igmpproxy, the kernel-MFC proxy, and each run asserts what that proxy does; docs/routed.md
+//! has the two side by side. The MLD test is the proxy test over IPv6.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
-    time::Duration,
+    collections::BTreeSet,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
 };
 
 use mcrelay_tests::{
     addr,
-    control::{CraftedHost, IgmpCapture, IGMP_QUERY},
+    cmd::output_with_timeout,
+    control::{
+        link_local, CraftedHost, IgmpCapture, MldCapture, IGMP_QUERY, IGMP_V2_REPORT,
+        MLD_QUERY, MLD_V2_REPORT,
+    },
+    igmpproxy::{self, IgmpProxy},
     require_testbed,
-    topology::Star,
-    McastReceiver, McastSender,
+    topology::{Host, Star},
+    McastReceiver, McastSender, Mcrelay, NetNs, WireObserver,
 };
 use relay::membership::packet::{self, Message, MessageKind, Query, QueryVersion};
 
@@ -121,4 +135,266 @@ fn a_proxy_reports_downstream_members_upstream_as_a_host() {
         igmp.first() == Some(&IGMP_QUERY) && !from(ip, Ipv4Addr::new(198, 18, 0, 9))
     });
     assert!(queried.is_none(), "mcrelay queried on its upstream port");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The routed scenario, mcrelay and igmpproxy side by side.
+
+/// The gateway's addresses on the upstream (`gw0`) and downstream (`gw1`) subnets; the hosts
+/// are `.2` there and route through the gateway.
+const GW_UP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const GW_DOWN: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// The upstream querier (a crafted host on the upstream subnet).
+const QUERIER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 9);
+/// The sender's TTL for routed data.
+const HOPS: u32 = 8;
+/// How long to keep watching after everything expected arrived.
+const QUIET: Duration = Duration::from_millis(700);
+/// How long the join may take to bring data downstream.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The proxy on the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proxy {
+    /// `mcrelay run -i gw0 -i gw1 --upstream gw0`.
+    Mcrelay,
+    /// `igmpproxy` with gw0 upstream and gw1 downstream (kernel MFC).
+    Igmpproxy,
+}
+
+/// What one run of the routed scenario saw.
+#[derive(Debug)]
+struct Findings {
+    proxy: Proxy,
+    /// The group was reported upstream from the gateway's upstream address (IGMPv3 IS_EX /
+    /// TO_EX record, or an IGMPv2 report).
+    report_from_gateway: bool,
+    /// From the downstream host's join to that report.
+    join_to_report: Option<Duration>,
+    /// From the downstream host's join to the first datagram of a stream already running
+    /// upstream (one datagram every 10 ms).
+    join_to_data: Option<Duration>,
+    /// The downstream host's own report was seen upstream.
+    host_report_upstream: bool,
+    /// Datagrams (of [`COUNT`], TTL [`HOPS`]) that reached the downstream member.
+    delivered: u64,
+    /// The TTLs those arrived with on the downstream wire.
+    ttls: BTreeSet<u8>,
+    /// Datagrams (of [`COUNT`]) sent with TTL 1 that reached the downstream member.
+    ttl1_delivered: u64,
+    /// The upstream querier's general query was answered from the gateway's address with the
+    /// group's state.
+    query_answered: bool,
+    /// The leave went upstream (IGMPv3 TO_IN({}) or an IGMPv2 leave) from the gateway within
+    /// 15 s of the host's leave.
+    leave_upstream: bool,
+    /// `ping` from the upstream host to the downstream host worked, and the reply's TTL.
+    unicast_ttl: Option<u8>,
+}
+
+impl fmt::Display for Findings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = |d: Option<Duration>| d.map_or("never".into(), |d| format!("{} ms", d.as_millis()));
+        writeln!(f, "{:?} in the routed scenario:", self.proxy)?;
+        writeln!(f, "  report upstream from {GW_UP}: {}", self.report_from_gateway)?;
+        writeln!(f, "  join -> report upstream: {}", ms(self.join_to_report))?;
+        writeln!(f, "  join -> first datagram downstream: {}", ms(self.join_to_data))?;
+        writeln!(f, "  host's own report seen upstream: {}", self.host_report_upstream)?;
+        writeln!(f, "  TTL {HOPS} datagrams delivered: {} of {COUNT}", self.delivered)?;
+        writeln!(f, "  TTL on the downstream wire: {:?}", self.ttls)?;
+        writeln!(f, "  TTL 1 datagrams delivered: {} of {COUNT}", self.ttl1_delivered)?;
+        writeln!(f, "  upstream query answered: {}", self.query_answered)?;
+        writeln!(f, "  leave upstream: {}", self.leave_upstream)?;
+        write!(f, "  unicast ping across, reply TTL: {:?}", self.unicast_ttl)
+    }
+}
+
+/// Whether `igmp` reports `group` joined: an IGMPv3 IS_EX / TO_EX record, or an IGMPv2 report.
+fn joins(igmp: &[u8], group: Ipv4Addr) -> bool {
+    matches!(v3_record_for(igmp, group), Some(2 | 4))
+        || (igmp.first() == Some(&IGMP_V2_REPORT) && igmp.get(4..8) == Some(&group.octets()))
+}
+
+/// Whether `igmp` reports `group` left: an IGMPv3 TO_IN record (the proxy's union is empty),
+/// or an IGMPv2 leave (type 0x17).
+fn leaves(igmp: &[u8], group: Ipv4Addr) -> bool {
+    v3_record_for(igmp, group) == Some(3)
+        || (igmp.first() == Some(&0x17) && igmp.get(4..8) == Some(&group.octets()))
+}
+
+/// `ping -c 1` from `ns` to `to`: the reply's TTL, or `None` when there was no reply.
+fn ping_ttl(ns: &NetNs, to: Ipv4Addr) -> Option<u8> {
+    let mut cmd: Command = ns.command("ping");
+    cmd.args(["-n", "-c", "1", "-W", "3", &to.to_string()]);
+    let out = output_with_timeout(cmd, Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ttl = text.split_whitespace().find_map(|w| w.strip_prefix("ttl="))?;
+    out.status.success().then(|| ttl.parse().ok()).flatten()
+}
+
+/// Two routed subnets: `gw0` (198.18.0.0/24, the upstream host sends and a crafted querier
+/// queries there) and `gw1` (198.18.1.0/24, a kernel host joins), the gateway forwarding
+/// unicast between them (`ip_forward`, the hosts' default routes), and `proxy` on the gateway.
+fn routed_scenario(tag: &str, proxy: Proxy, group: Ipv4Addr) -> Findings {
+    let star = Star::new(tag, 2);
+    let [up, down] = &star.hosts[..] else { unreachable!() };
+    star.gw.add_addr(&up.gw_port, &format!("{GW_UP}/24"));
+    star.gw.add_addr(&down.gw_port, &format!("{GW_DOWN}/24"));
+    star.gw.sysctl("net/ipv4/ip_forward", "1");
+    up.ns.ip(&["route", "add", "default", "via", &GW_UP.to_string()]);
+    down.ns.ip(&["route", "add", "default", "via", &GW_DOWN.to_string()]);
+    let at_up = IgmpCapture::new(up);
+    let all_at_up = IgmpCapture::new(up);
+
+    let (_mcrelay, mut _igmpproxy): (Option<Mcrelay>, Option<IgmpProxy>) = match proxy {
+        Proxy::Mcrelay => (
+            Some(star.start_relay(&[
+                "--upstream",
+                &up.gw_port,
+                "--query-interval",
+                "20",
+                "--query-response-interval",
+                "1",
+                "--last-member-interval",
+                "0.2",
+            ])),
+            None,
+        ),
+        Proxy::Igmpproxy => {
+            let config = igmpproxy::config(&up.gw_port, &[&down.gw_port]);
+            (None, Some(IgmpProxy::start(&star.gw, &config, 2)))
+        }
+    };
+    let unicast_ttl = ping_ttl(&up.ns, down.v4);
+
+    // A stream runs upstream before anyone joins; the join's latency is how long the first of
+    // its datagrams takes to show up downstream.
+    let g = IpAddr::V4(group);
+    let wire = WireObserver::new(&down.ns, &down.iface);
+    let probe_rx = McastReceiver::join(&down.ns, g, PORT + 1, &down.iface);
+    let joined = Instant::now();
+    let rx = McastReceiver::join(&down.ns, g, PORT, &down.iface);
+    let probes = McastSender::new(&up.ns, &up.iface).with_hop_limit(HOPS);
+    let report = thread::scope(|scope| {
+        let report = scope.spawn(|| {
+            at_up
+                .wait_for_packet(JOIN_TIMEOUT, |ip, igmp| from(ip, GW_UP) && joins(igmp, group))
+                .map(|_| joined.elapsed())
+        });
+        let mut seq = 0;
+        while probe_rx.count() == 0 && joined.elapsed() < JOIN_TIMEOUT {
+            let _ = probes.send(g, PORT + 1, seq);
+            seq += 1;
+            thread::sleep(Duration::from_millis(10));
+        }
+        report.join().unwrap_or(None)
+    });
+    let join_to_data = (probe_rx.count() > 0).then(|| joined.elapsed());
+
+    // Routed data with TTL 8, then TTL 1.
+    McastSender::new(&up.ns, &up.iface).with_hop_limit(HOPS).send_numbered(
+        g,
+        PORT,
+        COUNT,
+        Duration::from_millis(2),
+    );
+    let delivered = rx.wait_for(COUNT, TIMEOUT);
+    thread::sleep(QUIET);
+    let ttls = wire.hop_limits(g);
+    let before = rx.count();
+    McastSender::new(&up.ns, &up.iface).send_numbered(g, PORT, COUNT, Duration::from_millis(2));
+    rx.wait_for(before + COUNT, QUIET * 2);
+    let ttl1_delivered = rx.count() - before;
+
+    // The upstream querier's general query (IGMPv3, 1 s to answer).
+    let router = CraftedHost::with_source(up, 7, IpAddr::V4(QUERIER));
+    let query = Message {
+        source: router.source,
+        kind: MessageKind::Query(Query {
+            version: QueryVersion::IgmpV3,
+            group: None,
+            max_resp: Duration::from_secs(1),
+            suppress: false,
+            qrv: 2,
+            qqi: Duration::from_secs(20),
+            sources: vec![],
+        }),
+    };
+    router.send(&packet::build(router.mac, &query).expect("query"));
+    let query_answered = at_up
+        .wait_for_packet(TIMEOUT, |ip, igmp| {
+            from(ip, GW_UP) && v3_record_for(igmp, group) == Some(2)
+        })
+        .is_some();
+
+    drop((rx, probe_rx));
+    let leave_upstream = at_up
+        .wait_for_packet(Duration::from_secs(15), |ip, igmp| {
+            from(ip, GW_UP) && leaves(igmp, group)
+        })
+        .is_some();
+    let host_report_upstream =
+        all_at_up.wait_for_packet(Duration::from_millis(300), |ip, _| from(ip, down.v4)).is_some();
+    if let Some(p) = _igmpproxy.as_mut() {
+        p.check_running();
+        eprintln!("kernel MFC:\n{}", IgmpProxy::mfc(&star.gw));
+    }
+
+    let findings = Findings {
+        proxy,
+        report_from_gateway: report.is_some(),
+        join_to_report: report,
+        join_to_data,
+        host_report_upstream,
+        delivered,
+        ttls,
+        ttl1_delivered,
+        query_answered,
+        leave_upstream,
+        unicast_ttl,
+    };
+    eprintln!("{findings}");
+    findings
+}
+
+/// What holds for both: the proxy's own report upstream from the gateway's address (never the
+/// host's), data delivered, the upstream query answered, unicast routed (one hop: the reply's
+/// TTL 64 arrives as 63).
+fn common(f: &Findings) {
+    assert!(f.report_from_gateway, "{f}");
+    assert!(!f.host_report_upstream, "{f}");
+    assert!(f.join_to_data.is_some(), "{f}");
+    assert_eq!(f.delivered, COUNT, "{f}");
+    assert!(f.query_answered, "{f}");
+    assert_eq!(f.unicast_ttl, Some(63), "{f}");
+}
+
+/// mcrelay relays between Ethernet ports as a bridge would: the datagrams keep their TTL (8),
+/// and TTL 1 is relayed too. Only its L3 ports (tun, WireGuard) are routed hops (TTL
+/// decremented, TTL 1 dropped: tests/tests/routed.rs).
+#[test]
+fn routed_subnets_with_mcrelay_as_the_proxy() {
+    require_testbed!("ping");
+    let f = routed_scenario("prm", Proxy::Mcrelay, Ipv4Addr::new(239, 30, 5, 1));
+    common(&f);
+    assert_eq!(f.ttls, BTreeSet::from([HOPS as u8]), "{f}");
+    assert_eq!(f.ttl1_delivered, COUNT, "{f}");
+    assert!(f.leave_upstream, "{f}");
+}
+
+/// igmpproxy has the kernel route: TTL decremented once (8 arrives as 7), TTL 1 not forwarded
+/// (threshold 1: the kernel forwards a TTL above it).
+///
+/// The host's leave does not go upstream within 15 s: igmpproxy 0.3 logs "quickleave is
+/// enabled but there are still some downstream hosts left", and its last-member queries (no
+/// answer) do not remove the route either; the upstream membership ends when the route ages
+/// out through its general queries (125 s apart after the start-up ones).
+#[test]
+fn routed_subnets_with_igmpproxy_as_the_proxy() {
+    require_testbed!("ping", "igmpproxy");
+    let f = routed_scenario("pri", Proxy::Igmpproxy, Ipv4Addr::new(239, 30, 6, 1));
+    common(&f);
+    assert_eq!(f.ttls, BTreeSet::from([HOPS as u8 - 1]), "{f}");
+    assert_eq!(f.ttl1_delivered, 0, "{f}");
+    assert!(!f.leave_upstream, "{f}");
 }
