@@ -127,9 +127,15 @@ impl<'a> CraftedHost<'a> {
 /// The IPv6 link-local address of the host's interface (`ip -j -6 addr show scope link`),
 /// waiting up to 10 s for it to appear.
 pub fn link_local(host: &Host) -> Ipv6Addr {
+    link_local_of(&host.ns, &host.iface)
+}
+
+/// The IPv6 link-local address of `iface` in `ns` (a gateway's port, say), waiting up to 10 s
+/// for it to appear.
+pub fn link_local_of(ns: &NetNs, iface: &str) -> Ipv6Addr {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = host.ns.ip(&["-j", "-6", "addr", "show", "dev", &host.iface, "scope", "link"]);
+        let out = ns.ip(&["-j", "-6", "addr", "show", "dev", iface, "scope", "link"]);
         let doc: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
         let found = doc
             .as_array()
@@ -140,12 +146,7 @@ pub fn link_local(host: &Host) -> Ipv6Addr {
         if let Some(a) = found {
             return a;
         }
-        assert!(
-            Instant::now() < deadline,
-            "no link-local address on {} in {}: {out}",
-            host.iface,
-            host.ns
-        );
+        assert!(Instant::now() < deadline, "no link-local address on {iface} in {ns}: {out}");
         thread::sleep(Duration::from_millis(50));
     }
 }

@@ -22,7 +22,7 @@ use mcrelay_tests::{
     addr,
     cmd::output_with_timeout,
     control::{
-        link_local, CraftedHost, IgmpCapture, MldCapture, IGMP_QUERY, IGMP_V2_REPORT,
+        link_local, link_local_of, CraftedHost, IgmpCapture, MldCapture, IGMP_QUERY, IGMP_V2_REPORT,
         MLD_QUERY, MLD_V2_REPORT,
     },
     igmpproxy::{self, IgmpProxy},
@@ -397,4 +397,111 @@ fn routed_subnets_with_igmpproxy_as_the_proxy() {
     assert_eq!(f.ttls, BTreeSet::from([HOPS as u8 - 1]), "{f}");
     assert_eq!(f.ttl1_delivered, 0, "{f}");
     assert!(!f.leave_upstream, "{f}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// MLD proxy.
+
+/// The first record of an MLDv2 report `icmp` that names `group`: its record type.
+fn mld_record_for(icmp: &[u8], group: Ipv6Addr) -> Option<u8> {
+    if icmp.first() != Some(&MLD_V2_REPORT) || icmp.len() < 8 {
+        return None;
+    }
+    let mut at = 8;
+    for _ in 0..u16::from_be_bytes([icmp[6], icmp[7]]) {
+        let record = icmp.get(at..at + 20)?;
+        let sources = usize::from(u16::from_be_bytes([record[2], record[3]]));
+        if record[4..20] == group.octets() {
+            return Some(record[0]);
+        }
+        at += 20 + 16 * sources + 4 * usize::from(record[1]);
+    }
+    None
+}
+
+fn from6(ip: &[u8], address: Ipv6Addr) -> bool {
+    ip[8..24] == address.octets()
+}
+
+/// The proxy test over IPv6: the kernel's MLD stack joins downstream; mcrelay reports the group
+/// upstream in MLDv2 from the upstream port's link-local address (the host's report is not
+/// relayed), upstream data reaches the host, an upstream MLDv2 query is answered with the
+/// group's state, the leave goes upstream, and mcrelay never queries there.
+#[test]
+fn a_proxy_reports_downstream_mld_members_upstream_as_a_host() {
+    require_testbed!();
+    let star = Star::new("px6", 2);
+    let [up, down]: &[Host] = &star.hosts[..] else { unreachable!() };
+    let gw_up = link_local_of(&star.gw, &up.gw_port);
+    let host = link_local(down);
+    let at_up = MldCapture::new(up);
+    let all_at_up = MldCapture::new(up);
+    let _relay = star.start_relay(&[
+        "--upstream",
+        &up.gw_port,
+        "--query-interval",
+        "20",
+        "--query-response-interval",
+        "1",
+        "--last-member-interval",
+        "0.2",
+    ]);
+    let IpAddr::V6(group) = addr("ff1e::30:7:1") else { unreachable!() };
+    let rx = McastReceiver::join(&down.ns, IpAddr::V6(group), PORT, &down.iface);
+    let reported = |at: &MldCapture, kinds: &[u8], timeout: Duration| {
+        at.wait_for_packet(timeout, |ip, icmp| {
+            from6(ip, gw_up) && mld_record_for(icmp, group).is_some_and(|k| kinds.contains(&k))
+        })
+        .is_some()
+    };
+
+    // 1. The join goes upstream as mcrelay's own MLDv2 report (IS_EX / TO_EX), repeated.
+    assert!(reported(&at_up, &[2, 4], TIMEOUT), "no MLD report for {group} from {gw_up}");
+    assert!(reported(&at_up, &[2, 4], TIMEOUT), "the state change for {group} was not repeated");
+    // The host's own report is not relayed there.
+    let relayed = at_up.wait_for_packet(Duration::from_secs(1), |ip, _| from6(ip, host));
+    assert!(relayed.is_none(), "the downstream host's MLD report was relayed upstream");
+
+    // 2. Upstream data reaches the downstream member.
+    McastSender::new(&up.ns, &up.iface).send_numbered(
+        IpAddr::V6(group),
+        PORT,
+        COUNT,
+        Duration::from_millis(1),
+    );
+    assert_eq!(rx.wait_for(COUNT, TIMEOUT), COUNT, "{rx}: upstream data");
+
+    // 3. The upstream router's MLDv2 general query is answered with the state (IS_EX: 2).
+    let router = CraftedHost::new(up, 7, true);
+    let query = Message {
+        source: router.source,
+        kind: MessageKind::Query(Query {
+            version: QueryVersion::MldV2,
+            group: None,
+            max_resp: Duration::from_secs(1),
+            suppress: false,
+            qrv: 2,
+            qqi: Duration::from_secs(20),
+            sources: vec![],
+        }),
+    };
+    router.send(&packet::build(router.mac, &query).expect("query"));
+    assert!(reported(&at_up, &[2], TIMEOUT), "the upstream MLD query was not answered");
+
+    // 4. The leave goes upstream as TO_IN({}) (3).
+    drop(rx);
+    assert!(reported(&at_up, &[3], TIMEOUT), "no MLD leave for {group} upstream");
+
+    // 5. mcrelay never queried upstream.
+    let queried = all_at_up.wait_for_packet(Duration::from_millis(500), |ip, icmp| {
+        icmp.first() == Some(&MLD_QUERY) && !from6(ip, router_ll(&router))
+    });
+    assert!(queried.is_none(), "mcrelay sent an MLD query on its upstream port");
+}
+
+fn router_ll(router: &CraftedHost<'_>) -> Ipv6Addr {
+    match router.source {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(_) => unreachable!("an MLD querier has an IPv6 source"),
+    }
 }
