@@ -59,8 +59,8 @@ impl IgmpProxy {
         let dir = ScratchDir::new();
         let conf = dir.write("igmpproxy.conf", config, 0o600);
         let log = dir.path().join("igmpproxy.log");
-        let log_file = fs::File::create(&log)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+        let log_file =
+            fs::File::create(&log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
         // -d: stay in the foreground and log everything to stderr; -v -v: debug messages.
         let child = ns
             .command(program())

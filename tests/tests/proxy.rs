@@ -22,8 +22,8 @@ use mcrelay_tests::{
     addr,
     cmd::output_with_timeout,
     control::{
-        link_local, link_local_of, CraftedHost, IgmpCapture, MldCapture, IGMP_QUERY, IGMP_V2_REPORT,
-        MLD_QUERY, MLD_V2_REPORT,
+        link_local, link_local_of, CraftedHost, IgmpCapture, MldCapture, IGMP_QUERY,
+        IGMP_V2_REPORT, MLD_QUERY, MLD_V2_REPORT,
     },
     igmpproxy::{self, IgmpProxy},
     require_testbed,
@@ -194,7 +194,8 @@ struct Findings {
 
 impl fmt::Display for Findings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ms = |d: Option<Duration>| d.map_or("never".into(), |d| format!("{} ms", d.as_millis()));
+        let ms =
+            |d: Option<Duration>| d.map_or("never".into(), |d| format!("{} ms", d.as_millis()));
         writeln!(f, "{:?} in the routed scenario:", self.proxy)?;
         writeln!(f, "  report upstream from {GW_UP}: {}", self.report_from_gateway)?;
         writeln!(f, "  join -> report upstream: {}", ms(self.join_to_report))?;
@@ -329,9 +330,7 @@ fn routed_scenario(tag: &str, proxy: Proxy, group: Ipv4Addr) -> Findings {
 
     drop((rx, probe_rx));
     let leave_upstream = at_up
-        .wait_for_packet(Duration::from_secs(15), |ip, igmp| {
-            from(ip, GW_UP) && leaves(igmp, group)
-        })
+        .wait_for_packet(Duration::from_secs(15), |ip, igmp| from(ip, GW_UP) && leaves(igmp, group))
         .is_some();
     let host_report_upstream =
         all_at_up.wait_for_packet(Duration::from_millis(300), |ip, _| from(ip, down.v4)).is_some();
