@@ -322,3 +322,24 @@ fn packet_socket(iface: &str, ethertype: u16) -> io::Result<OwnedFd> {
     }
     Ok(fd)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mld_payload_skips_one_hop_by_hop_header() {
+        let mut p = vec![0x60, 0, 0, 0, 0, 0, 58, 1];
+        p.extend_from_slice(&[0; 32]);
+        p.extend_from_slice(&[143, 0, 0, 0]);
+        assert_eq!(mld_payload(&p), Some(&[143, 0, 0, 0][..]));
+        // Hop-by-hop (8 bytes: next header ICMPv6, length 0, router alert, padding) first.
+        p[6] = 0;
+        p.splice(40..40, [58, 0, 5, 2, 0, 0, 1, 0]);
+        assert_eq!(mld_payload(&p), Some(&[143, 0, 0, 0][..]));
+        // A hop-by-hop header followed by something else, and a truncated packet.
+        p[40] = 17;
+        assert_eq!(mld_payload(&p), None);
+        assert_eq!(mld_payload(&p[..41]), None);
+    }
+}

@@ -14,6 +14,7 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     process::Command,
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -152,6 +153,8 @@ const HOPS: u32 = 8;
 const QUIET: Duration = Duration::from_millis(700);
 /// How long the join may take to bring data downstream.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the upstream stream runs before the host joins.
+const STREAM_HEAD_START: Duration = Duration::from_millis(300);
 
 /// The proxy on the gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,8 +189,10 @@ struct Findings {
     /// group's state.
     query_answered: bool,
     /// The leave went upstream (IGMPv3 TO_IN({}) or an IGMPv2 leave) from the gateway within
-    /// 15 s of the host's leave.
+    /// 15 s of the host's leave (the group whose source was already sending at the join).
     leave_upstream: bool,
+    /// The same for a second group whose data started only after the join was reported.
+    late_leave_upstream: bool,
     /// `ping` from the upstream host to the downstream host worked, and the reply's TTL.
     unicast_ttl: Option<u8>,
 }
@@ -205,7 +210,12 @@ impl fmt::Display for Findings {
         writeln!(f, "  TTL on the downstream wire: {:?}", self.ttls)?;
         writeln!(f, "  TTL 1 datagrams delivered: {} of {COUNT}", self.ttl1_delivered)?;
         writeln!(f, "  upstream query answered: {}", self.query_answered)?;
-        writeln!(f, "  leave upstream: {}", self.leave_upstream)?;
+        writeln!(f, "  leave upstream (source sending before the join): {}", self.leave_upstream)?;
+        writeln!(
+            f,
+            "  leave upstream (source started after the join): {}",
+            self.late_leave_upstream
+        )?;
         write!(f, "  unicast ping across, reply TTL: {:?}", self.unicast_ttl)
     }
 }
@@ -247,7 +257,8 @@ fn routed_scenario(tag: &str, proxy: Proxy, group: Ipv4Addr) -> Findings {
     let at_up = IgmpCapture::new(up);
     let all_at_up = IgmpCapture::new(up);
 
-    let (_mcrelay, mut _igmpproxy): (Option<Mcrelay>, Option<IgmpProxy>) = match proxy {
+    // Whichever runs is held until the end of the scenario.
+    let (_mcrelay, mut igmpproxy_guard): (Option<Mcrelay>, Option<IgmpProxy>) = match proxy {
         Proxy::Mcrelay => (
             Some(star.start_relay(&[
                 "--upstream",
@@ -268,29 +279,36 @@ fn routed_scenario(tag: &str, proxy: Proxy, group: Ipv4Addr) -> Findings {
     };
     let unicast_ttl = ping_ttl(&up.ns, down.v4);
 
-    // A stream runs upstream before anyone joins; the join's latency is how long the first of
-    // its datagrams takes to show up downstream.
+    // A stream already runs upstream (one datagram every 10 ms) when the host joins; the join's
+    // latency is how long the first of its datagrams takes to show up downstream.
     let g = IpAddr::V4(group);
     let wire = WireObserver::new(&down.ns, &down.iface);
-    let probe_rx = McastReceiver::join(&down.ns, g, PORT + 1, &down.iface);
-    let joined = Instant::now();
-    let rx = McastReceiver::join(&down.ns, g, PORT, &down.iface);
     let probes = McastSender::new(&up.ns, &up.iface).with_hop_limit(HOPS);
-    let report = thread::scope(|scope| {
-        let report = scope.spawn(|| {
+    let streaming = AtomicBool::new(true);
+    let (probe_rx, rx, joined, report, join_to_data) = thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut seq = 0;
+            while streaming.load(Ordering::SeqCst) {
+                let _ = probes.send(g, PORT + 1, seq);
+                seq += 1;
+                thread::sleep(Duration::from_millis(10));
+            }
+        });
+        thread::sleep(STREAM_HEAD_START);
+        let joined = Instant::now();
+        let at_up = &at_up;
+        let report = scope.spawn(move || {
             at_up
                 .wait_for_packet(JOIN_TIMEOUT, |ip, igmp| from(ip, GW_UP) && joins(igmp, group))
                 .map(|_| joined.elapsed())
         });
-        let mut seq = 0;
-        while probe_rx.count() == 0 && joined.elapsed() < JOIN_TIMEOUT {
-            let _ = probes.send(g, PORT + 1, seq);
-            seq += 1;
-            thread::sleep(Duration::from_millis(10));
-        }
-        report.join().unwrap_or(None)
+        let probe_rx = McastReceiver::join(&down.ns, g, PORT + 1, &down.iface);
+        let rx = McastReceiver::join(&down.ns, g, PORT, &down.iface);
+        let join_to_data = (probe_rx.wait_for(1, JOIN_TIMEOUT) > 0).then(|| joined.elapsed());
+        streaming.store(false, Ordering::SeqCst);
+        (probe_rx, rx, joined, report.join().unwrap_or(None), join_to_data)
     });
-    let join_to_data = (probe_rx.count() > 0).then(|| joined.elapsed());
+    let _ = joined;
 
     // Routed data with TTL 8, then TTL 1.
     McastSender::new(&up.ns, &up.iface).with_hop_limit(HOPS).send_numbered(
@@ -332,9 +350,32 @@ fn routed_scenario(tag: &str, proxy: Proxy, group: Ipv4Addr) -> Findings {
     let leave_upstream = at_up
         .wait_for_packet(Duration::from_secs(15), |ip, igmp| from(ip, GW_UP) && leaves(igmp, group))
         .is_some();
+
+    // Another group, whose data starts only once the join was reported upstream.
+    let late = Ipv4Addr::from(u32::from(group) + 1);
+    let late_rx = McastReceiver::join(&down.ns, IpAddr::V4(late), PORT, &down.iface);
+    let late_reported = at_up
+        .wait_for_packet(JOIN_TIMEOUT, |ip, igmp| from(ip, GW_UP) && joins(igmp, late))
+        .is_some();
+    McastSender::new(&up.ns, &up.iface).with_hop_limit(HOPS).send_numbered(
+        IpAddr::V4(late),
+        PORT,
+        10,
+        Duration::from_millis(10),
+    );
+    let late_delivered = late_rx.wait_for(10, TIMEOUT);
+    drop(late_rx);
+    let late_leave_upstream = at_up
+        .wait_for_packet(Duration::from_secs(15), |ip, igmp| from(ip, GW_UP) && leaves(igmp, late))
+        .is_some();
+    assert!(
+        late_reported && late_delivered == 10,
+        "{late}: reported {late_reported}, {late_delivered} of 10 delivered"
+    );
+
     let host_report_upstream =
         all_at_up.wait_for_packet(Duration::from_millis(300), |ip, _| from(ip, down.v4)).is_some();
-    if let Some(p) = _igmpproxy.as_mut() {
+    if let Some(p) = igmpproxy_guard.as_mut() {
         p.check_running();
         eprintln!("kernel MFC:\n{}", IgmpProxy::mfc(&star.gw));
     }
@@ -350,6 +391,7 @@ fn routed_scenario(tag: &str, proxy: Proxy, group: Ipv4Addr) -> Findings {
         ttl1_delivered,
         query_answered,
         leave_upstream,
+        late_leave_upstream,
         unicast_ttl,
     };
     eprintln!("{findings}");
@@ -357,14 +399,16 @@ fn routed_scenario(tag: &str, proxy: Proxy, group: Ipv4Addr) -> Findings {
 }
 
 /// What holds for both: the proxy's own report upstream from the gateway's address (never the
-/// host's), data delivered, the upstream query answered, unicast routed (one hop: the reply's
-/// TTL 64 arrives as 63).
+/// host's), data delivered, the upstream query answered, the leave reported upstream for a
+/// group whose data started after the join, unicast routed (one hop: the reply's TTL 64
+/// arrives as 63).
 fn common(f: &Findings) {
     assert!(f.report_from_gateway, "{f}");
     assert!(!f.host_report_upstream, "{f}");
     assert!(f.join_to_data.is_some(), "{f}");
     assert_eq!(f.delivered, COUNT, "{f}");
     assert!(f.query_answered, "{f}");
+    assert!(f.late_leave_upstream, "{f}");
     assert_eq!(f.unicast_ttl, Some(63), "{f}");
 }
 
@@ -384,10 +428,14 @@ fn routed_subnets_with_mcrelay_as_the_proxy() {
 /// igmpproxy has the kernel route: TTL decremented once (8 arrives as 7), TTL 1 not forwarded
 /// (threshold 1: the kernel forwards a TTL above it).
 ///
-/// The host's leave does not go upstream within 15 s: igmpproxy 0.3 logs "quickleave is
-/// enabled but there are still some downstream hosts left", and its last-member queries (no
-/// answer) do not remove the route either; the upstream membership ends when the route ages
-/// out through its general queries (125 s apart after the start-up ones).
+/// The host's leave of the group whose source was already sending at the join does not go
+/// upstream within 15 s: the kernel's upcall for that source's first datagram made igmpproxy
+/// 0.3 create the route, and the source's address went into the `quickleave` table of
+/// downstream hosts with it. At the leave igmpproxy logs "quickleave is enabled but there are
+/// still some downstream hosts left", and the upstream membership lasts until the route ages
+/// out through its general queries (125 s apart after the start-up ones). For a group whose
+/// data starts after the join the leave goes upstream at once ("this was the last downstream
+/// host").
 #[test]
 fn routed_subnets_with_igmpproxy_as_the_proxy() {
     require_testbed!("ping", "igmpproxy");
