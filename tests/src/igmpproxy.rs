@@ -31,13 +31,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The configuration of one upstream and some downstream interfaces: no rate limit, TTL
 /// threshold 1 (the kernel forwards packets with a TTL above 1), sources from anywhere accepted
-/// upstream (`altnet 0.0.0.0/0`), and `quickleave` with a `hashtablesize`: without that table
-/// igmpproxy 0.3 cannot tell the last downstream host leave ("there are still some downstream
-/// hosts left") and keeps the upstream membership until the route ages out.
+/// upstream (`altnet 0.0.0.0/0`), and `quickleave` (leave upstream as soon as the last
+/// downstream host left; `hashtablesize` makes no difference in tests/tests/proxy.rs).
 pub fn config(upstream: &str, downstream: &[&str]) -> String {
     let mut text = format!(
-        "quickleave\nhashtablesize 1024\n\n\
-         phyint {upstream} upstream ratelimit 0 threshold 1\n  altnet 0.0.0.0/0\n"
+        "quickleave\n\nphyint {upstream} upstream ratelimit 0 threshold 1\n  altnet 0.0.0.0/0\n"
     );
     for iface in downstream {
         text.push_str(&format!("\nphyint {iface} downstream ratelimit 0 threshold 1\n"));

@@ -430,12 +430,11 @@ fn routed_subnets_with_mcrelay_as_the_proxy() {
 ///
 /// The host's leave of the group whose source was already sending at the join does not go
 /// upstream within 15 s: the kernel's upcall for that source's first datagram made igmpproxy
-/// 0.3 create the route, and the source's address went into the `quickleave` table of
-/// downstream hosts with it. At the leave igmpproxy logs "quickleave is enabled but there are
-/// still some downstream hosts left", and the upstream membership lasts until the route ages
-/// out through its general queries (125 s apart after the start-up ones). For a group whose
-/// data starts after the join the leave goes upstream at once ("this was the last downstream
-/// host").
+/// 0.3 create the route ("No table entry ... Inserting route"), and at the leave it logs
+/// "quickleave is enabled but there are still some downstream hosts left"; the upstream
+/// membership lasts until the route ages out through its general queries (125 s apart after
+/// the start-up ones). For a group whose data starts after the join the leave goes upstream at
+/// once ("this was the last downstream host").
 #[test]
 fn routed_subnets_with_igmpproxy_as_the_proxy() {
     require_testbed!("ping", "igmpproxy");
