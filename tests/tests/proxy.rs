@@ -26,7 +26,9 @@ use mcrelay_tests::{
         link_local, link_local_of, CraftedHost, IgmpCapture, MldCapture, IGMP_QUERY,
         IGMP_V2_REPORT, MLD_QUERY, MLD_V2_REPORT,
     },
+    daemon::ports_json,
     igmpproxy::{self, IgmpProxy},
+    openvpn::ScratchDir,
     require_testbed,
     topology::{Host, Star},
     McastReceiver, McastSender, Mcrelay, NetNs, WireObserver,
@@ -550,4 +552,58 @@ fn router_ll(router: &CraftedHost<'_>) -> Ipv6Addr {
         IpAddr::V6(a) => a,
         IpAddr::V4(_) => unreachable!("an MLD querier has an IPv6 source"),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// More than 32 interfaces.
+
+/// Interfaces of the many-port gateway: one upstream and 33 downstream, one more than the
+/// kernel's 32 multicast VIFs (`MAXVIFS`).
+const MANY: usize = 34;
+
+/// A gateway namespace with [`MANY`] veth pairs inside it: `aN` (10.77.N.1/24, up) and its peer
+/// `bN`.
+fn many_port_gateway(tag: &str) -> NetNs {
+    let gw = NetNs::new(&format!("mcr{tag}-gw"));
+    for n in 0..MANY {
+        let (a, b) = (format!("a{n}"), format!("b{n}"));
+        gw.ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+        gw.link_up(&a);
+        gw.link_up(&b);
+        gw.add_addr(&a, &format!("10.77.{n}.1/24"));
+    }
+    gw
+}
+
+/// igmpproxy makes one VIF per interface and stops at the kernel's 32: with 34 it exits
+/// ("out of VIF space") instead of proxying for the first 32.
+#[test]
+fn igmpproxy_exits_with_more_than_32_interfaces() {
+    require_testbed!("igmpproxy");
+    let gw = many_port_gateway("pvi");
+    let downstream: Vec<String> = (1..MANY).map(|n| format!("a{n}")).collect();
+    let downstream: Vec<&str> = downstream.iter().map(String::as_str).collect();
+    let mut config = igmpproxy::config("a0", &downstream);
+    for n in 0..MANY {
+        config.push_str(&format!("\nphyint b{n} disabled\n"));
+    }
+    let dir = ScratchDir::new();
+    let conf = dir.write("igmpproxy.conf", &config, 0o600);
+    let mut cmd = gw.command(igmpproxy::program());
+    cmd.arg("-d").arg(&conf);
+    let out = output_with_timeout(cmd, Duration::from_secs(20));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "igmpproxy kept running with {MANY} interfaces:\n{log}");
+    assert!(log.contains("out of VIF space"), "{log}");
+}
+
+/// mcrelay takes the same 34 interfaces as ports (the upstream one among them).
+#[test]
+fn mcrelay_proxies_for_more_than_32_interfaces() {
+    require_testbed!();
+    let gw = many_port_gateway("pvm");
+    let _relay = Mcrelay::start_ready(&gw, &["run", "-i", "a*", "--upstream", "a0"]);
+    let doc = ports_json(&gw);
+    let ports = doc["ports"].as_array().map_or(0, Vec::len);
+    assert_eq!(ports, MANY, "mcrelay ports --json: {doc}");
 }
