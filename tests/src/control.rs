@@ -127,9 +127,15 @@ impl<'a> CraftedHost<'a> {
 /// The IPv6 link-local address of the host's interface (`ip -j -6 addr show scope link`),
 /// waiting up to 10 s for it to appear.
 pub fn link_local(host: &Host) -> Ipv6Addr {
+    link_local_of(&host.ns, &host.iface)
+}
+
+/// The IPv6 link-local address of `iface` in `ns` (a gateway's port, say), waiting up to 10 s
+/// for it to appear.
+pub fn link_local_of(ns: &NetNs, iface: &str) -> Ipv6Addr {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = host.ns.ip(&["-j", "-6", "addr", "show", "dev", &host.iface, "scope", "link"]);
+        let out = ns.ip(&["-j", "-6", "addr", "show", "dev", iface, "scope", "link"]);
         let doc: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
         let found = doc
             .as_array()
@@ -140,12 +146,7 @@ pub fn link_local(host: &Host) -> Ipv6Addr {
         if let Some(a) = found {
             return a;
         }
-        assert!(
-            Instant::now() < deadline,
-            "no link-local address on {} in {}: {out}",
-            host.iface,
-            host.ns
-        );
+        assert!(Instant::now() < deadline, "no link-local address on {iface} in {ns}: {out}");
         thread::sleep(Duration::from_millis(50));
     }
 }
@@ -159,11 +160,7 @@ pub struct IgmpCapture {
 impl IgmpCapture {
     /// Starts capturing on the host's interface.
     pub fn new(host: &Host) -> Self {
-        let fd = host
-            .ns
-            .in_netns(|| ipv4_packet_socket(&host.iface))
-            .unwrap_or_else(|e| panic!("IGMP capture on {}: {e}", host.ns));
-        Self { fd }
+        Self { fd: capture_socket(host, libc::ETH_P_IP) }
     }
 
     /// Waits up to `timeout` for an incoming IGMP message of `igmp_type` ([`IGMP_QUERY`],
@@ -184,45 +181,116 @@ impl IgmpCapture {
         timeout: Duration,
         pred: impl Fn(&[u8], &[u8]) -> bool,
     ) -> Option<Vec<u8>> {
-        let deadline = Instant::now() + timeout;
-        let mut buf = [0u8; 2048];
-        while Instant::now() < deadline {
-            // SAFETY: all-zero sockaddr_ll is valid.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-            // SAFETY: buffers valid for their sizes.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    std::ptr::addr_of_mut!(sll).cast(),
-                    &mut len,
-                )
-            };
-            if n <= 0 {
-                thread::sleep(Duration::from_millis(5));
-                continue;
-            }
-            let p = &buf[..n as usize];
+        wait_for_incoming(&self.fd, timeout, |p| {
             // IPv4 protocol 2 is IGMP.
-            if sll.sll_pkttype == libc::PACKET_OUTGOING || p.len() < 24 || p[9] != 2 {
-                continue;
+            if p.len() < 24 || p[9] != 2 {
+                return false;
             }
             let ihl = usize::from(p[0] & 0x0f) * 4;
-            if p.len() > ihl && pred(&p[..ihl], &p[ihl..]) {
-                return Some(p.to_vec());
-            }
-        }
-        None
+            p.len() > ihl && pred(&p[..ihl], &p[ihl..])
+        })
     }
 }
 
-/// An `AF_PACKET`/`SOCK_DGRAM` socket for IPv4, non-blocking, bound to `iface`.
-fn ipv4_packet_socket(iface: &str) -> io::Result<OwnedFd> {
+/// MLD message types (ICMPv6), for [`MldCapture`].
+pub const MLD_QUERY: u8 = 130;
+/// MLDv1 report.
+pub const MLD_V1_REPORT: u8 = 131;
+/// MLDv2 report.
+pub const MLD_V2_REPORT: u8 = 143;
+
+/// Watches the MLD messages arriving on a host's interface (a non-blocking IPv6 packet socket in
+/// the host's namespace; frames the host sends are ignored), until dropped.
+pub struct MldCapture {
+    fd: OwnedFd,
+}
+
+impl MldCapture {
+    /// Starts capturing on the host's interface.
+    pub fn new(host: &Host) -> Self {
+        Self { fd: capture_socket(host, libc::ETH_P_IPV6) }
+    }
+
+    /// Waits up to `timeout` for an incoming MLD message (ICMPv6 types 130 to 132 and 143, after
+    /// a hop-by-hop header if any) for which `pred(ipv6_header, icmpv6)` holds, and returns the
+    /// whole IPv6 packet. Packets read meanwhile are consumed.
+    pub fn wait_for_packet(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[u8], &[u8]) -> bool,
+    ) -> Option<Vec<u8>> {
+        wait_for_incoming(&self.fd, timeout, |p| {
+            let Some(icmp) = mld_payload(p) else { return false };
+            matches!(icmp.first(), Some(130..=132 | 143)) && pred(&p[..40], icmp)
+        })
+    }
+}
+
+/// The ICMPv6 message of an IPv6 packet `p` (directly after the fixed header, or after one
+/// hop-by-hop options header as MLD has), or `None`.
+fn mld_payload(p: &[u8]) -> Option<&[u8]> {
+    const ICMPV6: u8 = 58;
+    const HOP_BY_HOP: u8 = 0;
+    match *p.get(6)? {
+        ICMPV6 => p.get(40..),
+        HOP_BY_HOP => {
+            let len = (usize::from(*p.get(41)?) + 1) * 8;
+            if *p.get(40)? != ICMPV6 {
+                return None;
+            }
+            p.get(40 + len..)
+        }
+        _ => None,
+    }
+}
+
+/// A capture socket ([`packet_socket`]) for `ethertype` on the host's interface, in its namespace.
+fn capture_socket(host: &Host, ethertype: libc::c_int) -> OwnedFd {
+    host.ns
+        .in_netns(|| packet_socket(&host.iface, ethertype as u16))
+        .unwrap_or_else(|e| panic!("capture on {} in {}: {e}", host.iface, host.ns))
+}
+
+/// Reads the non-blocking packet socket `fd` for up to `timeout` and returns the first incoming
+/// packet (not one the host sent) for which `wanted` holds. Packets read meanwhile are consumed.
+fn wait_for_incoming(
+    fd: &OwnedFd,
+    timeout: Duration,
+    wanted: impl Fn(&[u8]) -> bool,
+) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        // SAFETY: all-zero sockaddr_ll is valid.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        // SAFETY: buffers valid for their sizes.
+        let n = unsafe {
+            libc::recvfrom(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                std::ptr::addr_of_mut!(sll).cast(),
+                &mut len,
+            )
+        };
+        if n <= 0 {
+            thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        let p = &buf[..n as usize];
+        if sll.sll_pkttype != libc::PACKET_OUTGOING && wanted(p) {
+            return Some(p.to_vec());
+        }
+    }
+    None
+}
+
+/// An `AF_PACKET`/`SOCK_DGRAM` socket for `ethertype`, non-blocking, bound to `iface`.
+fn packet_socket(iface: &str, ethertype: u16) -> io::Result<OwnedFd> {
     let ifindex = nix::net::if_::if_nametoindex(iface).map_err(io::Error::from)?;
-    let proto = (libc::ETH_P_IP as u16).to_be();
+    let proto = ethertype.to_be();
     // SAFETY: plain socket(2), owned at once.
     let raw = unsafe {
         libc::socket(
@@ -253,4 +321,25 @@ fn ipv4_packet_socket(iface: &str) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mld_payload_skips_one_hop_by_hop_header() {
+        let mut p = vec![0x60, 0, 0, 0, 0, 0, 58, 1];
+        p.extend_from_slice(&[0; 32]);
+        p.extend_from_slice(&[143, 0, 0, 0]);
+        assert_eq!(mld_payload(&p), Some(&[143, 0, 0, 0][..]));
+        // Hop-by-hop (8 bytes: next header ICMPv6, length 0, router alert, padding) first.
+        p[6] = 0;
+        p.splice(40..40, [58, 0, 5, 2, 0, 0, 1, 0]);
+        assert_eq!(mld_payload(&p), Some(&[143, 0, 0, 0][..]));
+        // A hop-by-hop header followed by something else, and a truncated packet.
+        p[40] = 17;
+        assert_eq!(mld_payload(&p), None);
+        assert_eq!(mld_payload(&p[..41]), None);
+    }
 }

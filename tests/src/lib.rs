@@ -15,6 +15,7 @@ pub mod cmd;
 pub mod control;
 pub mod daemon;
 pub mod groups;
+pub mod igmpproxy;
 pub mod interrupt;
 pub mod loops;
 pub mod mcast;

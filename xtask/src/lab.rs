@@ -13,6 +13,11 @@
 //! a join would send an IGMP report, and mcrelay (which learns memberships) would then rightly
 //! relay 239.2.2.2 too. Every second a table shows the counts and `mcrelay stats --json`; at the
 //! end a verdict, and a non-zero exit when the flows were not as expected.
+//!
+//! `cargo xtask lab --routed` shows the other scene: a LAN and a routed VPN (OpenVPN `dev tun`),
+//! see [`routed`].
+
+mod routed;
 
 use std::{
     io::{IsTerminal as _, Write as _},
@@ -42,6 +47,11 @@ pub struct LabOptions {
     pub duration: Option<Duration>,
     /// Path of the built `mcrelay` binary.
     pub mcrelay: PathBuf,
+    /// The routed scene (LAN and OpenVPN `dev tun`) instead of the two LAN segments.
+    pub routed: bool,
+    /// Routed scene: pass `--per-client TUN` to mcrelay and expect the client that joined
+    /// nothing to get nothing.
+    pub per_client: bool,
 }
 
 /// The group relayed to segment 2.
@@ -74,7 +84,14 @@ pub fn run(opts: LabOptions) -> anyhow::Result<()> {
     let interrupted = install_interrupt_flag()?;
     // The test-bed helpers panic on failure (as tests should); the guards clean up while the
     // panic unwinds, and here it becomes an error.
-    match std::panic::catch_unwind(AssertUnwindSafe(|| run_lab(&opts, interrupted))) {
+    let scene = || {
+        if opts.routed {
+            routed::run_lab(&opts, interrupted)
+        } else {
+            run_lab(&opts, interrupted)
+        }
+    };
+    match std::panic::catch_unwind(AssertUnwindSafe(scene)) {
         Ok(result) => result,
         Err(panic) => {
             let message = panic

@@ -71,6 +71,14 @@ enum Commands {
         /// Stop after this many seconds (default: run until Ctrl-C).
         #[arg(long, value_name = "SECONDS")]
         duration: Option<u64>,
+        /// The routed scene: a LAN and an OpenVPN `dev tun` server with two clients, one joined
+        /// (mcrelay on the LAN port and the tun, the tun in TC mode, TTL decremented).
+        #[arg(long)]
+        routed: bool,
+        /// With --routed: run mcrelay with `--per-client TUN` and expect the client that joined
+        /// nothing to get nothing (needs per-client delivery on a tun).
+        #[arg(long, requires = "routed")]
+        per_client: bool,
     },
     /// Benchmark mcrelay against its peers (bare XDP, bridge, MFC, userspace relay).
     ///
@@ -145,7 +153,9 @@ fn main() -> anyhow::Result<()> {
             build_mcrelay(Profile::from_release_flag(release)).map(drop)
         }
         Commands::Run { release, args } => run(Profile::from_release_flag(release), &args),
-        Commands::Lab { duration } => lab(duration.map(Duration::from_secs)),
+        Commands::Lab { duration, routed, per_client } => {
+            lab(duration.map(Duration::from_secs), routed, per_client)
+        }
         Commands::Lint => setup::run(Scope::Toolchain).and_then(|()| lint::run()),
         Commands::Test { args } => test(&args),
         Commands::Fuzz { seconds, target } => setup::run(Scope::Toolchain)
@@ -180,12 +190,13 @@ fn run(profile: Profile, args: &[String]) -> anyhow::Result<()> {
 }
 
 /// `cargo xtask lab`: set up, build, then hand over to the lab.
-fn lab(duration: Option<Duration>) -> anyhow::Result<()> {
+fn lab(duration: Option<Duration>, routed: bool, per_client: bool) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the lab needs root (network namespaces, eBPF): run `cargo xtask lab` as root");
     }
     setup::run(Scope::Full)?;
-    let options = lab::LabOptions { duration, mcrelay: build_mcrelay(Profile::Debug)? };
+    let options =
+        lab::LabOptions { duration, mcrelay: build_mcrelay(Profile::Debug)?, routed, per_client };
     let until = match options.duration {
         Some(duration) => format!("for {}s", duration.as_secs()),
         None => "until Ctrl-C".to_owned(),
