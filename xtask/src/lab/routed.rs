@@ -83,6 +83,14 @@ struct Listeners {
     c0: McastReceiver,
     c0_wire: WireObserver,
     c1_wire: WireObserver,
+    /// c0's tunnel address: per-client copies arrive addressed to it.
+    c0_address: IpAddr,
+}
+
+/// Datagrams of `group` on a wire: addressed to the group, or (per-client copies) to the
+/// client's own address.
+fn on_wire(wire: &WireObserver, group: IpAddr) -> u64 {
+    wire.count(group) + wire.readdressed(group).values().sum::<u64>()
 }
 
 impl Listeners {
@@ -91,11 +99,16 @@ impl Listeners {
         Snapshot {
             sent,
             c0_joined: self.c0.count(),
-            c0_wire_joined: self.c0_wire.count(joined),
-            c0_ttls: self.c0_wire.hop_limits(joined),
-            c0_not_joined: self.c0_wire.count(not_joined),
-            c1_joined: self.c1_wire.count(joined),
-            c1_not_joined: self.c1_wire.count(not_joined),
+            c0_wire_joined: on_wire(&self.c0_wire, joined),
+            c0_ttls: self
+                .c0_wire
+                .hop_limits(joined)
+                .union(&self.c0_wire.hop_limits(self.c0_address))
+                .copied()
+                .collect(),
+            c0_not_joined: on_wire(&self.c0_wire, not_joined),
+            c1_joined: on_wire(&self.c1_wire, joined),
+            c1_not_joined: on_wire(&self.c1_wire, not_joined),
             tun_mode_tc,
         }
     }
@@ -133,7 +146,10 @@ pub(super) fn run_lab(opts: &LabOptions, interrupted: &AtomicBool) -> anyhow::Re
     let listeners = Listeners {
         c0_wire: WireObserver::new(&c0.ns, &c0.tap),
         c1_wire: WireObserver::new(&c1.ns, &c1.tap),
-        c0: McastReceiver::join(&c0.ns, IpAddr::V4(JOINED), PORT, &c0.tap),
+        // Bound to the port, as receiving applications are: it takes the group's datagrams
+        // and the per-client copies addressed to c0.
+        c0: McastReceiver::join_wildcard(&c0.ns, IpAddr::V4(JOINED), PORT, &c0.tap),
+        c0_address: IpAddr::V4(c0.v4),
     };
     wait_joined(&opts.mcrelay, &bed.gw, &tun)?;
     println!("[lab] c0's join came through the tunnel: {tun} is a member of {JOINED}");
