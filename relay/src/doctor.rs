@@ -13,6 +13,8 @@ mod firewall;
 mod links;
 mod route;
 mod sysctl;
+mod tun;
+mod wireguard;
 
 use std::collections::BTreeMap;
 
@@ -268,6 +270,8 @@ pub async fn collect(iface: Option<&str>) -> anyhow::Result<Vec<Check>> {
     checks.push(links::check_bridge_querier(&ctx));
     checks.push(links::check_xdp_mode(&ctx));
     checks.push(links::check_veth(&ctx));
+    checks.push(wireguard::check(&handle, &ctx).await?);
+    checks.push(tun::check(&handle, &ctx).await?);
     Ok(checks)
 }
 
