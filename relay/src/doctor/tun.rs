@@ -279,8 +279,8 @@ pub async fn check(handle: &Handle, ctx: &Context) -> anyhow::Result<Check> {
     for link in &found {
         let openvpn = openvpn_of(&link.name);
         let not_openvpn = openvpn.is_none() && tun_owner(&link.name).is_some();
-        let ipv6 =
-            read_sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", link.name)).as_deref() == Some("0");
+        let ipv6 = read_sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", link.name)).as_deref()
+            == Some("0");
         let info = TunInfo { openvpn, not_openvpn, relay_running, ipv6 };
         findings.extend(judge(ctx, link, &info, &v4));
     }
@@ -312,8 +312,7 @@ fn openvpn_client_notes(name: &str) -> [String; 2] {
 pub fn judge(ctx: &Context, link: &Link, info: &TunInfo, v4: &Lookup) -> Vec<Finding> {
     let name = &link.name;
     let mut findings = Vec::new();
-    let into_tun =
-        matches!(v4, Lookup::Route { oif: Some(oif), .. } if ctx.name_of(*oif) == *name);
+    let into_tun = matches!(v4, Lookup::Route { oif: Some(oif), .. } if ctx.name_of(*oif) == *name);
     let owner = match (&info.openvpn, info.not_openvpn) {
         (Some(o), _) => match &o.config {
             Some(path) => format!("OpenVPN ({})", path.display()),
@@ -336,18 +335,19 @@ pub fn judge(ctx: &Context, link: &Link, info: &TunInfo, v4: &Lookup) -> Vec<Fin
             } else {
                 let now = match v4 {
                     Lookup::Route { oif, .. } => format!(
-                        "goes out {}",
+                        "out {}, not {name}",
                         oif.map_or_else(|| "(no device)".to_owned(), |i| ctx.name_of(i))
                     ),
-                    Lookup::NoRoute(err) => format!("has no route ({err})"),
+                    Lookup::NoRoute(err) => format!("nowhere (no route: {err}), not out {name}"),
                 };
                 let [how, pitfall] = openvpn_client_notes(name);
                 findings.push(
                     Finding::new(
                         Status::Problem,
                         format!(
-                            "{name} (client side, {owner}): multicast ({PROBE_V4}) {now}, not \
-                             {name}: multicast data and IGMP joins never enter the tunnel"
+                            "{name} (client side, {owner}): the kernel sends multicast \
+                             ({PROBE_V4}) {now}: multicast data and IGMP joins never enter the \
+                             tunnel"
                         ),
                     )
                     .subject(name)
@@ -418,10 +418,11 @@ pub fn judge(ctx: &Context, link: &Link, info: &TunInfo, v4: &Lookup) -> Vec<Fin
                     )
                     .subject(name)
                     .fix(format!("mcrelay run -i LAN -i {name} --static GROUP@{name}"))
-                    .note(
+                    .note(format!(
                         "GROUP: each IPv6 group the clients want (e.g. ff1e::1), one --static \
-                         each (config: static = [...]); LAN: the LAN port(s)",
-                    ),
+                         each (config: a [[static]] entry with ports = [\"{name}\"]); LAN: the \
+                         LAN port(s)"
+                    )),
                 );
             }
         }

@@ -20,7 +20,6 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::{fd::AsRawFd as _, unix::net::UnixStream},
     path::{Path, PathBuf},
 };
 
@@ -151,7 +150,11 @@ pub fn parse_dump(text: &str) -> Result<Vec<Peer>, String> {
             let allowed = if fields[3] == "(none)" {
                 Vec::new()
             } else {
-                fields[3].split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
+                fields[3]
+                    .split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
             };
             Ok(Peer { key: fields[0].to_owned(), allowed })
         })
@@ -166,42 +169,33 @@ pub enum Flavor {
     Userspace(PathBuf),
 }
 
-/// The userspace UAPI socket of `name` when one exists and does not belong to a process of
-/// another network namespace.
+/// The userspace UAPI socket of `name` when one exists and was made in this network namespace.
 fn userspace_socket(name: &str) -> Option<PathBuf> {
     let path = SOCKET_DIRS
         .iter()
         .map(|d| Path::new(d).join(format!("{name}.sock")))
         .find(|p| std::fs::symlink_metadata(p).is_ok())?;
-    match socket_netns_matches(&path) {
-        Some(false) => None,
-        _ => Some(path),
+    match std::fs::read_to_string("/proc/net/unix") {
+        Ok(table) => unix_socket_listed(&table, &path).then_some(path),
+        // Cannot tell: take it.
+        Err(_) => Some(path),
     }
 }
 
-/// Whether the process listening on `socket` is in this network namespace (`None`: cannot tell,
-/// e.g. without the rights to connect or to read the other process's namespace).
-fn socket_netns_matches(socket: &Path) -> Option<bool> {
-    let stream = UnixStream::connect(socket).ok()?;
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED writes a `ucred` of `len` bytes into `cred`, which lives across the
-    // call; the fd stays open while `stream` lives.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || cred.pid <= 0 {
-        return None;
-    }
-    let theirs = std::fs::read_link(format!("/proc/{}/ns/net", cred.pid)).ok()?;
-    let ours = std::fs::read_link("/proc/self/ns/net").ok()?;
-    Some(theirs == ours)
+/// Whether `/proc/net/unix` (`table`) lists a socket bound to `path`. The table is that of the
+/// reader's network namespace: the socket directory is shared by all namespaces, but a socket
+/// made in another one is not listed (the process that made it may be gone: wireguard-go
+/// makes it before it daemonizes).
+pub fn unix_socket_listed(table: &str, path: &Path) -> bool {
+    let Some(path) = path.to_str() else { return false };
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8
+            && SOCKET_DIRS.iter().any(|d| {
+                let file = path.rsplit('/').next().unwrap_or(path);
+                fields[7] == path || fields[7] == format!("{d}/{file}")
+            })
+    })
 }
 
 /// Whether `link` is a WireGuard interface, and which kind.
@@ -282,10 +276,7 @@ pub async fn check(handle: &Handle, ctx: &Context) -> anyhow::Result<Check> {
     Ok(Check::from_findings(
         ID,
         Status::Ok,
-        format!(
-            "WireGuard {}: AllowedIPs and routes let multicast through",
-            names.join(", ")
-        ),
+        format!("WireGuard {}: AllowedIPs and routes let multicast through", names.join(", ")),
         findings,
     ))
 }
@@ -353,12 +344,8 @@ fn judge_peer(ctx: &Context, link: &Link, peer: &Peer, v4: &Lookup, v6: &Lookup)
     } else {
         let what = missing.iter().map(Net::to_string).collect::<Vec<_>>().join(" and ");
         let status = if missing.contains(&Net::MCAST_V4) { Status::Problem } else { Status::Warn };
-        let quick: Vec<String> = peer
-            .allowed
-            .iter()
-            .cloned()
-            .chain(missing.iter().map(Net::to_string))
-            .collect();
+        let quick: Vec<String> =
+            peer.allowed.iter().cloned().chain(missing.iter().map(Net::to_string)).collect();
         findings.push(
             Finding::new(
                 status,
@@ -390,17 +377,17 @@ fn judge_peer(ctx: &Context, link: &Link, peer: &Peer, v4: &Lookup, v6: &Lookup)
         other => {
             let now = match other {
                 Lookup::Route { oif, .. } => format!(
-                    "goes out {}",
+                    "out {}, not {name}",
                     oif.map_or_else(|| "(no device)".to_owned(), |i| ctx.name_of(i))
                 ),
-                Lookup::NoRoute(err) => format!("has no route ({err})"),
+                Lookup::NoRoute(err) => format!("nowhere (no route: {err}), not out {name}"),
             };
             findings.push(
                 Finding::new(
                     Status::Problem,
                     format!(
-                        "{name}: multicast ({PROBE_V4}) {now}, not {name}: applications that do \
-                         not pick an interface, and their IGMP joins, never enter the tunnel"
+                        "{name}: the kernel sends multicast ({PROBE_V4}) {now}: applications that \
+                         do not pick an interface, and their IGMP joins, never enter the tunnel"
                     ),
                 )
                 .subject(name)
@@ -486,8 +473,11 @@ fn judge_hub(link: &Link, peers: &[Peer]) -> Vec<Finding> {
             .cloned()
             .collect();
         if owned.iter().all(is_mcast) && !keep.is_empty() {
-            finding = finding
-                .fix(format!("wg set {name} peer {} allowed-ips {}", peer.key, keep.join(",")));
+            finding = finding.fix(format!(
+                "wg set {name} peer {} allowed-ips {}",
+                peer.key,
+                keep.join(",")
+            ));
         } else {
             finding = finding.note(format!(
                 "its AllowedIPs cover more than multicast (a full tunnel?): leave them, and let \
@@ -548,6 +538,17 @@ mod tests {
     }
 
     #[test]
+    fn socket_of_this_namespace() {
+        let table = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+                     00000000812db56d: 00000002 00000000 00010000 0001 01 1877667 \
+                     /var/run/wireguard/wg7.sock\n\
+                     00000000812db56e: 00000002 00000000 00010000 0001 01 1877668\n";
+        assert!(unix_socket_listed(table, Path::new("/var/run/wireguard/wg7.sock")));
+        assert!(unix_socket_listed(table, Path::new("/run/wireguard/wg7.sock")));
+        assert!(!unix_socket_listed(table, Path::new("/var/run/wireguard/wg8.sock")));
+    }
+
+    #[test]
     fn roles() {
         assert_eq!(role(1, false), Role::Peer);
         assert_eq!(role(1, true), Role::Hub);
@@ -572,7 +573,14 @@ mod tests {
             ]
         );
         // IPv6 in the tunnel: ff00::/8 too.
-        let f = judge(&ctx(), &link, &[peer(&["10.9.0.1/32", "fd00::1/128"])], false, &route(5), &route(5));
+        let f = judge(
+            &ctx(),
+            &link,
+            &[peer(&["10.9.0.1/32", "fd00::1/128"])],
+            false,
+            &route(5),
+            &route(5),
+        );
         let check = Check::from_findings(ID, Status::Ok, "fine", f);
         assert_eq!(
             check.fixes(),
