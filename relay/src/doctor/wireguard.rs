@@ -392,11 +392,11 @@ fn judge_peer(ctx: &Context, link: &Link, peer: &Peer, v4: &Lookup, v6: &Lookup)
                 )
                 .subject(name)
                 .fix(route::fix_v4(name))
-                .note(format!(
+                .note(
                     "wg-quick: `PostUp = ip route replace 224.0.0.0/4 dev %i` in [Interface], \
                      or 224.0.0.0/4 in the peer's AllowedIPs (wg-quick adds a route for each; \
-                     not with `Table = off`)"
-                )),
+                     not with `Table = off`)",
+                ),
             );
         }
     }
