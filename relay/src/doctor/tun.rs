@@ -324,7 +324,20 @@ pub fn judge(ctx: &Context, link: &Link, info: &TunInfo, v4: &Lookup) -> Vec<Fin
     };
     match info.side() {
         Side::Client => {
-            if into_tun {
+            // A tun of some other program (not OpenVPN) is only judged when named.
+            let focus = ctx.iface.as_deref() == Some(name.as_str());
+            if info.not_openvpn && !focus {
+                findings.push(
+                    Finding::new(
+                        Status::Ok,
+                        format!(
+                            "{name}: held by a program that is not OpenVPN; not checked (name it \
+                             with --iface {name} if it should carry multicast)"
+                        ),
+                    )
+                    .subject(name),
+                );
+            } else if into_tun {
                 findings.push(
                     Finding::new(
                         Status::Ok,
@@ -343,7 +356,13 @@ pub fn judge(ctx: &Context, link: &Link, info: &TunInfo, v4: &Lookup) -> Vec<Fin
                 let [how, pitfall] = openvpn_client_notes(name);
                 findings.push(
                     Finding::new(
-                        Status::Problem,
+                        // Without --iface and without OpenVPN's word that this is a client
+                        // (owner unknown): a warning, like `multicast_route`.
+                        if focus || info.openvpn.is_some() {
+                            Status::Problem
+                        } else {
+                            Status::Warn
+                        },
                         format!(
                             "{name} (client side, {owner}): the kernel sends multicast \
                              ({PROBE_V4}) {now}: multicast data and IGMP joins never enter the \
@@ -514,6 +533,23 @@ mod tests {
         let check = Check::from_findings(ID, Status::Ok, "ok", judge(&ctx(), &tun(), &info, &via));
         assert_eq!(check.status, Status::Warn);
         assert!(check.summary.contains("link-local"), "{}", check.summary);
+    }
+
+    #[test]
+    fn other_programs_tun_is_judged_only_when_named() {
+        let info = TunInfo { openvpn: None, not_openvpn: true, relay_running: false, ipv6: false };
+        let eth = Lookup::Route { oif: Some(2), gateway: None };
+        let unfocused = Context::new(vec![Link::for_tests(2, "eth0", None), tun()], None);
+        let check =
+            Check::from_findings(ID, Status::Ok, "ok", judge(&unfocused, &tun(), &info, &eth));
+        assert_eq!(check.status, Status::Ok);
+        let check = Check::from_findings(ID, Status::Ok, "ok", judge(&ctx(), &tun(), &info, &eth));
+        assert_eq!(check.status, Status::Problem);
+        // Owner unknown, not named: a warning.
+        let info = TunInfo { not_openvpn: false, ..info };
+        let check =
+            Check::from_findings(ID, Status::Ok, "ok", judge(&unfocused, &tun(), &info, &eth));
+        assert_eq!(check.status, Status::Warn);
     }
 
     #[test]
