@@ -595,7 +595,7 @@ fn wg_client(tag: &str, allowed: &str) -> (Client, WireguardGo, String) {
 /// with their fixes, which work.
 #[test]
 fn wireguard_peer_needs_multicast_allowed_ips_and_route() {
-    require_testbed!("wireguard-go", "wg");
+    require_testbed!("wireguard-go", "wg", "unshare");
     let (c, wg, key) = wg_client("wgp", "10.77.0.1/32");
     let ns = &c.ns;
     let iface = wg.name.as_str();
@@ -626,6 +626,22 @@ fn wireguard_peer_needs_multicast_allowed_ips_and_route() {
     report.expect_status("wireguard", "ok");
     report.expect_status("multicast_route", "ok");
     report.expect_status("tun", "ok");
+
+    // Without wireguard-tools the check says it was skipped, and why. (`wg` hidden in a private
+    // mount namespace: /dev/null bound over it is no regular file.)
+    let hide = format!(
+        "for p in /usr/bin/wg /usr/sbin/wg /bin/wg /sbin/wg; do [ -f $p ] && mount --bind \
+         /dev/null $p; done; exec {} doctor --json --iface {iface}",
+        mcrelay_bin().display()
+    );
+    let mut cmd = ns.command("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &hide]);
+    let report = parse_report(
+        &output_with_timeout(cmd, ONE_SHOT_TIMEOUT),
+        format!("doctor without wg in {ns}"),
+    );
+    report.expect_status("wireguard", "skip");
+    assert!(report.summary("wireguard").contains("wireguard-tools"), "{}", report.pretty());
 
     // A full tunnel covers multicast too; the route is what wg-quick adds for it.
     let (c, wg, _) = wg_client("wgf", "0.0.0.0/0");

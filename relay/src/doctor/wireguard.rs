@@ -308,8 +308,8 @@ pub fn judge(
         )
         .subject(name)
         .note(format!(
-            "add the other side: wg set {name} peer KEY allowed-ips ADDRESSES,224.0.0.0/4 \
-             endpoint HOST:PORT (on a peer; see `mcrelay doctor --help`)"
+            "add the other side: wg set {name} peer KEY allowed-ips ADDRESSES endpoint \
+             HOST:PORT (on a peer, ADDRESSES include 224.0.0.0/4; on a hub they must not)"
         ))];
     }
     match role(peers.len(), relay_running) {
