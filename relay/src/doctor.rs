@@ -2,8 +2,10 @@
 //!
 //! Works without the daemon and without BPF privileges: everything comes from read-only netlink
 //! (links, route lookups), `/proc/sys/net` (per network namespace), the read-only ethtool ioctls
-//! and, when installed, `nft` / `iptables-save`. It never reads /sys/class/net (under nsenter it
-//! can show another namespace).
+//! and, when installed, `nft` / `iptables-save` and `wg show` (WireGuard peers); for OpenVPN
+//! `dev tun` it reads which process holds the tun (`/proc/PID/fdinfo`) and that process's
+//! command line and config file. It never reads /sys/class/net (under nsenter it can show
+//! another namespace).
 //!
 //! Each check yields one [`Check`]: an id, a status (ok / warn / problem / skip), a summary, the
 //! individual findings and the exact fix commands. `run` prints them (text or `--json`) and
