@@ -199,9 +199,8 @@ fn tun_owner(name: &str) -> Option<u32> {
     None
 }
 
-/// The OpenVPN options of the process holding tun `name`, when it is OpenVPN and readable.
-fn openvpn_of(name: &str) -> Option<OpenVpnOptions> {
-    let pid = tun_owner(name)?;
+/// The OpenVPN options of process `pid`, when it is OpenVPN and readable.
+fn openvpn_of(pid: u32) -> Option<OpenVpnOptions> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let argv: Vec<String> = raw
         .split(|b| *b == 0)
@@ -277,8 +276,9 @@ pub async fn check(handle: &Handle, ctx: &Context) -> anyhow::Result<Check> {
     let v4 = route::lookup(handle, IpAddr::V4(PROBE_V4)).await?;
     let mut findings = Vec::new();
     for link in &found {
-        let openvpn = openvpn_of(&link.name);
-        let not_openvpn = openvpn.is_none() && tun_owner(&link.name).is_some();
+        let owner = tun_owner(&link.name);
+        let openvpn = owner.and_then(openvpn_of);
+        let not_openvpn = owner.is_some() && openvpn.is_none();
         let ipv6 = read_sysctl(&format!("net/ipv6/conf/{}/disable_ipv6", link.name)).as_deref()
             == Some("0");
         let info = TunInfo { openvpn, not_openvpn, relay_running, ipv6 };
