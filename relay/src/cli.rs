@@ -68,8 +68,9 @@ pub enum Command {
         /// Shell to generate completions for.
         shell: clap_complete::Shell,
     },
-    /// Diagnose this host's multicast set-up (routes, rp_filter, firewall, XDP, veth pitfalls);
-    /// works without the daemon. Exit status 3 when problems were found.
+    /// Diagnose this host's multicast set-up (routes, rp_filter, firewall, XDP, veth pitfalls,
+    /// WireGuard AllowedIPs and OpenVPN `dev tun` routes); works without the daemon. Exit
+    /// status 3 when problems were found.
     Doctor(DoctorArgs),
 }
 
@@ -78,7 +79,8 @@ pub struct DoctorArgs {
     /// Print JSON (`{"checks":[...]}`) instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Interface that should carry multicast (e.g. the VPN's tap0); checks focus on it.
+    /// Interface that should carry multicast (e.g. the VPN's tap0, tun0 or wg0); checks focus
+    /// on it.
     #[arg(long, value_name = "IFACE")]
     pub iface: Option<String>,
 }

@@ -2,8 +2,10 @@
 //!
 //! Works without the daemon and without BPF privileges: everything comes from read-only netlink
 //! (links, route lookups), `/proc/sys/net` (per network namespace), the read-only ethtool ioctls
-//! and, when installed, `nft` / `iptables-save`. It never reads /sys/class/net (under nsenter it
-//! can show another namespace).
+//! and, when installed, `nft` / `iptables-save` and `wg show` (WireGuard peers); for OpenVPN
+//! `dev tun` it reads which process holds the tun (`/proc/PID/fdinfo`) and that process's
+//! command line and config file. It never reads /sys/class/net (under nsenter it can show
+//! another namespace).
 //!
 //! Each check yields one [`Check`]: an id, a status (ok / warn / problem / skip), a summary, the
 //! individual findings and the exact fix commands. `run` prints them (text or `--json`) and
@@ -13,6 +15,8 @@ mod firewall;
 mod links;
 mod route;
 mod sysctl;
+mod tun;
+mod wireguard;
 
 use std::collections::BTreeMap;
 
@@ -268,6 +272,8 @@ pub async fn collect(iface: Option<&str>) -> anyhow::Result<Vec<Check>> {
     checks.push(links::check_bridge_querier(&ctx));
     checks.push(links::check_xdp_mode(&ctx));
     checks.push(links::check_veth(&ctx));
+    checks.push(wireguard::check(&handle, &ctx).await?);
+    checks.push(tun::check(&handle, &ctx).await?);
     Ok(checks)
 }
 

@@ -28,7 +28,9 @@
 //! - Clients have a default route over their WAN link (like a laptop whose default route is the
 //!   physical NIC) and install the multicast routes into the tunnel through OpenVPN's
 //!   `route-up` hook ([`CLIENT_ROUTE_SCRIPT`]): `224.0.0.0/4 dev tap0` and, for IPv6,
-//!   `multicast ff00::/8 dev tap0 table local metric 1`.
+//!   `multicast ff00::/8 dev tap0 table local metric 1` (unless
+//!   [`VpnOptions::client_route_hook`] is off; [`VpnOptions::server_extra`] adds server
+//!   directives such as `push "route ..."`).
 //! - The bridge variant ([`VpnOptions::bridge`]) puts the LAN veths and the server's tap into a
 //!   Linux bridge `br0` (the tap through OpenVPN's `up` hook) and uses `server-bridge`, so that
 //!   clients get addresses in the LAN subnet.
@@ -127,6 +129,11 @@ pub struct VpnOptions {
     /// Routed: `dev tun` (`topology subnet`) instead of `dev tap`; the server's device is
     /// `vpntunN`, every client's is [`CLIENT_TUN`].
     pub tun: bool,
+    /// Clients run [`CLIENT_ROUTE_SCRIPT`] as their `route-up` hook (the default). Off: the
+    /// clients' multicast routes are whatever OpenVPN itself installs (for the `doctor` tests).
+    pub client_route_hook: bool,
+    /// Lines added to every server's config (e.g. `push "route 224.0.0.0 240.0.0.0"`).
+    pub server_extra: String,
 }
 
 impl Default for VpnOptions {
@@ -138,6 +145,8 @@ impl Default for VpnOptions {
             client_to_client: false,
             bridge: false,
             tun: false,
+            client_route_hook: true,
+            server_extra: String::new(),
         }
     }
 }
@@ -509,13 +518,18 @@ impl VpnBed {
                 )
             };
             let c2c = if options.client_to_client { "client-to-client\n" } else { "" };
+            let extra = if options.server_extra.is_empty() {
+                String::new()
+            } else {
+                format!("{}\n", options.server_extra.trim_end())
+            };
             let config = dir.write(
                 &format!("server{i}.conf"),
                 &format!(
                     "# OpenVPN server {i} of the mcrelay test bed\n\
                      {device}\
                      proto udp\nport {port}\n\
-                     {addressing}{c2c}\
+                     {addressing}{c2c}{extra}\
                      client-config-dir ccd\n\
                      ca ca.crt\ncert server.crt\nkey server.key\ndh none\n\
                      keepalive 1 5\nexplicit-exit-notify 1\nverb 3\n"
@@ -530,6 +544,11 @@ impl VpnBed {
         let mut clients = Vec::with_capacity(options.clients);
         let (client_dev, client_dev_type) =
             if options.tun { (CLIENT_TUN, "tun") } else { (CLIENT_TAP, "tap") };
+        let route_hook = if options.client_route_hook {
+            format!("script-security 2\nroute-up {}/mcast-routes.sh\n", dir.path().display())
+        } else {
+            String::new()
+        };
         for (n, name) in client_names.iter().enumerate() {
             let ns = NetNs::new(&format!("mcr{tag}-{name}"));
             let wan_gw = format!("wan{n}");
@@ -546,9 +565,8 @@ impl VpnBed {
                      client\ndev {client_dev}\ndev-type {client_dev_type}\nproto udp\n\
                      remote 10.99.{n}.1 {}\nnobind\nconnect-retry 1 1\n\
                      ca ca.crt\ncert {name}.crt\nkey {name}.key\nremote-cert-tls server\n\
-                     persist-tun\nscript-security 2\nroute-up {}/mcast-routes.sh\nverb 3\n",
+                     persist-tun\n{route_hook}verb 3\n",
                     servers[server].port,
-                    dir.path().display()
                 ),
                 0o600,
             );
@@ -572,17 +590,19 @@ impl VpnBed {
     }
 
     /// Waits ([`CONNECT_TIMEOUT`]) until every client's tap has its IPv4 (and IPv6) address, the
-    /// multicast routes point into the tunnel and the server answers a ping through it; records
+    /// multicast routes point into the tunnel (with the route-up hook) and the server answers a
+    /// ping through it; records
     /// the addresses. Panics with the OpenVPN logs otherwise.
     pub fn wait_connected(&mut self) {
         let bridge = self.options.bridge;
+        let hook = self.options.client_route_hook;
         for n in 0..self.clients.len() {
             let server_v4 = self.servers[self.clients[n].server].v4;
             let deadline = Instant::now() + CONNECT_TIMEOUT;
             loop {
                 let client = &mut self.clients[n];
                 client.process.check_running();
-                if let Some((v4, v6)) = connected(client, server_v4, bridge) {
+                if let Some((v4, v6)) = connected(client, server_v4, bridge, hook) {
                     client.v4 = v4;
                     client.v6 = v6;
                     break;
@@ -665,6 +685,7 @@ fn connected(
     client: &VpnClient,
     server_v4: Ipv4Addr,
     bridge: bool,
+    hook: bool,
 ) -> Option<(Ipv4Addr, Ipv6Addr)> {
     let mut cmd = Command::new("ip");
     cmd.args(["-n", client.ns.name(), "-j", "addr", "show", "dev", &client.tap]);
@@ -687,8 +708,7 @@ fn connected(
         _ => return None,
     };
     // The route-up hook has run (it runs after OpenVPN's own routes).
-    let route = client.ns.ip(&["route", "show", "224.0.0.0/4"]);
-    if !route.contains(&client.tap) {
+    if hook && !client.ns.ip(&["route", "show", "224.0.0.0/4"]).contains(&client.tap) {
         return None;
     }
     let mut ping = client.ns.command("ping");

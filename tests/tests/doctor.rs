@@ -5,19 +5,33 @@
 //! Nothing here sends traffic; the only daemons started (`mcrelay run`, for the XDP checks) run
 //! inside namespaces the test created, under guards.
 
-use std::process::Output;
+use std::{
+    fs,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Once,
+    },
+    thread,
+    time::{Duration, Instant},
+};
 
 use mcrelay_tests::{
-    cmd::output_with_timeout,
+    addr,
+    cmd::{output_with_timeout, run_checked},
     daemon::{BinaryForNobody, ONE_SHOT_TIMEOUT},
-    find_program, mcrelay_bin, mcrelay_output, require_testbed,
+    find_program, mcast, mcrelay_bin, mcrelay_output,
+    openvpn::{VpnBed, VpnOptions, CLIENT_TUN},
+    require_testbed,
     serde_json::Value,
     topology::Star,
-    veth_pair, Mcrelay, NetNs,
+    veth_pair, Mcrelay, NetNs, WireObserver,
 };
 
 /// Every check id doctor reports, in order.
-const CHECK_IDS: [&str; 9] = [
+const CHECK_IDS: [&str; 11] = [
     "multicast_route",
     "multicast_route_v6",
     "rp_filter",
@@ -27,6 +41,8 @@ const CHECK_IDS: [&str; 9] = [
     "bridge_querier",
     "xdp_mode",
     "veth",
+    "wireguard",
+    "tun",
 ];
 
 /// The result of one `mcrelay doctor --json` run.
@@ -57,6 +73,31 @@ impl Report {
 
     fn summary(&self, id: &str) -> String {
         self.check(id).get("summary").and_then(Value::as_str).unwrap_or("").to_owned()
+    }
+
+    /// The fix commands of check `id`, one by one.
+    fn fixes(&self, id: &str) -> Vec<String> {
+        self.check(id)
+            .get("fixes")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every message and note of check `id`, one per line.
+    fn texts(&self, id: &str) -> String {
+        let mut out = String::new();
+        for finding in
+            self.check(id).get("findings").and_then(Value::as_array).into_iter().flatten()
+        {
+            out.push_str(finding.get("message").and_then(Value::as_str).unwrap_or(""));
+            out.push('\n');
+            for note in finding.get("notes").and_then(Value::as_array).into_iter().flatten() {
+                out.push_str(note.as_str().unwrap_or(""));
+                out.push('\n');
+            }
+        }
+        out
     }
 
     fn pretty(&self) -> String {
@@ -435,4 +476,302 @@ fn runs_without_privileges() {
     let report = parse_report(&out, format!("unprivileged doctor in {}", c.ns));
     report.expect_problem("multicast_flag");
     assert_ne!(report.status("firewall"), "problem", "{}", report.pretty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routed VPNs: WireGuard (wireguard-go) and OpenVPN `dev tun`.
+
+/// wireguard-go's control sockets: one directory for every network namespace.
+const WG_SOCKET_DIR: &str = "/var/run/wireguard";
+/// Interface names of this file: `mcdw<pid in hex>-<n>` (at most 15 characters).
+const WG_PREFIX: &str = "mcdw";
+
+static NEXT_WG: AtomicU32 = AtomicU32::new(0);
+
+/// A `wireguard-go -f NAME` process in a namespace. The name is unique to this test process
+/// (the socket directory is shared by all namespaces, and a second wireguard-go with a running
+/// one's name exits). Dropping it kills the process, deletes the link and removes the socket;
+/// sockets of crashed earlier runs (whose process is gone) are removed before the first start.
+struct WireguardGo {
+    child: Child,
+    ns_name: String,
+    name: String,
+    socket: PathBuf,
+}
+
+impl WireguardGo {
+    fn start(ns: &NetNs) -> Self {
+        static SWEEP: Once = Once::new();
+        SWEEP.call_once(remove_stale_wg_sockets);
+        let name = format!(
+            "{WG_PREFIX}{:x}-{}",
+            std::process::id(),
+            NEXT_WG.fetch_add(1, Ordering::Relaxed)
+        );
+        assert!(name.len() <= 15, "interface name {name} too long");
+        let socket = Path::new(WG_SOCKET_DIR).join(format!("{name}.sock"));
+        let _ = fs::remove_file(&socket);
+        let mut cmd = ns.command("wireguard-go");
+        cmd.args(["-f", &name]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting wireguard-go in {ns}: {e}"));
+        let mut wg = Self { child, ns_name: ns.name().to_owned(), name, socket };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(wg.socket.exists() && mcrelay_tests::openvpn::link_exists(ns, &wg.name)) {
+            if let Ok(Some(status)) = wg.child.try_wait() {
+                panic!("wireguard-go {} in {ns} exited: {status}", wg.name);
+            }
+            assert!(Instant::now() < deadline, "wireguard-go {} in {ns}: no socket/link", wg.name);
+            thread::sleep(Duration::from_millis(20));
+        }
+        wg
+    }
+}
+
+impl Drop for WireguardGo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut cmd = Command::new("ip");
+        cmd.args(["-n", &self.ns_name, "link", "del", &self.name]);
+        let _ = output_with_timeout(cmd, ONE_SHOT_TIMEOUT);
+        let _ = fs::remove_file(&self.socket);
+    }
+}
+
+/// Removes `mcdw<pid>-<n>.sock` whose process `pid` is gone.
+fn remove_stale_wg_sockets() {
+    let Ok(entries) = fs::read_dir(WG_SOCKET_DIR) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(WG_PREFIX).and_then(|r| r.strip_suffix(".sock")) else {
+            continue;
+        };
+        let Some(pid) = rest.split_once('-').and_then(|(p, _)| u32::from_str_radix(p, 16).ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// A fresh WireGuard public key (`wg genkey | wg pubkey`).
+fn wg_pubkey() -> String {
+    let private = run_checked({
+        let mut c = Command::new("wg");
+        c.arg("genkey");
+        c
+    });
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("wg pubkey");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(private.as_bytes()).expect("writing to wg pubkey");
+    }
+    let out = child.wait_with_output().expect("wg pubkey");
+    assert!(out.status.success(), "wg pubkey failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A VPN client's namespace (physical NIC `phys0`, default route through it) with a
+/// wireguard-go interface `10.77.0.2/24`, up, and one peer (the hub) with `allowed`.
+fn wg_client(tag: &str, allowed: &str) -> (Client, WireguardGo, String) {
+    let c = client(tag);
+    let wg = WireguardGo::start(&c.ns);
+    c.ns.add_addr(&wg.name, "10.77.0.2/24");
+    c.ns.link_up(&wg.name);
+    let key = wg_pubkey();
+    c.ns.exec(&["wg", "set", &wg.name, "peer", &key, "allowed-ips", allowed]);
+    (c, wg, key)
+}
+
+/// The peer side: AllowedIPs without 224.0.0.0/4 and no route into the tunnel are both flagged
+/// with their fixes, which work.
+#[test]
+fn wireguard_peer_needs_multicast_allowed_ips_and_route() {
+    require_testbed!("wireguard-go", "wg", "unshare");
+    let (c, wg, key) = wg_client("wgp", "10.77.0.1/32");
+    let ns = &c.ns;
+    let iface = wg.name.as_str();
+    let allowed_fix = format!("wg set {iface} peer {key} allowed-ips 10.77.0.1/32,224.0.0.0/4");
+    let route_fix = format!("ip route replace 224.0.0.0/4 dev {iface}");
+
+    for args in [vec!["--iface", iface], vec![]] {
+        let report = doctor(ns, &args);
+        report.expect_problem("wireguard");
+        assert_eq!(report.fixes("wireguard"), vec![allowed_fix.clone(), route_fix.clone()]);
+        assert!(report.summary("wireguard").contains("AllowedIPs"), "{}", report.pretty());
+        assert!(report.texts("wireguard").contains("AllowedIPs = 10.77.0.1/32, 224.0.0.0/4"));
+        assert!(report.summary("wireguard").contains("phys0"), "{}", report.pretty());
+    }
+    // The text form prints the fixes.
+    let out = mcrelay_output(ns, &["doctor", "--iface", iface]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("fix: {allowed_fix}")), "{text}");
+
+    // AllowedIPs fixed, the route still missing.
+    apply_fix(ns, &allowed_fix);
+    let report = doctor(ns, &["--iface", iface]);
+    report.expect_problem("wireguard");
+    assert_eq!(report.fixes("wireguard"), vec![route_fix.clone()], "{}", report.pretty());
+
+    apply_fix(ns, &route_fix);
+    let report = doctor(ns, &["--iface", iface]);
+    report.expect_status("wireguard", "ok");
+    report.expect_status("multicast_route", "ok");
+    report.expect_status("tun", "ok");
+
+    // Without wireguard-tools the check says it was skipped, and why. (`wg` hidden in a private
+    // mount namespace: /dev/null bound over it is no regular file.)
+    let hide = format!(
+        "for p in /usr/bin/wg /usr/sbin/wg /bin/wg /sbin/wg; do [ -f $p ] && mount --bind \
+         /dev/null $p; done; exec {} doctor --json --iface {iface}",
+        mcrelay_bin().display()
+    );
+    let mut cmd = ns.command("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &hide]);
+    let report = parse_report(
+        &output_with_timeout(cmd, ONE_SHOT_TIMEOUT),
+        format!("doctor without wg in {ns}"),
+    );
+    report.expect_status("wireguard", "skip");
+    assert!(report.summary("wireguard").contains("wireguard-tools"), "{}", report.pretty());
+
+    // A full tunnel covers multicast too; the route is what wg-quick adds for it.
+    let (c, wg, _) = wg_client("wgf", "0.0.0.0/0");
+    c.ns.ip(&["route", "replace", "224.0.0.0/4", "dev", &wg.name]);
+    doctor(&c.ns, &["--iface", &wg.name]).expect_status("wireguard", "ok");
+}
+
+/// A hub (two peers): per-client delivery is explained, and a peer owning 224.0.0.0/4 is flagged.
+#[test]
+fn wireguard_hub_peer_owning_multicast() {
+    require_testbed!("wireguard-go", "wg");
+    let (c, wg, first) = wg_client("wgh", "10.77.0.1/32,224.0.0.0/4");
+    let ns = &c.ns;
+    let iface = wg.name.as_str();
+    let second = wg_pubkey();
+    ns.exec(&["wg", "set", iface, "peer", &second, "allowed-ips", "10.77.0.3/32"]);
+    let report = doctor(ns, &[]);
+    report.expect_status("wireguard", "warn");
+    assert!(report.summary("wireguard").contains(&first), "{}", report.pretty());
+    assert!(report.summary("wireguard").contains("owns multicast"), "{}", report.pretty());
+    report
+        .expect_fix("wireguard", &format!("wg set {iface} peer {first} allowed-ips 10.77.0.1/32"));
+    apply_fix(ns, &report.fix("wireguard"));
+    let report = doctor(ns, &["--iface", iface]);
+    report.expect_status("wireguard", "ok");
+    assert!(
+        report.texts("wireguard").contains(&format!("--per-client {iface}")),
+        "{}",
+        report.pretty()
+    );
+}
+
+/// wireguard-go's socket directory is shared: a plain tun with the same name in another namespace
+/// is not taken for WireGuard (the socket is not in that namespace's /proc/net/unix).
+#[test]
+fn wireguard_socket_of_another_namespace() {
+    require_testbed!("wireguard-go", "wg");
+    let (_c, wg, _) = wg_client("wgo", "10.77.0.1/32");
+    let other = client("wgx");
+    other.ns.ip(&["tuntap", "add", &wg.name, "mode", "tun"]);
+    other.ns.link_up(&wg.name);
+    let report = doctor(&other.ns, &["--iface", &wg.name]);
+    report.expect_status("wireguard", "ok");
+    assert!(report.summary("wireguard").contains("not a WireGuard"), "{}", report.pretty());
+    // It is a tun without the route: the tun check flags it.
+    report.expect_problem("tun");
+}
+
+/// Sends `count` datagrams to `group` from `ns` the way an application that picks no interface
+/// does: the kernel's route decides where they go (TTL 8).
+fn send_by_route(ns: &NetNs, group: IpAddr, port: u16, count: u64) {
+    ns.in_netns(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        socket.set_multicast_ttl_v4(8).expect("ttl");
+        for seq in 0..count {
+            // No route at all is a send error: counted as not sent.
+            let _ =
+                socket.send_to(mcast::payload(group, seq).as_bytes(), SocketAddr::new(group, port));
+            thread::sleep(Duration::from_millis(20));
+        }
+    });
+}
+
+/// Whether multicast a client application sends reaches the OpenVPN server's tun.
+fn reaches_server(bed: &VpnBed, group: IpAddr) -> bool {
+    let wire = WireObserver::new(&bed.gw, &bed.servers[0].tap);
+    send_by_route(&bed.clients[0].ns, group, 5001, 5);
+    wire.wait_for(group, 5, Duration::from_secs(3)) == 5
+}
+
+fn tun_bed(tag: &str, server_extra: &str) -> VpnBed {
+    VpnBed::new(
+        tag,
+        VpnOptions {
+            tun: true,
+            lan_hosts: 0,
+            clients: 1,
+            client_route_hook: false,
+            server_extra: server_extra.to_owned(),
+            ..VpnOptions::default()
+        },
+    )
+}
+
+/// OpenVPN `dev tun`, the route pushed: OpenVPN installs it with a gateway, which on a tun is
+/// harmless (multicast reaches the server), and doctor passes it.
+#[test]
+fn openvpn_tun_client_with_pushed_route() {
+    require_testbed!("openvpn", "openssl", "ping");
+    let bed = tun_bed("dtp", "push \"route 224.0.0.0 240.0.0.0\"");
+    let ns = &bed.clients[0].ns;
+    let route = ns.ip(&["route", "show", "224.0.0.0/4"]);
+    assert!(route.contains("via 10.8.0.1") && route.contains(CLIENT_TUN), "route: {route}");
+    assert!(reaches_server(&bed, addr("239.31.1.1")), "{}", bed.logs());
+    let report = doctor(ns, &["--iface", CLIENT_TUN]);
+    report.expect_status("tun", "ok");
+    report.expect_status("multicast_route", "ok");
+    assert!(report.texts("tun").contains("client side, OpenVPN"), "{}", report.pretty());
+    // The server: pushed, so no route warning; IPv6 clients (server-ipv6): MLD is not learned.
+    let server = doctor(&bed.gw, &[]);
+    server.expect_status("tun", "warn");
+    assert!(server.summary("tun").contains("link-local"), "{}", server.pretty());
+    assert!(!server.summary("tun").contains("pushed"), "{}", server.pretty());
+}
+
+/// The pitfall measured: `route 224.0.0.0 240.0.0.0` in the server config (not pushed) routes
+/// the server only; the client's multicast leaves through its physical NIC. Doctor flags both
+/// sides, and the client fix it prints makes multicast reach the server.
+#[test]
+fn openvpn_tun_route_in_server_config_is_not_pushed() {
+    require_testbed!("openvpn", "openssl", "ping");
+    let bed = tun_bed("dtn", "route 224.0.0.0 240.0.0.0");
+    let tun = bed.servers[0].tap.clone();
+    let server_route = bed.gw.ip(&["route", "show", "224.0.0.0/4"]);
+    assert!(server_route.contains(&tun), "server route: {server_route}");
+    let ns = &bed.clients[0].ns;
+    assert_eq!(ns.ip(&["route", "show", "224.0.0.0/4"]).trim(), "", "the client got a route");
+    assert!(!reaches_server(&bed, addr("239.31.2.1")), "multicast reached the server");
+
+    let server = doctor(&bed.gw, &["--iface", &tun]);
+    server.expect_status("tun", "warn");
+    assert!(server.summary("tun").contains("not pushed"), "{}", server.pretty());
+    server.expect_fix("tun", "by `push \"route 224.0.0.0 240.0.0.0\"`");
+
+    let report = doctor(ns, &["--iface", CLIENT_TUN]);
+    report.expect_problem("tun");
+    assert!(report.summary("tun").contains("out eth0"), "{}", report.pretty());
+    assert_eq!(report.fixes("tun"), vec![format!("ip route replace 224.0.0.0/4 dev {CLIENT_TUN}")]);
+    assert!(report.texts("tun").contains("without `push`"), "{}", report.pretty());
+    apply_fix(ns, &report.fix("tun"));
+    doctor(ns, &["--iface", CLIENT_TUN]).expect_status("tun", "ok");
+    assert!(reaches_server(&bed, addr("239.31.2.2")), "{}", bed.logs());
 }

@@ -107,7 +107,7 @@ pub fn find_tool(program: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn run_tool(tool: &Path, args: &[&str]) -> Result<String, String> {
+pub(super) fn run_tool(tool: &Path, args: &[&str]) -> Result<String, String> {
     let out = Command::new(tool)
         .args(args)
         .stdin(std::process::Stdio::null())

@@ -8,7 +8,9 @@
 //! a multicast route with a gateway (`224.0.0.0/4 via GW`) makes the kernel send multicast
 //! frames to the gateway's *unicast* MAC, while for routes shorter than /4 (the default route,
 //! OpenVPN's `redirect-gateway def1` halves) the gateway is ignored and only the device counts.
-//! So OpenVPN's `route 224.0.0.0 240.0.0.0` (always installed with a gateway) is not a fix.
+//! So OpenVPN's `route 224.0.0.0 240.0.0.0` (always installed with a gateway) is not a fix on
+//! `dev tap`. On an L3 device (`dev tun`, WireGuard) there is no MAC to pick and the gateway is
+//! harmless (measured: data and IGMP reports reach the OpenVPN server's tun).
 //!
 //! IPv6: the kernel installs `multicast ff00::/8 dev X table local metric 256` for every
 //! interface with IPv6, and the local table is consulted first: a route in the main table never
@@ -148,7 +150,8 @@ pub fn judge(ctx: &Context, answer: &Lookup, family: Family) -> Check {
     };
     let joins = if family == Family::V4 { "IGMP joins" } else { "MLD reports" };
     let with_notes = |mut finding: Finding, dev: &str| {
-        if family == Family::V4 {
+        let tap = ctx.link_by_name(dev).is_none_or(|l| l.ether);
+        if family == Family::V4 && tap {
             for note in openvpn_notes(dev) {
                 finding = finding.note(note);
             }
@@ -222,7 +225,11 @@ pub fn judge(ctx: &Context, answer: &Lookup, family: Family) -> Check {
                 }
                 _ => {}
             }
-            if let (Some(gw), Family::V4) = (gateway, family) {
+            // On a device without a link layer (tun, WireGuard) the gateway picks no MAC and
+            // is harmless: OpenVPN's `route 224.0.0.0 240.0.0.0` on `dev tun` was measured to
+            // carry data and IGMP reports to the server.
+            let ether = oif.and_then(|i| ctx.link(i)).is_none_or(|l| l.ether);
+            if let (Some(gw), Family::V4, true) = (gateway, family, ether) {
                 let status = if focus.is_some() { Status::Problem } else { Status::Warn };
                 let target = focus.unwrap_or(&dev);
                 findings.push(with_notes(
@@ -298,6 +305,21 @@ mod tests {
         let check = judge(&ctx(Some("tap0")), &answer, Family::V4);
         assert_eq!(check.status, Status::Problem);
         assert!(check.summary.contains("gateway"));
+    }
+
+    #[test]
+    fn gateway_on_a_tun_is_harmless() {
+        let mut tun = link(4, "tun0", Some("tun"));
+        tun.ether = false;
+        let ctx = Context::new(vec![link(2, "eth0", None), tun], Some("tun0".into()));
+        let answer =
+            Lookup::Route { oif: Some(4), gateway: Some("10.8.0.1".parse().expect("address")) };
+        assert_eq!(judge(&ctx, &answer, Family::V4).status, Status::Ok);
+        // The OpenVPN tap advice is not given for a tun.
+        let answer = Lookup::Route { oif: Some(2), gateway: None };
+        let check = judge(&ctx, &answer, Family::V4);
+        assert_eq!(check.status, Status::Problem);
+        assert!(check.findings.iter().all(|f| f.notes.is_empty()), "{check:?}");
     }
 
     #[test]
