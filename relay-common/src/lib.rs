@@ -180,9 +180,13 @@ pub const TC_TARGET_NO_XDP: u32 = 2;
 /// [`TcPorts::flags`] bit: some target has an Ethernet header.
 pub const TC_TARGET_ETHERNET: u32 = 4;
 /// [`TcTarget::flags`] / [`TcPorts::flags`] bit: a per-peer copy on an L3 port (`--per-client`
-/// on tun / WireGuard): the copy's destination address is rewritten to [`TcTarget::peer`] (IP
+/// on tun / WireGuard): the copy's destination address is rewritten to [`TcTarget::addr`] (IP
 /// and UDP checksums fixed), so the VPN delivers it to that one peer.
 pub const TC_TARGET_PEER: u32 = 8;
+/// [`TcTarget::flags`] / [`TcPorts::flags`] bit: a routed Ethernet port (`--l3`): its copies
+/// cross a routed hop (TTL / hop limit decremented) and leave with the port's own MAC
+/// (the first 6 bytes of [`TcTarget::addr`]) as source.
+pub const TC_TARGET_ROUTED: u32 = 16;
 
 /// One copy target of the TC program.
 #[repr(C)]
@@ -193,8 +197,8 @@ pub struct TcTarget {
     /// `TC_TARGET_*` bits of the device (and [`TC_TARGET_PEER`] for a per-peer copy).
     pub flags: u32,
     /// With [`TC_TARGET_PEER`]: the peer's address (IPv4-mapped for IPv4), of the group's
-    /// family. Zero otherwise.
-    pub peer: [u8; 16],
+    /// family. With [`TC_TARGET_ROUTED`]: the port's MAC, then zeros. Zero otherwise.
+    pub addr: [u8; 16],
 }
 
 /// Value of `GROUP_TC_PORTS` (key: [`GroupKey`], the same keys as `GROUP_PORTS`): a group's
@@ -223,6 +227,9 @@ impl Default for TcPorts {
 pub const TC_PORT_ATTACHED: u32 = 1;
 /// Value bit of `TC_PORTS`: the port is an L3 device (packets start with the IP header).
 pub const TC_PORT_L3: u32 = 2;
+/// Value bit of `TC_PORTS`: a routed Ethernet port (`--l3`): data arriving there crosses a
+/// routed hop (TTL / hop limit decremented, none at TTL <= 1).
+pub const TC_PORT_ROUTED: u32 = 4;
 
 /// Value of a `POLICY` prefix: its groups are never relayed (`drop_policy`).
 pub const POLICY_DENY: u32 = 1;

@@ -16,17 +16,19 @@
 //! header (the group's MAC, this relay's MAC as source) before the copies to Ethernet ports.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::PerCpuHashMap,
-    helpers::{bpf_csum_diff, bpf_skb_change_head},
+    cty::c_void,
+    helpers::{bpf_csum_diff, bpf_loop, bpf_skb_change_head},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
 use relay_common::{
     parse::{classify, classify_ip, group_mac, Class, Data, Frame as _, ETH_HLEN},
     Config, Counter, GroupKey, PeerKey, TcPorts, UnknownPolicy, CONFIG_F_POLICY,
-    CONFIG_F_RATE_GROUPS, CONFIG_F_RATE_PORTS, CONFIG_F_SOURCE_ENTRIES, MAX_TC_TARGETS, TC_PORT_L3,
-    TC_TARGET_ETHERNET, TC_TARGET_L3, TC_TARGET_NO_XDP, TC_TARGET_PEER,
+    CONFIG_F_RATE_GROUPS, CONFIG_F_RATE_PORTS, CONFIG_F_SOURCE_ENTRIES, MAX_TC_TARGETS,
+    TC_PORT_ROUTED, TC_TARGET_ETHERNET, TC_TARGET_L3, TC_TARGET_NO_XDP, TC_TARGET_PEER,
+    TC_TARGET_ROUTED,
 };
 use relay_ebpf::SkbFrame;
 
@@ -47,24 +49,41 @@ const PULL_LEN: usize = 128;
 const OK: i32 = TC_ACT_OK;
 const SHOT: i32 = TC_ACT_SHOT;
 
-/// The whole forwarding program, for a port in TC mode.
+/// The whole forwarding program, for an Ethernet port in TC mode.
 #[classifier]
 pub fn mcrelay_tc(ctx: TcContext) -> i32 {
+    tc_mode(&ctx, false)
+}
+
+/// The whole forwarding program, for an L3 port (tun, WireGuard: packets start with the IP
+/// header). A program of its own so that each carries one classifier (stack is short).
+#[classifier]
+pub fn mcrelay_tc_l3(ctx: TcContext) -> i32 {
+    tc_mode(&ctx, true)
+}
+
+#[inline(always)]
+fn tc_mode(ctx: &TcContext, l3: bool) -> i32 {
     // SAFETY: reading a field of the context the program was given.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: the value is copied at once.
     let port = unsafe { TC_PORTS.get(ingress) }.copied().unwrap_or(0);
-    let frame = frame(&ctx);
-    let l3 = port & TC_PORT_L3 != 0;
-    let class = if l3 { classify_ip(&frame) } else { classify(&frame) };
+    let frame = frame(ctx);
+    let routed = l3 || port & TC_PORT_ROUTED != 0;
+    let mut out = DataOut::default();
+    let class = classify_out(&frame, u32::from(l3), &mut out);
     let len = frame.len;
     let (counter, action) = match class {
-        Class::NotMulticast => return OK,
-        Class::Other => (Counter::PassedOther, OK),
-        Class::Control => (Counter::PassedControl, OK),
-        Class::LinkLocal => (Counter::PassedLinkLocal, OK),
-        Class::Malformed => (Counter::Malformed, OK),
-        Class::Data(data) => forward(&ctx, &frame, ingress, l3, &data),
+        CLASS_NOT_MULTICAST => return OK,
+        CLASS_OTHER => (Counter::PassedOther, OK),
+        CLASS_CONTROL => (Counter::PassedControl, OK),
+        CLASS_LINK_LOCAL => (Counter::PassedLinkLocal, OK),
+        CLASS_DATA => {
+            let done =
+                forward_out(ctx, &frame, ingress, u32::from(l3) | u32::from(routed) << 1, &out);
+            (counter_of(done >> 32), done as u32 as i32)
+        }
+        _ => (Counter::Malformed, OK),
     };
     count(ingress, counter, len);
     action
@@ -83,6 +102,79 @@ pub fn mcrelay_tc_handover(ctx: TcContext) -> i32 {
     }
 }
 
+/// [`Data`] as [`classify_out`] hands it over (plain fields: the kernel refuses the BTF of a
+/// Rust enum or `bool` in a function's signature).
+#[repr(C)]
+#[derive(Default)]
+struct DataOut {
+    key: GroupKey,
+    l3_offset: u32,
+    ipv6: u32,
+}
+
+const CLASS_NOT_MULTICAST: u32 = 0;
+const CLASS_OTHER: u32 = 1;
+const CLASS_CONTROL: u32 = 2;
+const CLASS_LINK_LOCAL: u32 = 3;
+const CLASS_MALFORMED: u32 = 4;
+const CLASS_DATA: u32 = 5;
+
+/// The classifier in a stack frame of its own (see [`police_tc`]): the `CLASS_*` of the frame
+/// (`l3`: it starts with the IP header), the data's fields in `out`.
+#[inline(never)]
+fn classify_out(frame: &SkbFrame, l3: u32, out: &mut DataOut) -> u32 {
+    let class = if l3 != 0 { classify_ip(frame) } else { classify(frame) };
+    match class {
+        Class::NotMulticast => CLASS_NOT_MULTICAST,
+        Class::Other => CLASS_OTHER,
+        Class::Control => CLASS_CONTROL,
+        Class::LinkLocal => CLASS_LINK_LOCAL,
+        Class::Malformed => CLASS_MALFORMED,
+        Class::Data(data) => {
+            out.key = data.key;
+            out.l3_offset = data.l3_offset as u32;
+            out.ipv6 = u32::from(data.ipv6);
+            CLASS_DATA
+        }
+    }
+}
+
+/// [`forward`] in a stack frame of its own, beside [`classify_out`]'s (BPF allows 512 bytes
+/// of stack along a chain of calls; the two together are more). `port`: bit 0 L3, bit 1
+/// routed. Returns the counter (high half) and the action (low half).
+#[inline(never)]
+fn forward_out(ctx: &TcContext, frame: &SkbFrame, ingress: u32, port: u32, out: &DataOut) -> u64 {
+    let data = Data { key: out.key, l3_offset: out.l3_offset as usize, ipv6: out.ipv6 != 0 };
+    let port = Ingress { l3: port & 1 != 0, routed: port & 2 != 0 };
+    let (counter, action) = forward(ctx, frame, ingress, port, &data);
+    u64::from(counter as u32) << 32 | u64::from(action as u32)
+}
+
+/// The counter [`forward_out`] returned.
+#[inline(always)]
+fn counter_of(value: u64) -> Counter {
+    match value as u32 {
+        x if x == Counter::DropTtl as u32 => Counter::DropTtl,
+        x if x == Counter::DropLoop as u32 => Counter::DropLoop,
+        x if x == Counter::DropPolicy as u32 => Counter::DropPolicy,
+        x if x == Counter::DropRateLimit as u32 => Counter::DropRateLimit,
+        x if x == Counter::DropNoMembers as u32 => Counter::DropNoMembers,
+        x if x == Counter::PassedUnknown as u32 => Counter::PassedUnknown,
+        x if x == Counter::PassedOther as u32 => Counter::PassedOther,
+        x if x == Counter::Malformed as u32 => Counter::Malformed,
+        _ => Counter::Forwarded,
+    }
+}
+
+/// Policy and rate limits, in a stack frame of their own: the keys they build are then not
+/// on the call chain of the copy loop's body (BPF allows 512 bytes of stack along a chain of
+/// calls). Returns `drop_policy` / `drop_rate_limit` as their `Counter` value, `u32::MAX` to
+/// let the packet through (a plain integer: the BTF of a Rust enum return type is refused).
+#[inline(never)]
+fn police_tc(ingress: u32, config: &Config, data: &Data) -> u32 {
+    police(ingress, config, data).map_or(u32::MAX, |c| c as u32)
+}
+
 /// The packet, its first [`PULL_LEN`] bytes made linear when they are not.
 #[inline(always)]
 fn frame(ctx: &TcContext) -> SkbFrame {
@@ -99,18 +191,29 @@ fn frame(ctx: &TcContext) -> SkbFrame {
 /// (the XDP program already applied the loop guard and the policing).
 #[inline(always)]
 fn hand_over(ctx: &TcContext, ingress: u32, data: &Data) -> i32 {
-    let config = CONFIG.get(0).copied().unwrap_or_default();
-    if is_standby(&config, ingress) {
+    // The configuration is read in place (its entry always exists): stack is short here.
+    let Some(config) = CONFIG.get(0) else { return OK };
+    if is_standby(config, ingress) {
         return OK;
     }
-    let Some(ports) = lookup(&config, &data.key) else { return OK };
+    let Some(ports) = lookup(config, &data.key) else { return OK };
     if ports.flags & TC_TARGET_NO_XDP == 0 {
         // Not handed over (the XDP redirect failed, or the set changed meanwhile).
         return OK;
     }
-    let (counter, action) = copy(ctx, ingress, false, &config, data, ports);
+    let bridged = Ingress { l3: false, routed: false };
+    let (counter, action) = copy(ctx, ingress, bridged, config, data, ports);
     count(ingress, counter, ctx.len() as usize);
     action
+}
+
+/// What the ingress port is.
+#[derive(Clone, Copy)]
+struct Ingress {
+    /// An L3 device: the packet starts with the IP header.
+    l3: bool,
+    /// Data arriving there crosses a routed hop (L3 devices and `--l3` Ethernet ports).
+    routed: bool,
 }
 
 /// Everything the XDP program does with multicast data, for a port without XDP.
@@ -119,28 +222,31 @@ fn forward(
     ctx: &TcContext,
     frame: &SkbFrame,
     ingress: u32,
-    l3: bool,
+    port: Ingress,
     data: &Data,
 ) -> (Counter, i32) {
-    let config = CONFIG.get(0).copied().unwrap_or_default();
-    if !l3 {
+    // The configuration is read in place (its entry always exists): stack is short here.
+    let Some(config) = CONFIG.get(0) else { return (Counter::PassedOther, OK) };
+    if !port.l3 {
         let Some(source) = frame.read::<6>(6) else {
             return (Counter::Malformed, OK);
         };
-        if is_loop_source(&config, source) {
+        if is_loop_source(config, source) {
             return (Counter::DropLoop, SHOT);
         }
     }
-    if is_standby(&config, ingress) {
+    if is_standby(config, ingress) {
         return (Counter::DropLoop, OK);
     }
     if config.flags & (CONFIG_F_POLICY | CONFIG_F_RATE_PORTS | CONFIG_F_RATE_GROUPS) != 0 {
-        if let Some(counter) = police(ingress, &config, data) {
-            return (counter, SHOT);
+        match police_tc(ingress, config, data) {
+            x if x == Counter::DropPolicy as u32 => return (Counter::DropPolicy, SHOT),
+            x if x == Counter::DropRateLimit as u32 => return (Counter::DropRateLimit, SHOT),
+            _ => {}
         }
     }
-    match lookup(&config, &data.key) {
-        Some(ports) => copy(ctx, ingress, l3, &config, data, ports),
+    match lookup(config, &data.key) {
+        Some(ports) => copy(ctx, ingress, port, config, data, ports),
         // Router ports and flooding are devmaps the TC program cannot walk: groups without a
         // port set go to the local stack unless the policy is to drop them.
         None => match UnknownPolicy::from_u32(config.unknown_policy) {
@@ -166,124 +272,180 @@ fn lookup(config: &Config, key: &GroupKey) -> Option<&'static TcPorts> {
 
 /// Copies the packet to every port of `ports` but `ingress`. The original is consumed (like
 /// an XDP redirect, the local stack does not see relayed data).
+///
+/// A packet from an L3 port gets its Ethernet header first when some target needs one (L3
+/// targets drop it again: the redirect to a device without a MAC header pulls it). Bridged
+/// copies leave as received (this relay's MAC as source); routed ones (to L3 ports, `--l3`
+/// ports and peers, or every copy when the ingress is routed) after one hop-limit decrement.
+/// Each target kind is one pass of the same loop ([`copy_pass`]).
 #[inline(always)]
 fn copy(
     ctx: &TcContext,
     ingress: u32,
-    l3_in: bool,
+    port: Ingress,
     config: &Config,
     data: &Data,
     ports: &TcPorts,
 ) -> (Counter, i32) {
-    if l3_in {
-        // Routed from an L3 port: every copy crosses a routed hop.
-        if decrement_hop_limit(ctx, data).is_err() {
-            return (Counter::DropTtl, SHOT);
+    let mut pass = Pass {
+        skb: ctx.skb.skb,
+        ports,
+        l3: data.l3_offset as u64,
+        udp_csum: -1,
+        group: data.key.group,
+        ipv6: u32::from(data.ipv6),
+        ingress,
+        serve: ports.flags & (TC_TARGET_L3 | TC_TARGET_PEER | TC_TARGET_ROUTED),
+        relay_mac: config.relay_mac,
+    };
+    if ports.flags & TC_TARGET_ETHERNET != 0 {
+        if !port.l3 {
+            pass.serve |= PASS_BRIDGED;
+        } else if push_ethernet(ctx, config, data).is_ok() {
+            pass.l3 += ETH_HLEN as u64;
+            pass.serve |= PASS_BRIDGED;
+        } else {
+            // No Ethernet header: only the L3 targets can be served.
+            pass.serve &= TC_TARGET_L3 | TC_TARGET_PEER;
         }
-        clone_to(ctx, ports, ingress, TC_TARGET_L3);
-        let ethernet = ports.flags & TC_TARGET_ETHERNET != 0;
-        if ports.flags & TC_TARGET_PEER != 0 {
-            peer_copies(ctx, ports, ingress, data, ethernet);
-        }
-        if ethernet && push_ethernet(ctx, config, data).is_ok() {
-            clone_to(ctx, ports, ingress, 0);
-        }
+    }
+    pass.udp_csum = udp_checksum_offset(ctx, pass.l3 as usize, data.ipv6);
+    if !port.routed && pass.serve & PASS_BRIDGED != 0 {
+        // Bridged copies first, with the hop limit they came with.
+        let routed = pass.serve & !PASS_BRIDGED;
+        pass.serve = PASS_BRIDGED;
+        copy_pass(&mut pass);
+        pass.serve = routed;
+    }
+    if pass.serve == 0 {
         return (Counter::Forwarded, SHOT);
     }
-    // Bridged copies first, as received but with this relay's MAC as source (loop guard).
-    if ports.flags & TC_TARGET_ETHERNET != 0 {
-        if config.relay_mac[0] != 0 {
-            let _ = ctx.store(6, &config.relay_mac, 0);
-        }
-        clone_to(ctx, ports, ingress, 0);
+    if decrement_hop_limit(ctx, pass.l3 as usize, data.ipv6).is_err() {
+        return (Counter::DropTtl, SHOT);
     }
-    if ports.flags & TC_TARGET_L3 != 0 {
-        if decrement_hop_limit(ctx, data).is_err() {
-            return (Counter::DropTtl, SHOT);
-        }
-        clone_to(ctx, ports, ingress, TC_TARGET_L3);
-        if ports.flags & TC_TARGET_PEER != 0 {
-            peer_copies(ctx, ports, ingress, data, false);
-        }
-    }
+    copy_pass(&mut pass);
     (Counter::Forwarded, SHOT)
 }
 
-/// Clones the packet to every plain target but `ingress` whose `TC_TARGET_L3` bit is `l3`.
-#[inline(always)]
-fn clone_to(ctx: &TcContext, ports: &TcPorts, ingress: u32, l3: u32) {
-    let count = ports.count as usize;
-    let mut i = 0;
-    while i < MAX_TC_TARGETS {
-        if i >= count {
-            break;
-        }
-        let target = ports.targets[i];
-        if target.ifindex != ingress && target.flags & (TC_TARGET_L3 | TC_TARGET_PEER) == l3 {
-            let _ = ctx.clone_redirect(target.ifindex, 0);
-        }
-        i += 1;
-    }
-}
+/// Pass bit of [`copy_pass`] for bridged Ethernet targets (the `TC_TARGET_*` bits name the
+/// others).
+const PASS_BRIDGED: u32 = 1 << 31;
 
-/// One copy to each per-peer target but those of `ingress`: the destination address becomes
-/// the peer's (IPv4 header and UDP checksums fixed) and the VPN sends the copy to that peer
-/// alone. The hop limit was already decremented. With `restore`, the group address is put
-/// back afterwards (copies without a peer address follow).
+/// One copy to each target of the kinds in `pass.serve` (`PASS_BRIDGED`, `TC_TARGET_L3`,
+/// `TC_TARGET_ROUTED`, `TC_TARGET_PEER`) but those of the ingress port: a peer's copy is
+/// addressed to the peer, every other one to the group (put back when a peer's copy changed
+/// it); bridged copies carry this relay's MAC as source, routed Ethernet ones their port's MAC.
 ///
-/// The address to replace is read back from the packet each time rather than carried in a
-/// variable: the verifier then sees the same state at every turn of the loop.
+/// The loop is `bpf_loop` with [`copy_one`] as its body: the verifier checks the body once,
+/// not once per turn and path (an open-coded loop over 32 targets of four kinds exceeds its
+/// budget of a million instructions).
 #[inline(always)]
-fn peer_copies(ctx: &TcContext, ports: &TcPorts, ingress: u32, data: &Data, restore: bool) {
-    let udp_csum = udp_checksum_offset(ctx, data);
-    let count = ports.count as usize;
-    let mut i = 0;
-    while i < MAX_TC_TARGETS {
-        if i >= count {
-            break;
-        }
-        let target = &ports.targets[i];
-        if target.flags & TC_TARGET_PEER != 0
-            && target.ifindex != ingress
-            && set_destination(ctx, data, udp_csum, &target.peer).is_ok()
-            && ctx.clone_redirect(target.ifindex, 0).is_ok()
-        {
-            count_peer_copy(target.ifindex, target.peer);
-        }
-        i += 1;
-    }
-    if restore {
-        let _ = set_destination(ctx, data, udp_csum, &data.key.group);
+fn copy_pass(pass: &mut Pass) {
+    // SAFETY: the port set is a map value that lives for the whole program run.
+    let count = unsafe { (*pass.ports).count } as usize;
+    let turns = count.min(MAX_TC_TARGETS) as u32;
+    // SAFETY: `copy_one` has the callback signature bpf_loop expects, and `pass` outlives the
+    // call.
+    unsafe {
+        bpf_loop(turns, copy_one as *mut c_void, core::ptr::from_mut(pass).cast(), 0);
     }
 }
 
-/// Offset of the UDP checksum when the packet is UDP (IPv6: right after the fixed header).
-/// Other protocols keep their checksum as is.
-#[inline(always)]
-fn udp_checksum_offset(ctx: &TcContext, data: &Data) -> Option<usize> {
-    let l3 = data.l3_offset;
-    if data.ipv6 {
-        let next: u8 = ctx.load(l3 + 6).ok()?;
-        return (next == 17).then_some(l3 + 40 + 6);
-    }
-    let first: u8 = ctx.load(l3).ok()?;
-    let protocol: u8 = ctx.load(l3 + 9).ok()?;
-    (protocol == 17).then_some(l3 + usize::from(first & 0x0f) * 4 + 6)
+/// The packet and the port set, for [`copy_one`], on [`copy`]'s stack.
+#[repr(C)]
+struct Pass {
+    skb: *mut __sk_buff,
+    ports: *const TcPorts,
+    /// Offset of the IP header.
+    l3: u64,
+    /// Offset of the UDP checksum, -1 when the packet is not UDP.
+    udp_csum: i64,
+    /// The group address (IPv4-mapped for IPv4).
+    group: [u8; 16],
+    ipv6: u32,
+    ingress: u32,
+    /// The target kinds this pass serves.
+    serve: u32,
+    relay_mac: [u8; 6],
 }
 
-/// Rewrites the destination address to `to` (IPv4-mapped for IPv4) with the checksums that
-/// cover it.
+/// The body of [`copy_pass`]'s loop, for target `index`. Returns 0 to go on, 1 to stop.
+#[inline(never)]
+extern "C" fn copy_one(index: u64, pass: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the pointer copy_pass gave it.
+    let pass = unsafe { &*(pass as *const Pass) };
+    // SAFETY: the port set is a map value that lives for the whole program run.
+    let ports = unsafe { &*pass.ports };
+    let i = index as usize;
+    if i >= MAX_TC_TARGETS {
+        return 1;
+    }
+    let target = &ports.targets[i];
+    let kind = target.flags & (TC_TARGET_L3 | TC_TARGET_PEER | TC_TARGET_ROUTED);
+    let kind = if kind == 0 { PASS_BRIDGED } else { kind };
+    if kind & pass.serve == 0 || target.ifindex == pass.ingress {
+        return 0;
+    }
+    let ctx = TcContext::new(pass.skb);
+    let to = if kind & TC_TARGET_PEER != 0 { &target.addr } else { &pass.group };
+    if set_destination(&ctx, pass.l3 as usize, pass.ipv6 != 0, pass.udp_csum, to).is_err() {
+        return 0;
+    }
+    if kind == PASS_BRIDGED {
+        set_source_mac(&ctx, &pass.relay_mac);
+    } else if kind == TC_TARGET_ROUTED {
+        // The port's MAC: the first 6 bytes of `addr`.
+        // SAFETY: `addr` has 16 bytes; the first 6 are read as an array of 6.
+        set_source_mac(&ctx, unsafe { &*target.addr.as_ptr().cast::<[u8; 6]>() });
+    }
+    if ctx.clone_redirect(target.ifindex, 0).is_ok() && kind & TC_TARGET_PEER != 0 {
+        count_peer_copy(target.ifindex, target.addr);
+    }
+    0
+}
+
+/// Writes the Ethernet source address (an unset relay MAC leaves the frame as it is).
+#[inline(always)]
+fn set_source_mac(ctx: &TcContext, mac: &[u8; 6]) {
+    if mac[0] != 0 || mac[1] != 0 {
+        let _ = ctx.store(6, mac, 0);
+    }
+}
+
+/// Offset of the UDP checksum when the packet is UDP (IPv6: right after the fixed header),
+/// else -1: other protocols keep their checksum as is.
+#[inline(always)]
+fn udp_checksum_offset(ctx: &TcContext, l3: usize, ipv6: bool) -> i64 {
+    if ipv6 {
+        return match ctx.load::<u8>(l3 + 6) {
+            Ok(17) => (l3 + 40 + 6) as i64,
+            _ => -1,
+        };
+    }
+    match (ctx.load::<u8>(l3), ctx.load::<u8>(l3 + 9)) {
+        (Ok(first), Ok(17)) => (l3 + usize::from(first & 0x0f) * 4 + 6) as i64,
+        _ => -1,
+    }
+}
+
+/// Makes `to` (IPv4-mapped for IPv4) the destination address, with the checksums that cover
+/// it; nothing to do when it already is.
+/// `udp_csum`: the UDP checksum's offset, negative when the packet is not UDP.
 #[inline(never)]
 fn set_destination(
     ctx: &TcContext,
-    data: &Data,
-    udp_csum: Option<usize>,
+    l3: usize,
+    ipv6: bool,
+    udp_csum: i64,
     to: &[u8; 16],
 ) -> Result<(), ()> {
-    let l3 = data.l3_offset;
+    let udp_csum = (udp_csum >= 0).then_some(udp_csum as usize);
     let pseudo = u64::from(BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0);
-    if data.ipv6 {
+    if ipv6 {
         let mut old: [u8; 16] = ctx.load(l3 + 24).map_err(|_| ())?;
+        if old == *to {
+            return Ok(());
+        }
         let mut new = *to;
         // SAFETY: both buffers are 16 bytes on this stack, as the sizes say.
         let diff =
@@ -297,13 +459,16 @@ fn set_destination(
         return ctx.store(l3 + 24, to, 0).map_err(|_| ());
     }
     let from: [u8; 4] = ctx.load(l3 + 16).map_err(|_| ())?;
+    let address: [u8; 4] = [to[12], to[13], to[14], to[15]];
+    if from == address {
+        return Ok(());
+    }
     let old = u64::from(u32::from_ne_bytes(from));
-    let new = u64::from(u32::from_ne_bytes([to[12], to[13], to[14], to[15]]));
+    let new = u64::from(u32::from_ne_bytes(address));
     if let Some(at) = udp_csum {
         ctx.l4_csum_replace(at, old, new, pseudo | 4).map_err(|_| ())?;
     }
     ctx.l3_csum_replace(l3 + 10, old, new, 4).map_err(|_| ())?;
-    let address: [u8; 4] = [to[12], to[13], to[14], to[15]];
     ctx.store(l3 + 16, &address, 0).map_err(|_| ())
 }
 
@@ -322,9 +487,8 @@ fn count_peer_copy(ifindex: u32, peer: [u8; 16]) {
 /// Decrements the TTL (IPv4, checksum updated) or the hop limit (IPv6); `Err` when it is 1 or
 /// less: the packet must not cross a routed hop.
 #[inline(always)]
-fn decrement_hop_limit(ctx: &TcContext, data: &Data) -> Result<(), ()> {
-    let l3 = data.l3_offset;
-    if data.ipv6 {
+fn decrement_hop_limit(ctx: &TcContext, l3: usize, ipv6: bool) -> Result<(), ()> {
+    if ipv6 {
         let hop_limit: u8 = ctx.load(l3 + 7).map_err(|_| ())?;
         if hop_limit <= 1 {
             return Err(());

@@ -111,11 +111,19 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub unknown: Option<UnknownGroups>,
 
-    /// Per-client delivery on this port (a shared TAP of an OpenVPN `dev tap` server): each
-    /// client that joins gets its own copy addressed to its unicast MAC, so OpenVPN delivers
-    /// it to that client only (repeatable; names or globs).
+    /// Per-client delivery on this port: on a shared TAP (OpenVPN `dev tap` server) each
+    /// client that joins gets its own copy addressed to its unicast MAC; on a tun or WireGuard
+    /// port each joined peer gets its own copy addressed to its tunnel address (applications
+    /// there must be bound to the port, not to the group address). Repeatable; names or globs.
     #[arg(long = "per-client", value_name = "IFACE")]
     pub per_client: Vec<String>,
+
+    /// A routed Ethernet port: data into or out of it crosses a routed hop (TTL / hop limit
+    /// decremented, TTL 1 not forwarded and counted as drop_ttl, the port's own MAC as source
+    /// of its copies). Served by the TC program. tun and WireGuard ports are always routed.
+    /// Repeatable; names or globs.
+    #[arg(long = "l3", value_name = "IFACE")]
+    pub l3: Vec<String>,
 
     /// Seconds between loop-guard hellos, sent on every port so that relays on the same
     /// segments find each other (and a relay finds two of its own ports on one segment)

@@ -46,6 +46,8 @@ pub struct Settings {
     pub statics: Vec<StaticGroup>,
     /// Names/globs of ports with per-client delivery.
     pub per_client: Vec<String>,
+    /// Names/globs of routed Ethernet ports (`--l3`).
+    pub l3: Vec<String>,
     /// Names/globs of ports with a single host behind them.
     pub fast_leave: Vec<String>,
     /// Names/globs of configured router ports.
@@ -222,6 +224,8 @@ impl Settings {
         extend_unique(&mut no_learn_routers, m.no_learn_routers.iter().cloned());
         let mut per_client = from_ports(|p| p.per_client);
         extend_unique(&mut per_client, cli.per_client.iter().cloned());
+        let mut l3 = from_ports(|p| p.l3);
+        extend_unique(&mut l3, cli.l3.iter().cloned());
 
         let mut statics = Vec::new();
         for st in &f.statics {
@@ -262,6 +266,7 @@ impl Settings {
             patterns,
             statics,
             per_client,
+            l3,
             fast_leave,
             router_ports,
             no_learn_routers,
@@ -331,6 +336,11 @@ impl Settings {
     /// Whether the port named `name` has per-client delivery.
     pub fn is_per_client(&self, name: &str) -> bool {
         ports::matches_any(&self.per_client, name)
+    }
+
+    /// Whether the port named `name` is a routed Ethernet port (`--l3`).
+    pub fn is_routed(&self, name: &str) -> bool {
+        ports::matches_any(&self.l3, name)
     }
 }
 

@@ -507,6 +507,8 @@ struct WireState {
     /// Per group: datagrams of the group addressed to another destination (per-peer copies),
     /// counted by destination. Their hop limits are under the destination in `hop_limits`.
     readdressed: Mutex<BTreeMap<IpAddr, BTreeMap<IpAddr, u64>>>,
+    /// Per group: the source MACs its datagrams arrived with (Ethernet devices).
+    source_macs: Mutex<BTreeMap<IpAddr, BTreeSet<[u8; 6]>>>,
     error: Mutex<Option<String>>,
 }
 
@@ -546,6 +548,14 @@ impl WireObserver {
             .seen
             .lock()
             .map_or(0, |seen| seen.get(&group).map_or(0, |(_, seqs)| seqs.len() as u64))
+    }
+
+    /// The source MACs the datagrams of `group` arrived with (none on an L3 device).
+    pub fn source_macs(&self, group: IpAddr) -> BTreeSet<[u8; 6]> {
+        self.state
+            .source_macs
+            .lock()
+            .map_or_else(|_| BTreeSet::new(), |seen| seen.get(&group).cloned().unwrap_or_default())
     }
 
     /// Datagrams of `group`'s test payload that arrived addressed to another destination
@@ -724,6 +734,13 @@ fn observe_loop(fd: &OwnedFd, state: &WireState, stop: &AtomicBool) {
             let hop_limit = if group.is_ipv4() { packet[8] } else { packet[7] };
             if let Ok(mut seen) = state.hop_limits.lock() {
                 seen.entry(group).or_default().insert(hop_limit);
+            }
+            if addr.sll_halen == 6 {
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(&addr.sll_addr[..6]);
+                if let Ok(mut seen) = state.source_macs.lock() {
+                    seen.entry(group).or_default().insert(mac);
+                }
             }
         }
     });

@@ -134,6 +134,16 @@ impl NetNs {
         run_checked(cmd)
     }
 
+    /// The MAC of `iface` in this namespace (`ip -j link show`).
+    pub fn mac(&self, iface: &str) -> [u8; 6] {
+        let out = self.ip(&["-j", "link", "show", "dev", iface]);
+        let doc: serde_json::Value = serde_json::from_str(&out).expect("ip -j link show");
+        let text = doc[0]["address"].as_str().unwrap_or_default().to_string();
+        let bytes: Vec<u8> =
+            text.split(':').filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
+        bytes.try_into().unwrap_or_else(|_| panic!("MAC of {iface} in {self}: {text:?}"))
+    }
+
     /// Runs `f` on a thread that has entered this network namespace and returns its result.
     ///
     /// Sockets created by `f` stay in this namespace wherever they are used afterwards.

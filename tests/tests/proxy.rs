@@ -165,6 +165,8 @@ enum Proxy {
     Mcrelay,
     /// `igmpproxy` with gw0 upstream and gw1 downstream (kernel MFC).
     Igmpproxy,
+    /// `mcrelay run -i gw0 -i gw1 --upstream gw0 --l3 gw0 --l3 gw1`: both ports routed.
+    McrelayRouted,
 }
 
 /// What one run of the routed scenario saw.
@@ -185,6 +187,10 @@ struct Findings {
     delivered: u64,
     /// The TTLs those arrived with on the downstream wire.
     ttls: BTreeSet<u8>,
+    /// The source MACs those arrived with.
+    source_macs: BTreeSet<[u8; 6]>,
+    /// The gateway's downstream port's MAC.
+    downstream_mac: [u8; 6],
     /// Datagrams (of [`COUNT`]) sent with TTL 1 that reached the downstream member.
     ttl1_delivered: u64,
     /// The upstream querier's general query was answered from the gateway's address with the
@@ -210,6 +216,11 @@ impl fmt::Display for Findings {
         writeln!(f, "  host's own report seen upstream: {}", self.host_report_upstream)?;
         writeln!(f, "  TTL {HOPS} datagrams delivered: {} of {COUNT}", self.delivered)?;
         writeln!(f, "  TTL on the downstream wire: {:?}", self.ttls)?;
+        writeln!(
+            f,
+            "  source MACs there: {:02x?} (gateway port {:02x?})",
+            self.source_macs, self.downstream_mac
+        )?;
         writeln!(f, "  TTL 1 datagrams delivered: {} of {COUNT}", self.ttl1_delivered)?;
         writeln!(f, "  upstream query answered: {}", self.query_answered)?;
         writeln!(f, "  leave upstream (source sending before the join): {}", self.leave_upstream)?;
@@ -261,8 +272,8 @@ fn routed_scenario(tag: &str, proxy: Proxy, group: Ipv4Addr) -> Findings {
 
     // Whichever runs is held until the end of the scenario.
     let (_mcrelay, mut igmpproxy_guard): (Option<Mcrelay>, Option<IgmpProxy>) = match proxy {
-        Proxy::Mcrelay => (
-            Some(star.start_relay(&[
+        Proxy::Mcrelay | Proxy::McrelayRouted => {
+            let mut args = vec![
                 "--upstream",
                 &up.gw_port,
                 "--query-interval",
@@ -271,9 +282,12 @@ fn routed_scenario(tag: &str, proxy: Proxy, group: Ipv4Addr) -> Findings {
                 "1",
                 "--last-member-interval",
                 "0.2",
-            ])),
-            None,
-        ),
+            ];
+            if proxy == Proxy::McrelayRouted {
+                args.extend(["--l3", &up.gw_port, "--l3", &down.gw_port]);
+            }
+            (Some(star.start_relay(&args)), None)
+        }
         Proxy::Igmpproxy => {
             let config = igmpproxy::config(&up.gw_port, &[&down.gw_port]);
             (None, Some(IgmpProxy::start(&star.gw, &config, 2)))
@@ -322,6 +336,7 @@ fn routed_scenario(tag: &str, proxy: Proxy, group: Ipv4Addr) -> Findings {
     let delivered = rx.wait_for(COUNT, TIMEOUT);
     thread::sleep(QUIET);
     let ttls = wire.hop_limits(g);
+    let source_macs = wire.source_macs(g);
     let before = rx.count();
     McastSender::new(&up.ns, &up.iface).send_numbered(g, PORT, COUNT, Duration::from_millis(2));
     rx.wait_for(before + COUNT, QUIET * 2);
@@ -390,6 +405,8 @@ fn routed_scenario(tag: &str, proxy: Proxy, group: Ipv4Addr) -> Findings {
         host_report_upstream,
         delivered,
         ttls,
+        source_macs,
+        downstream_mac: star.gw.mac(&down.gw_port),
         ttl1_delivered,
         query_answered,
         leave_upstream,
@@ -424,6 +441,20 @@ fn routed_subnets_with_mcrelay_as_the_proxy() {
     common(&f);
     assert_eq!(f.ttls, BTreeSet::from([HOPS as u8]), "{f}");
     assert_eq!(f.ttl1_delivered, COUNT, "{f}");
+    assert!(f.leave_upstream, "{f}");
+}
+
+/// With both ports routed (`--l3`), mcrelay is a routed hop like the kernel's MFC: TTL 8
+/// arrives as 7, TTL 1 is not forwarded (`drop_ttl`), and the copies leave with the
+/// downstream port's own MAC as source (not the relay MAC of bridged copies).
+#[test]
+fn routed_subnets_with_mcrelay_l3_ports_as_the_proxy() {
+    require_testbed!("ping");
+    let f = routed_scenario("pr3", Proxy::McrelayRouted, Ipv4Addr::new(239, 30, 7, 1));
+    common(&f);
+    assert_eq!(f.ttls, BTreeSet::from([HOPS as u8 - 1]), "{f}");
+    assert_eq!(f.ttl1_delivered, 0, "{f}");
+    assert_eq!(f.source_macs, BTreeSet::from([f.downstream_mac]), "{f}");
     assert!(f.leave_upstream, "{f}");
 }
 

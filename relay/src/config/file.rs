@@ -128,6 +128,10 @@ pub struct PortConfig {
     /// client, addressed to its unicast MAC, instead of one multicast copy for all clients.
     #[serde(default)]
     pub per_client: bool,
+    /// A routed Ethernet port: TTL / hop limit decremented across it, TTL 1 not forwarded,
+    /// its copies sourced from its own MAC (`--l3`).
+    #[serde(default)]
+    pub l3: bool,
     /// Whether a query, PIM hello or router advertisement heard here makes this a router
     /// port for a while (false for VPN client ports: `--no-learn-routers`).
     #[serde(default = "yes")]

@@ -651,10 +651,9 @@ impl Control {
             self.table.set_routers(dp, |g| engine.forwarding(g), routers)?;
             self.dirty = true;
         }
-        if !self.upstream.is_empty() {
-            let now = self.clock();
-            self.report_upstream(now, &changed);
-        }
+        // Upstream reports go out after the group maps are written: data the report pulls
+        // in is then forwarded from its first packet.
+        let upstream_changes = if self.upstream.is_empty() { None } else { Some(changed.clone()) };
         let groups: Vec<_> = changed
             .into_iter()
             .filter(|g| !is_link_local_group(*g))
@@ -664,6 +663,10 @@ impl Control {
             self.dirty = true;
         }
         let result = self.table.sync(dp, groups);
+        if let Some(changed) = upstream_changes {
+            let now = self.clock();
+            self.report_upstream(now, &changed);
+        }
         // Forget the copy totals of clients that left or timed out.
         let clients = &self.clients;
         dp.retain_clients(|port, mac| clients.is_member(port, mac));

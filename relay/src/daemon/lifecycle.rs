@@ -157,7 +157,12 @@ impl Daemon {
             ports::set_allmulti(&self.handle, port.index, true).await?;
             self.allmulti_set.push(port.index);
         }
-        let (mode, fallback) = self.dp.attach(port, self.plan.settings.xdp_mode_for(&port.name))?;
+        let settings = &self.plan.settings;
+        let routed = settings.is_routed(&port.name);
+        let (mode, fallback) = self.dp.attach(port, settings.xdp_mode_for(&port.name), routed)?;
+        if routed && port.ether {
+            tracing::info!(iface = %port.name, "routed port (--l3): TC program, TTL decremented");
+        }
         let rate = self.plan.settings.port_rate(&port.name);
         self.dp.set_port_rate(port.index, rate)?;
         if let Some(pps) = rate {

@@ -24,7 +24,7 @@ use aya::{
 };
 use relay_common::{
     AttachMode, PortCounters, PortInfo, PORT_ROLE_ROUTER, TC_PORT_ATTACHED, TC_PORT_L3,
-    TC_TARGET_L3, TC_TARGET_NO_XDP,
+    TC_PORT_ROUTED, TC_TARGET_L3, TC_TARGET_NO_XDP, TC_TARGET_ROUTED,
 };
 
 use super::{
@@ -52,11 +52,23 @@ pub fn unpin_link(path: &Path) -> std::io::Result<()> {
 /// Where the TC links are pinned, next to the XDP links' directory.
 pub const TC_LINKS: &str = "tc-links";
 
-/// The two TC programs: the whole program for ports in TC mode, the hand-over copier behind
-/// XDP on the others.
+/// The TC programs: the whole program for Ethernet ports in TC mode and its twin for L3
+/// devices (each carries one classifier), the hand-over copier behind XDP on the others.
 pub struct TcPrograms<'a> {
     pub tc_mode: &'a mut SchedClassifier,
+    pub tc_l3: &'a mut SchedClassifier,
     pub handover: &'a mut SchedClassifier,
+}
+
+impl TcPrograms<'_> {
+    /// The whole program for `link` in TC mode.
+    fn for_link(&mut self, link: &Link) -> &mut SchedClassifier {
+        if link.ether {
+            self.tc_mode
+        } else {
+            self.tc_l3
+        }
+    }
 }
 
 /// A port the program is attached to.
@@ -64,6 +76,8 @@ pub struct TcPrograms<'a> {
 pub struct AttachedPort {
     pub link: Link,
     pub mode: AttachMode,
+    /// A routed Ethernet port (`--l3`): attached in TC mode, its copies routed.
+    pub routed: bool,
     /// Taken over from a previous daemon's pinned link (not attached by this one).
     pub adopted: bool,
     /// The XDP link (none in TC mode).
@@ -156,13 +170,22 @@ impl Ports {
     /// The `TC_TARGET_*` bits of a port as a copy target of the TC program.
     pub fn tc_target_flags(&self, ifindex: u32) -> u32 {
         let Some(port) = self.attached.get(&ifindex) else { return 0 };
-        let l3 = if port.link.ether { 0 } else { TC_TARGET_L3 };
+        let l3 = match (port.link.ether, port.routed) {
+            (false, _) => TC_TARGET_L3,
+            (true, true) => TC_TARGET_ROUTED,
+            (true, false) => 0,
+        };
         let no_xdp = if port.mode == AttachMode::Tc || port.link.native_xdp() == Some(false) {
             TC_TARGET_NO_XDP
         } else {
             0
         };
         l3 | no_xdp
+    }
+
+    /// The MAC of an attached port, if it has one.
+    pub fn mac(&self, ifindex: u32) -> Option<[u8; 6]> {
+        self.attached.get(&ifindex)?.link.mac
     }
 
     /// Attaches the programs to `link` and registers the port: the TC program alone for a
@@ -175,7 +198,20 @@ impl Ports {
         tc: TcPrograms<'_>,
         link: &Link,
         mode: XdpMode,
+        routed: bool,
     ) -> Result<(AttachMode, Option<String>), DataplaneError> {
+        let mut tc = tc;
+        if routed && link.ether {
+            if mode == XdpMode::Native {
+                return Err(DataplaneError::Attach {
+                    iface: link.name.clone(),
+                    mode: "native",
+                    reason: "a routed port (--l3) is served by the TC program".into(),
+                    hint: " (leave --xdp-mode auto for this port)",
+                });
+            }
+            return self.attach_tc_mode(tc.for_link(link), link, true);
+        }
         if link.native_xdp() == Some(false) {
             if mode == XdpMode::Native {
                 // Asked for native XDP only: say it cannot be had rather than use TC.
@@ -189,7 +225,7 @@ impl Ports {
                     hint: " (try --xdp-mode auto)",
                 });
             }
-            return self.attach_tc_mode(tc.tc_mode, link);
+            return self.attach_tc_mode(tc.for_link(link), link, false);
         }
         let used = self.attach_xdp(xdp, link, mode)?;
         // The copier behind XDP: without it, groups with members in TC mode miss the data
@@ -214,6 +250,7 @@ impl Ports {
         &mut self,
         tc: &mut SchedClassifier,
         link: &Link,
+        routed: bool,
     ) -> Result<(AttachMode, Option<String>), DataplaneError> {
         // A previous daemon of an older version may have left an XDP link here.
         if let Some(path) = self.link_pin(link.index).filter(|p| p.exists()) {
@@ -227,6 +264,7 @@ impl Ports {
             AttachedPort {
                 link: link.clone(),
                 mode: AttachMode::Tc,
+                routed,
                 adopted,
                 port_link: None,
                 tc_link: Some(tc_link),
@@ -375,6 +413,7 @@ impl Ports {
             AttachedPort {
                 link: link.clone(),
                 mode: used,
+                routed: false,
                 adopted: false,
                 port_link: Some(port_link),
                 tc_link: None,
@@ -453,6 +492,7 @@ impl Ports {
                 AttachedPort {
                     link: link.clone(),
                     mode,
+                    routed: false,
                     adopted: true,
                     port_link: Some(PortLink::Pinned(path.clone())),
                     tc_link: None,
@@ -543,8 +583,12 @@ impl Ports {
         self.stats.insert(ifindex, zero, 0).kernel("creating the PORT_STATS entry")?;
         self.flood.insert(ifindex, ifindex, None, 0).kernel("writing FLOOD_PORTS")?;
         if mode == AttachMode::Tc {
-            let l3 = self.attached.get(&ifindex).is_some_and(|p| !p.link.ether);
-            let bits = TC_PORT_ATTACHED | if l3 { TC_PORT_L3 } else { 0 };
+            let port = self.attached.get(&ifindex);
+            let l3 = port.is_some_and(|p| !p.link.ether);
+            let routed = port.is_some_and(|p| p.routed);
+            let bits = TC_PORT_ATTACHED
+                | if l3 { TC_PORT_L3 } else { 0 }
+                | if routed { TC_PORT_ROUTED } else { 0 };
             self.tc_ports.insert(ifindex, bits, 0).kernel("writing TC_PORTS")?;
         }
         Ok(())
@@ -552,7 +596,9 @@ impl Ports {
 
     /// Detaches the programs from a port and forgets the port in the maps (best effort).
     pub fn detach(&mut self, xdp: &mut Xdp, tc: TcPrograms<'_>, ifindex: u32) {
-        self.detach_links(ifindex, Some(xdp), Some(tc.tc_mode), Some(tc.handover));
+        let ether = self.attached.get(&ifindex).is_none_or(|p| p.link.ether);
+        let whole = if ether { tc.tc_mode } else { tc.tc_l3 };
+        self.detach_links(ifindex, Some(xdp), Some(whole), Some(tc.handover));
         self.forget(ifindex);
     }
 

@@ -39,6 +39,7 @@ use group_maps::{GroupMaps, InnerEntry};
 use relay_common::{
     AttachMode, GroupKey, PortCounters, PortInfo, TcPorts, TcTarget, UnknownPolicy,
     CONFIG_F_TC_PORTS, MAX_PORTS, MAX_TC_TARGETS, TC_TARGET_ETHERNET, TC_TARGET_L3, TC_TARGET_PEER,
+    TC_TARGET_ROUTED,
 };
 
 use crate::{
@@ -56,6 +57,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const XDP_PROGRAM: &str = "mcrelay_xdp";
 /// Name of the TC (tcx ingress) entry point for ports in TC mode.
 pub const TC_PROGRAM: &str = "mcrelay_tc";
+/// Name of its twin for L3 ports (tun, WireGuard: packets start with the IP header).
+pub const TC_L3_PROGRAM: &str = "mcrelay_tc_l3";
 /// Name of the TC entry point behind the XDP program (copies what XDP hands over).
 pub const TC_HANDOVER_PROGRAM: &str = "mcrelay_tc_handover";
 
@@ -132,6 +135,7 @@ impl Dataplane {
         program_mut(&mut ebpf)?.load().kernel("the kernel rejected the XDP program (verifier)")?;
         let (_, tc) = programs_mut(&mut ebpf)?;
         tc.tc_mode.load().kernel("the kernel rejected the TC program (verifier)")?;
+        tc.tc_l3.load().kernel("the kernel rejected the TC program for L3 ports (verifier)")?;
         tc.handover.load().kernel("the kernel rejected the TC hand-over program (verifier)")?;
         if let Some(dir) = pin_dir {
             // Pins are created 0600; `mcrelay ports/stats` of the `mcrelay` group read them.
@@ -264,9 +268,15 @@ impl Dataplane {
 
     /// Attaches the program to `link` in the requested mode and registers the port in the
     /// maps. Returns the mode actually used and, for `auto`, why native mode was not possible.
-    pub fn attach(&mut self, link: &Link, mode: XdpMode) -> Result<(AttachMode, Option<String>)> {
+    /// `routed`: a routed Ethernet port (`--l3`), served by the TC program.
+    pub fn attach(
+        &mut self,
+        link: &Link,
+        mode: XdpMode,
+        routed: bool,
+    ) -> Result<(AttachMode, Option<String>)> {
         let (xdp, tc) = programs_mut(&mut self.ebpf)?;
-        let attached = self.ports.attach(xdp, tc, link, mode);
+        let attached = self.ports.attach(xdp, tc, link, mode, routed);
         self.update_tc_flag()?;
         attached
     }
@@ -408,12 +418,15 @@ impl Dataplane {
                 break;
             }
             let mut flags = self.ports.tc_target_flags(e.ifindex);
-            let mut address = [0; 16];
+            let mut addr = [0; 16];
             if let Some(peer) = peer {
                 flags |= TC_TARGET_PEER;
-                address = crate::groups::group_key(peer).group;
+                addr = crate::groups::group_key(peer).group;
+            } else if flags & TC_TARGET_ROUTED != 0 {
+                // Routed copies leave with the port's own MAC as source.
+                addr[..6].copy_from_slice(&self.ports.mac(e.ifindex).unwrap_or_default());
             }
-            out.targets[n] = TcTarget { ifindex: e.ifindex, flags, peer: address };
+            out.targets[n] = TcTarget { ifindex: e.ifindex, flags, addr };
             out.flags |= flags | if flags & TC_TARGET_L3 == 0 { TC_TARGET_ETHERNET } else { 0 };
             n += 1;
         }
@@ -530,13 +543,14 @@ pub fn unpin_links_under(dir: &Path, depth: usize) {
     }
 }
 
-/// The XDP and the two TC programs at once.
+/// The XDP and the TC programs at once.
 fn programs_mut(ebpf: &mut Ebpf) -> Result<(&mut Xdp, attach::TcPrograms<'_>)> {
-    let (mut xdp, mut tc, mut handover) = (None, None, None);
+    let (mut xdp, mut tc, mut tc_l3, mut handover) = (None, None, None, None);
     for (name, program) in ebpf.programs_mut() {
         match (name, program) {
             (XDP_PROGRAM, Program::Xdp(p)) => xdp = Some(p),
             (TC_PROGRAM, Program::SchedClassifier(p)) => tc = Some(p),
+            (TC_L3_PROGRAM, Program::SchedClassifier(p)) => tc_l3 = Some(p),
             (TC_HANDOVER_PROGRAM, Program::SchedClassifier(p)) => handover = Some(p),
             _ => {}
         }
@@ -546,6 +560,7 @@ fn programs_mut(ebpf: &mut Ebpf) -> Result<(&mut Xdp, attach::TcPrograms<'_>)> {
         xdp.ok_or_else(|| missing(XDP_PROGRAM))?,
         attach::TcPrograms {
             tc_mode: tc.ok_or_else(|| missing(TC_PROGRAM))?,
+            tc_l3: tc_l3.ok_or_else(|| missing(TC_L3_PROGRAM))?,
             handover: handover.ok_or_else(|| missing(TC_HANDOVER_PROGRAM))?,
         },
     ))
