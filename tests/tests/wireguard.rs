@@ -177,3 +177,31 @@ fn a_joined_peer_stays_a_member_through_query_rounds() {
         .send_numbered(group, PORT, COUNT, INTERVAL);
     assert_eq!(rx.wait_for(COUNT, DELIVERY_TIMEOUT), COUNT, "{rx}: after the query rounds");
 }
+
+/// A restarted daemon keeps delivering to the peers of the previous one: WireGuard peers
+/// never hear a multicast query, so they would not be learned again by themselves; the new
+/// daemon takes them from the pinned per-peer targets, queries them at their addresses, and
+/// keeps them past a membership interval from their answers.
+#[test]
+fn per_peer_delivery_survives_a_daemon_restart() {
+    require_testbed!("wireguard-go", "wg", "ping");
+    let group = addr("239.31.5.1");
+    let bed = WgBed::new("wgr", WgOptions { lan_hosts: 1, peers: 1 });
+    let (h0, a, hub) = (&bed.lan[0], &bed.peers[0], &bed.hub_iface);
+    let args = ["--per-client", hub.as_str(), "--query-interval", "2"];
+    let mut relay = start_relay(&bed, &args);
+    let rx = McastReceiver::join_wildcard(&a.ns, group, PORT, &a.iface);
+    wait_member(&bed.gw, group, hub, MEMBER_TIMEOUT);
+    relay.stop();
+
+    let _relay = start_relay(&bed, &args);
+    let sender = McastSender::new(&h0.ns, &h0.iface).with_hop_limit(HOPS);
+    sender.send_numbered(group, PORT, COUNT, INTERVAL);
+    assert_eq!(rx.wait_for(COUNT, DELIVERY_TIMEOUT), COUNT, "{rx}: right after the restart");
+    // Past three membership intervals (2 x 2 s + 1 s) of the new daemon.
+    thread::sleep(Duration::from_secs(15));
+    let doc = groups_json(&bed.gw);
+    assert!(member(&doc, group, hub).is_some(), "{hub} lost {group}: {doc:#}");
+    sender.send_numbered(group, PORT, COUNT, INTERVAL);
+    assert_eq!(rx.wait_for(2 * COUNT, DELIVERY_TIMEOUT), 2 * COUNT, "{rx}: 15 s later");
+}

@@ -243,6 +243,18 @@ impl Control {
         self.dirty = true;
     }
 
+    /// A peer a previous daemon delivered `group` to on the per-client L3 port `port`: a
+    /// member again for one membership interval (refreshed when it answers a query). Returns
+    /// whether it was taken (the port is a per-client L3 port of this daemon).
+    pub fn restore_peer(&mut self, now: Duration, group: IpAddr, port: u32, peer: IpAddr) -> bool {
+        if !self.l3_ports.contains(&port) || !self.clients.is_per_client(port) {
+            return false;
+        }
+        let expiry = now + self.engine.config().gmi();
+        self.clients.join(group, port, ClientId::Peer(peer), expiry);
+        true
+    }
+
     /// Takes over the port sets a previous daemon left in the pinned maps.
     pub fn adopt(&mut self, installed: BTreeMap<IpAddr, Installed>) {
         self.table.adopt(installed);

@@ -104,11 +104,20 @@ impl Daemon {
             // Router ports are relearned (configured ones come back with the ports); the
             // previous daemon's may name interfaces that are gone.
             self.dp.set_router_ports(&[])?;
-            let installed = adopted_sets(&self.dp);
+            let mut installed = adopted_sets(&self.dp);
             tracing::info!(
                 groups = installed.len(),
                 "adopted the previous daemon's group port sets"
             );
+            // Peers of per-client L3 ports come back as members (until they are queried
+            // and answer, or time out), their ports in the adopted sets.
+            let now = self.start.elapsed();
+            for (key, port, peer) in self.dp.adopted_peers() {
+                let group = key_group(&key);
+                if self.control.restore_peer(now, group, port, peer) && key.source == [0; 16] {
+                    installed.entry(group).or_default().any_source.insert(port);
+                }
+            }
             self.control.adopt(installed);
         }
         self.control.set_statics(&mut self.dp, &self.plan.statics);

@@ -297,7 +297,7 @@ impl Clients {
 }
 
 /// An address as the TC program keeps it (IPv4-mapped for IPv4).
-fn peer_address(bytes: &[u8; 16]) -> IpAddr {
+pub fn peer_address(bytes: &[u8; 16]) -> IpAddr {
     let v6 = std::net::Ipv6Addr::from(*bytes);
     v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
 }

@@ -22,6 +22,7 @@ use aya::{
 };
 use relay_common::{
     GroupKey, TcPorts, BPF_MAP_TYPE_DEVMAP_HASH, DEVMAP_VALUE_SIZE, MAX_PORTS_PER_GROUP,
+    TC_TARGET_PEER,
 };
 
 use super::{
@@ -87,6 +88,19 @@ impl GroupMaps {
     /// Port sets (inner keys) of every key in the map.
     pub fn port_sets(&self) -> BTreeMap<GroupKey, Vec<u32>> {
         self.inner.clone()
+    }
+
+    /// The per-peer targets in `GROUP_TC_PORTS` (after adoption: the previous daemon's
+    /// peers): (key, port ifindex, the peer's address as the map holds it).
+    pub fn peer_targets(&self) -> Vec<(GroupKey, u32, [u8; 16])> {
+        let mut out = Vec::new();
+        for (key, ports) in self.tc.iter().filter_map(Result::ok) {
+            let n = (ports.count as usize).min(ports.targets.len());
+            for t in ports.targets[..n].iter().filter(|t| t.flags & TC_TARGET_PEER != 0) {
+                out.push((key, t.ifindex, t.addr));
+            }
+        }
+        out
     }
 
     /// Keys currently in `GROUP_PORTS`.

@@ -205,6 +205,17 @@ impl Dataplane {
         self.groups.port_sets()
     }
 
+    /// The peers a previous daemon delivered to on per-client L3 ports: (group key, port,
+    /// peer). WireGuard peers never hear a multicast query, so they are not learned again
+    /// by themselves.
+    pub fn adopted_peers(&self) -> Vec<(GroupKey, u32, IpAddr)> {
+        self.groups
+            .peer_targets()
+            .into_iter()
+            .map(|(key, port, addr)| (key, port, clients::peer_address(&addr)))
+            .collect()
+    }
+
     /// Keys currently in `GROUP_PORTS`.
     pub fn group_keys(&self) -> impl Iterator<Item = &GroupKey> {
         self.groups.keys()
