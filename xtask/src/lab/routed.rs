@@ -15,11 +15,11 @@
 //! learned on the server's tun); nobody joins 239.2.2.2, so it never enters the tunnel. The tun
 //! is a routed hop: the sender's TTL 8 arrives as 7.
 //!
-//! OpenVPN writes what the server puts into its tun to every client (no per-client copies in
-//! tun mode), so c1, which joined nothing, sees 239.1.1.1 on its tun too. With `--per-client`
-//! the lab passes `--per-client vpntun0` to mcrelay, for a build that delivers per client on a
-//! tun (the check on c1 then becomes part of the verdict); without it, c1's count is shown and
-//! explained, not judged.
+//! OpenVPN writes what the server puts into its tun to every client, so by default c1, which
+//! joined nothing, sees 239.1.1.1 on its tun too: its count is shown and explained, not judged.
+//! With `--per-client` the lab passes `--per-client vpntun0` to mcrelay, which then sends each
+//! joined client its own copy addressed to its tunnel address; that c1 sees none of 239.1.1.1
+//! becomes part of the verdict.
 
 use std::{
     collections::BTreeSet,
@@ -405,9 +405,9 @@ pub(super) fn verdict(s: &Snapshot, per_client: bool) -> anyhow::Result<()> {
     if !per_client {
         println!(
             "  note c1 (joined nothing) saw {} of {JOINED} on its tun: OpenVPN writes what the \
-             server puts into its tun to every client (dev tun has no per-client copies); \
-             per-client delivery on a tun is `--per-client` (`cargo xtask lab --routed \
-             --per-client`, where mcrelay supports it)",
+             server puts into its tun to every client; with `--per-client` each joined client \
+             gets its own copy, addressed to its tunnel address (`cargo xtask lab --routed \
+             --per-client`)",
             s.c1_joined
         );
     }
