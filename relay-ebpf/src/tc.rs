@@ -2,18 +2,24 @@
 //! counters as the XDP program, copies made with `bpf_clone_redirect` to each port of the
 //! group's `GROUP_TC_PORTS` array.
 //!
-//! Two entry points (docs/architecture.md, "The TC path"):
-//! - `mcrelay_tc`, on a port attached in TC mode (L3 devices, devices without
-//!   `ndo_xdp_xmit`), does everything the XDP program does: classify (an L3 device's packets
-//!   start with the IP header, `TC_PORTS` says which ports are L3), loop guard (Ethernet
-//!   ports), standby, policy, rate limits, counters, copies;
+//! Three entry points (docs/architecture.md, "The TC path"):
+//! - `mcrelay_tc`, on an Ethernet port attached in TC mode (devices without `ndo_xdp_xmit`,
+//!   routed `--l3` ports), does everything the XDP program does: classify, loop guard,
+//!   standby, policy, rate limits, counters, copies;
+//! - `mcrelay_tc_l3`, the same for L3 devices (tun, WireGuard: packets start with the IP
+//!   header); a twin so that the verifier walks one classifier per program;
 //! - `mcrelay_tc_handover`, behind the XDP program of the other ports, only copies the data
 //!   the XDP program handed over (`XDP_PASS`) because the group has a member XDP cannot reach;
 //!   everything else goes on untouched (unicast after a one-byte test, no map lookup).
 //!
-//! Copies to L3 ports are routed: TTL / hop limit decremented (IPv4 checksum fixed), none at
-//! TTL <= 1 (`drop_ttl`). Packets from an L3 port are routed to every port, and get an Ethernet
-//! header (the group's MAC, this relay's MAC as source) before the copies to Ethernet ports.
+//! Copies to L3 ports, routed (`--l3`) ports and peers are routed: TTL / hop limit
+//! decremented once (IPv4 checksum fixed), none at TTL <= 1 (`drop_ttl`); bridged copies keep
+//! what they came with. Packets from a routed port are routed to every port; those from an L3
+//! port get an Ethernet header (the group's MAC, this relay's MAC as source) first when some
+//! target needs one. The copies are made by `bpf_loop` passes over the group's targets; the
+//! classifier, the policing and the forwarding are subprograms of their own (the verifier's
+//! instruction budget and the 512 bytes of stack along a call chain: see "Fitting the
+//! verifier" in docs/architecture.md).
 
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
@@ -404,10 +410,10 @@ extern "C" fn copy_one(index: u64, pass: *mut c_void) -> i64 {
     0
 }
 
-/// Writes the Ethernet source address (an unset relay MAC leaves the frame as it is).
+/// Writes the Ethernet source address (an unset, all-zero MAC leaves the frame as it is).
 #[inline(always)]
 fn set_source_mac(ctx: &TcContext, mac: &[u8; 6]) {
-    if mac[0] != 0 || mac[1] != 0 {
+    if *mac != [0; 6] {
         let _ = ctx.store(6, mac, 0);
     }
 }
