@@ -230,49 +230,20 @@ fn run_lab(opts: &LabOptions, interrupted: &AtomicBool) -> anyhow::Result<()> {
         seg2_wire: WireObserver::new(&topo.seg2_b, HOST_IFACE),
     };
 
-    let sender = McastSender::new(&topo.sender, HOST_IFACE);
-    let stop_sending = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let sending = {
-        let (stop, sent) = (Arc::clone(&stop_sending), Arc::clone(&sent));
-        thread::spawn(move || send_loop(&sender, &stop, &sent))
-    };
-
-    let started = Instant::now();
+    let mut stream = Stream::start(McastSender::new(&topo.sender, HOST_IFACE), [RELAYED, LAN_ONLY]);
     let live = std::io::stdout().is_terminal();
-    let mut outcome = Ok(());
-    let mut next_tick = started + Duration::from_secs(1);
-    loop {
-        if interrupted.load(Ordering::SeqCst) {
-            println!("\n[lab] interrupted");
-            break;
-        }
-        if opts.duration.is_some_and(|d| started.elapsed() >= d) {
-            break;
-        }
-        if let Some(status) = relay.try_exit_status() {
-            outcome = Err(anyhow::anyhow!(
-                "mcrelay exited unexpectedly ({status}); stderr:\n{}",
-                relay.stderr()
-            ));
-            break;
-        }
-        if Instant::now() >= next_tick {
-            next_tick += Duration::from_secs(1);
-            let snapshot = listeners.snapshot(sent.load(Ordering::SeqCst));
-            let stats = mcrelay_json_with(&opts.mcrelay, &topo.gw, &["stats", "--json"]);
-            let title = format!("t={:>4}s (Ctrl-C stops)", started.elapsed().as_secs());
-            print_table(&title, &snapshot, &stats, live);
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    let (elapsed, outcome) = watch(&mut relay, opts.duration, interrupted, |elapsed| {
+        let snapshot = listeners.snapshot(stream.sent());
+        let stats = mcrelay_json_with(&opts.mcrelay, &topo.gw, &["stats", "--json"]);
+        let title = format!("t={:>4}s (Ctrl-C stops)", elapsed.as_secs());
+        print_table(&title, &snapshot, &stats, live);
+    });
 
-    stop_sending.store(true, Ordering::SeqCst);
-    let _ = sending.join();
+    let sent = stream.stop();
     thread::sleep(DRAIN);
-    let snapshot = listeners.snapshot(sent.load(Ordering::SeqCst));
+    let snapshot = listeners.snapshot(sent);
     let stats = mcrelay_json_with(&opts.mcrelay, &topo.gw, &["stats", "--json"]);
-    let title = format!("final, after {}s", started.elapsed().as_secs());
+    let title = format!("final, after {}s", elapsed.as_secs());
     print_table(&title, &snapshot, &stats, false);
     outcome?;
 
@@ -286,13 +257,51 @@ fn run_lab(opts: &LabOptions, interrupted: &AtomicBool) -> anyhow::Result<()> {
     verdict(&snapshot)
 }
 
-/// Sends one datagram to each group, `RATE` times a second, until `stop`.
-fn send_loop(sender: &McastSender, stop: &AtomicBool, sent: &AtomicU64) {
+/// A sender thread: one datagram to each of two groups, `RATE` times a second.
+struct Stream {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Stream {
+    fn start(sender: McastSender, groups: [Ipv4Addr; 2]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
+            thread::spawn(move || send_loop(&sender, groups, &stop, &sent))
+        };
+        Self { stop, sent, thread: Some(thread) }
+    }
+
+    /// Datagrams sent to each group so far.
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Stops sending; returns the datagrams sent to each group.
+    fn stop(&mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.sent()
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn send_loop(sender: &McastSender, groups: [Ipv4Addr; 2], stop: &AtomicBool, sent: &AtomicU64) {
     let period = Duration::from_secs(1) / RATE;
     let mut next = Instant::now();
     let mut seq = 0;
     while !stop.load(Ordering::SeqCst) {
-        for group in [RELAYED, LAN_ONLY] {
+        for group in groups {
             if let Err(e) = sender.send(IpAddr::V4(group), PORT, seq) {
                 eprintln!("[lab] sending to {group}: {e}");
             }
@@ -304,6 +313,41 @@ fn send_loop(sender: &McastSender, stop: &AtomicBool, sent: &AtomicU64) {
             thread::sleep(wait);
         }
     }
+}
+
+/// Runs a scene until Ctrl-C, `duration`, or mcrelay's exit, calling `tick` once a second
+/// with the time since the start. Returns that time at the end, and an error when mcrelay
+/// exited by itself.
+fn watch(
+    relay: &mut Mcrelay,
+    duration: Option<Duration>,
+    interrupted: &AtomicBool,
+    mut tick: impl FnMut(Duration),
+) -> (Duration, anyhow::Result<()>) {
+    let started = Instant::now();
+    let mut next_tick = started + Duration::from_secs(1);
+    loop {
+        if interrupted.load(Ordering::SeqCst) {
+            println!("\n[lab] interrupted");
+            break;
+        }
+        if duration.is_some_and(|d| started.elapsed() >= d) {
+            break;
+        }
+        if let Some(status) = relay.try_exit_status() {
+            let error = anyhow::anyhow!(
+                "mcrelay exited unexpectedly ({status}); stderr:\n{}",
+                relay.stderr()
+            );
+            return (started.elapsed(), Err(error));
+        }
+        if Instant::now() >= next_tick {
+            next_tick += Duration::from_secs(1);
+            tick(started.elapsed());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    (started.elapsed(), Ok(()))
 }
 
 fn print_table(title: &str, s: &Snapshot, stats: &anyhow::Result<Value>, redraw: bool) {

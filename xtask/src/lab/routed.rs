@@ -26,10 +26,7 @@ use std::{
     io::{IsTerminal as _, Write as _},
     net::{IpAddr, Ipv4Addr},
     path::Path,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
+    sync::atomic::AtomicBool,
     thread,
     time::{Duration, Instant},
 };
@@ -44,7 +41,7 @@ use mcrelay_tests::{
     McastReceiver, McastSender, Mcrelay, NetNs, WireObserver,
 };
 
-use super::LabOptions;
+use super::{watch, LabOptions, Stream};
 
 /// The group client c0 joins.
 const JOINED: Ipv4Addr = Ipv4Addr::new(239, 1, 1, 1);
@@ -157,49 +154,21 @@ pub(super) fn run_lab(opts: &LabOptions, interrupted: &AtomicBool) -> anyhow::Re
     show(&opts.mcrelay, &bed.gw, &["groups"]);
     let tun_mode_tc = mode(&opts.mcrelay, &bed.gw, &tun).as_deref() == Some("tc");
 
-    let sending_socket = McastSender::new(&sender.ns, &sender.iface).with_hop_limit(TTL.into());
-    let stop_sending = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let sending = {
-        let (stop, sent) = (Arc::clone(&stop_sending), Arc::clone(&sent));
-        thread::spawn(move || send_loop(&sending_socket, &stop, &sent))
-    };
-
-    let started = Instant::now();
+    let sender = McastSender::new(&sender.ns, &sender.iface).with_hop_limit(TTL.into());
+    let mut stream = Stream::start(sender, [JOINED, NOT_JOINED]);
     let live = std::io::stdout().is_terminal();
-    let mut outcome = Ok(());
-    let mut next_tick = started + Duration::from_secs(1);
-    loop {
-        if interrupted.load(Ordering::SeqCst) {
-            println!("\n[lab] interrupted");
-            break;
-        }
-        if opts.duration.is_some_and(|d| started.elapsed() >= d) {
-            break;
-        }
-        if let Some(status) = relay.try_exit_status() {
-            outcome = Err(anyhow::anyhow!(
-                "mcrelay exited unexpectedly ({status}); stderr:\n{}",
-                relay.stderr()
-            ));
-            break;
-        }
-        if Instant::now() >= next_tick {
-            next_tick += Duration::from_secs(1);
-            let snapshot = listeners.snapshot(sent.load(Ordering::SeqCst), tun_mode_tc);
-            let stats = mcrelay_json_with(&opts.mcrelay, &bed.gw, &["stats", "--json"]);
-            let title = format!("t={:>4}s (Ctrl-C stops)", started.elapsed().as_secs());
-            print_table(&title, &snapshot, &stats, &[&lan, &tun], live);
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    let (elapsed, outcome) = watch(&mut relay, opts.duration, interrupted, |elapsed| {
+        let snapshot = listeners.snapshot(stream.sent(), tun_mode_tc);
+        let stats = mcrelay_json_with(&opts.mcrelay, &bed.gw, &["stats", "--json"]);
+        let title = format!("t={:>4}s (Ctrl-C stops)", elapsed.as_secs());
+        print_table(&title, &snapshot, &stats, &[&lan, &tun], live);
+    });
 
-    stop_sending.store(true, Ordering::SeqCst);
-    let _ = sending.join();
+    let sent = stream.stop();
     thread::sleep(DRAIN);
-    let snapshot = listeners.snapshot(sent.load(Ordering::SeqCst), tun_mode_tc);
+    let snapshot = listeners.snapshot(sent, tun_mode_tc);
     let stats = mcrelay_json_with(&opts.mcrelay, &bed.gw, &["stats", "--json"]);
-    let title = format!("final, after {}s", started.elapsed().as_secs());
+    let title = format!("final, after {}s", elapsed.as_secs());
     print_table(&title, &snapshot, &stats, &[&lan, &tun], false);
     show(&opts.mcrelay, &bed.gw, &["ports"]);
     show(&opts.mcrelay, &bed.gw, &["groups"]);
@@ -268,26 +237,6 @@ fn show(bin: &Path, gw: &NetNs, args: &[&str]) {
     print!("{}", String::from_utf8_lossy(&out.stdout));
     if !out.status.success() {
         print!("{}", String::from_utf8_lossy(&out.stderr));
-    }
-}
-
-/// Sends one datagram to each group, [`RATE`] times a second, until `stop`.
-fn send_loop(sender: &McastSender, stop: &AtomicBool, sent: &AtomicU64) {
-    let period = Duration::from_secs(1) / RATE;
-    let mut next = Instant::now();
-    let mut seq = 0;
-    while !stop.load(Ordering::SeqCst) {
-        for group in [JOINED, NOT_JOINED] {
-            if let Err(e) = sender.send(IpAddr::V4(group), PORT, seq) {
-                eprintln!("[lab] sending to {group}: {e}");
-            }
-        }
-        seq += 1;
-        sent.store(seq, Ordering::SeqCst);
-        next += period;
-        if let Some(wait) = next.checked_duration_since(Instant::now()) {
-            thread::sleep(wait);
-        }
     }
 }
 
