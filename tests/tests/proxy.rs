@@ -40,21 +40,28 @@ const COUNT: u64 = 100;
 const UPSTREAM_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The first record of an IGMPv3 report `igmp` that names `group`: its record type.
-fn v3_record_for(igmp: &[u8], group: Ipv4Addr) -> Option<u8> {
-    if igmp.first() != Some(&0x22) || igmp.len() < 8 {
+/// The type of the first record naming `group` (4 or 16 bytes) in a report of type
+/// `report_type` (IGMPv3 or MLDv2: the same layout but for the address length).
+fn record_for(report: &[u8], report_type: u8, group: &[u8]) -> Option<u8> {
+    let n = group.len();
+    if report.first() != Some(&report_type) || report.len() < 8 {
         return None;
     }
     let mut at = 8;
-    for _ in 0..u16::from_be_bytes([igmp[6], igmp[7]]) {
-        let record = igmp.get(at..at + 8)?;
+    for _ in 0..u16::from_be_bytes([report[6], report[7]]) {
+        let record = report.get(at..at + 4 + n)?;
         let sources = usize::from(u16::from_be_bytes([record[2], record[3]]));
-        if record[4..8] == group.octets() {
+        if record[4..4 + n] == *group {
             return Some(record[0]);
         }
-        at += 8 + 4 * sources + 4 * usize::from(record[1]);
+        at += 4 + n + n * sources + 4 * usize::from(record[1]);
     }
     None
+}
+
+/// The first record of an IGMPv3 report `igmp` that names `group`: its record type.
+fn v3_record_for(igmp: &[u8], group: Ipv4Addr) -> Option<u8> {
+    record_for(igmp, 0x22, &group.octets())
 }
 
 fn from(ip: &[u8], address: Ipv4Addr) -> bool {
@@ -483,19 +490,7 @@ fn routed_subnets_with_igmpproxy_as_the_proxy() {
 
 /// The first record of an MLDv2 report `icmp` that names `group`: its record type.
 fn mld_record_for(icmp: &[u8], group: Ipv6Addr) -> Option<u8> {
-    if icmp.first() != Some(&MLD_V2_REPORT) || icmp.len() < 8 {
-        return None;
-    }
-    let mut at = 8;
-    for _ in 0..u16::from_be_bytes([icmp[6], icmp[7]]) {
-        let record = icmp.get(at..at + 20)?;
-        let sources = usize::from(u16::from_be_bytes([record[2], record[3]]));
-        if record[4..20] == group.octets() {
-            return Some(record[0]);
-        }
-        at += 20 + 16 * sources + 4 * usize::from(record[1]);
-    }
-    None
+    record_for(icmp, MLD_V2_REPORT, &group.octets())
 }
 
 fn from6(ip: &[u8], address: Ipv6Addr) -> bool {
