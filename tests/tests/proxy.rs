@@ -64,6 +64,20 @@ fn v3_record_for(igmp: &[u8], group: Ipv4Addr) -> Option<u8> {
     record_for(igmp, 0x22, &group.octets())
 }
 
+/// mcrelay as the proxy with `upstream` as its upstream port, short leave timers.
+fn proxy_args(upstream: &str) -> Vec<&str> {
+    vec![
+        "--upstream",
+        upstream,
+        "--query-interval",
+        "20",
+        "--query-response-interval",
+        "1",
+        "--last-member-interval",
+        "0.2",
+    ]
+}
+
 fn from(ip: &[u8], address: Ipv4Addr) -> bool {
     ip[12..16] == address.octets()
 }
@@ -77,16 +91,7 @@ fn a_proxy_reports_downstream_members_upstream_as_a_host() {
     let at_up = IgmpCapture::new(up);
     // Everything IGMP that reaches the upstream host during the test, for the last check.
     let all_at_up = IgmpCapture::new(up);
-    let _relay = star.start_relay(&[
-        "--upstream",
-        &up.gw_port,
-        "--query-interval",
-        "20",
-        "--query-response-interval",
-        "1",
-        "--last-member-interval",
-        "0.2",
-    ]);
+    let _relay = star.start_relay(&proxy_args(&up.gw_port));
     let IpAddr::V4(group) = addr("239.30.0.1") else { unreachable!() };
     let rx = McastReceiver::join(&down.ns, IpAddr::V4(group), PORT, &down.iface);
 
@@ -280,16 +285,7 @@ fn routed_scenario(tag: &str, proxy: Proxy, group: Ipv4Addr) -> Findings {
     // Whichever runs is held until the end of the scenario.
     let (_mcrelay, mut igmpproxy_guard): (Option<Mcrelay>, Option<IgmpProxy>) = match proxy {
         Proxy::Mcrelay | Proxy::McrelayRouted => {
-            let mut args = vec![
-                "--upstream",
-                &up.gw_port,
-                "--query-interval",
-                "20",
-                "--query-response-interval",
-                "1",
-                "--last-member-interval",
-                "0.2",
-            ];
+            let mut args = proxy_args(&up.gw_port);
             if proxy == Proxy::McrelayRouted {
                 args.extend(["--l3", &up.gw_port, "--l3", &down.gw_port]);
             }
@@ -510,16 +506,7 @@ fn a_proxy_reports_downstream_mld_members_upstream_as_a_host() {
     let host = link_local(down);
     let at_up = MldCapture::new(up);
     let all_at_up = MldCapture::new(up);
-    let _relay = star.start_relay(&[
-        "--upstream",
-        &up.gw_port,
-        "--query-interval",
-        "20",
-        "--query-response-interval",
-        "1",
-        "--last-member-interval",
-        "0.2",
-    ]);
+    let _relay = star.start_relay(&proxy_args(&up.gw_port));
     let IpAddr::V6(group) = addr("ff1e::30:7:1") else { unreachable!() };
     let rx = McastReceiver::join(&down.ns, IpAddr::V6(group), PORT, &down.iface);
     let reported = |at: &MldCapture, kinds: &[u8], timeout: Duration| {
