@@ -47,6 +47,13 @@ pub struct GroupKey {
 }
 const _: () = assert!(core::mem::size_of::<GroupKey>() == 32);
 
+/// Key of `GROUP_TC_PORTS` that names no group (group 0 is no multicast address): the router
+/// ports as a [`TcPorts`] array, for the unknown-group policy `router-ports` on ports in TC
+/// mode (the TC program cannot walk the `ROUTER_PORTS` devmap).
+pub const TC_ROUTERS_KEY: GroupKey = GroupKey { group: [0; 16], source: [0xff; 16] };
+/// Key of `GROUP_TC_PORTS`: every port as a [`TcPorts`] array, for the policy `flood`.
+pub const TC_FLOOD_KEY: GroupKey = GroupKey { group: [0; 16], source: [0xfe; 16] };
+
 impl GroupKey {
     /// A (*,G) key for an IPv4 group given as 4 bytes in network order.
     #[inline(always)]

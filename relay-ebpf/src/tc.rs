@@ -33,8 +33,8 @@ use relay_common::{
     parse::{classify, classify_ip, group_mac, Class, Data, Frame as _, ETH_HLEN},
     Config, Counter, GroupKey, PeerKey, TcPorts, UnknownPolicy, CONFIG_F_POLICY,
     CONFIG_F_RATE_GROUPS, CONFIG_F_RATE_PORTS, CONFIG_F_SOURCE_ENTRIES, MAX_TC_TARGETS,
-    TC_PORT_ROUTED, TC_TARGET_ETHERNET, TC_TARGET_L3, TC_TARGET_NO_XDP, TC_TARGET_PEER,
-    TC_TARGET_ROUTED,
+    TC_FLOOD_KEY, TC_PORT_ROUTED, TC_ROUTERS_KEY, TC_TARGET_ETHERNET, TC_TARGET_L3,
+    TC_TARGET_NO_XDP, TC_TARGET_PEER, TC_TARGET_ROUTED,
 };
 use relay_ebpf::SkbFrame;
 
@@ -251,15 +251,24 @@ fn forward(
             _ => {}
         }
     }
-    match lookup(config, &data.key) {
-        Some(ports) => copy(ctx, ingress, port, config, data, ports),
-        // Router ports and flooding are devmaps the TC program cannot walk: groups without a
-        // port set go to the local stack unless the policy is to drop them.
-        None => match UnknownPolicy::from_u32(config.unknown_policy) {
-            UnknownPolicy::Drop => (Counter::DropNoMembers, SHOT),
-            _ => (Counter::PassedUnknown, OK),
-        },
-    }
+    // A group without a port set: the unknown-group policy, with the router ports and all
+    // ports as arrays the daemon keeps under keys of their own.
+    let ports = match lookup(config, &data.key) {
+        Some(ports) => ports,
+        None => {
+            let key = match UnknownPolicy::from_u32(config.unknown_policy) {
+                UnknownPolicy::Drop => return (Counter::DropNoMembers, SHOT),
+                UnknownPolicy::RouterPorts => TC_ROUTERS_KEY,
+                UnknownPolicy::Flood => TC_FLOOD_KEY,
+            };
+            // SAFETY: the value is only read.
+            match unsafe { GROUP_TC_PORTS.get(key) }.filter(|p| p.count > 0) {
+                Some(ports) => ports,
+                None => return (Counter::PassedUnknown, OK),
+            }
+        }
+    };
+    copy(ctx, ingress, port, config, data, ports)
 }
 
 /// The group's TC port set: (S,G) first when any exist, then (*,G).

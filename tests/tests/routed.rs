@@ -270,3 +270,31 @@ fn per_client_tun_delivers_only_to_the_joined_client() {
     assert_eq!(wire0.readdressed(group), [(a0, COUNT)].into(), "{wire0}: copies after the leave");
     assert_eq!(wire0.count(group), 0, "{wire0}: after the leave");
 }
+
+/// The unknown-group policy holds for data arriving on a port in TC mode too: with
+/// `--unknown flood`, a tun client's group that nobody joined reaches the LAN (through the TC
+/// program's array of all ports, one routed hop); `--unknown drop` drops it there and counts
+/// `drop_no_members`.
+#[test]
+fn unknown_groups_from_a_tun_client_follow_the_policy() {
+    require_testbed!("openvpn", "openssl", "ping");
+    let group = addr("239.30.9.1");
+    let bed = bed("rtu");
+    let (h0, c0) = (&bed.lan[0], &bed.clients[0]);
+    let tun = bed.servers[0].tap.clone();
+
+    let mut relay = start_relay(&bed, &["--unknown".to_string(), "flood".to_string()]);
+    let wire = WireObserver::new(&h0.ns, &h0.iface);
+    send(&c0.ns, &c0.tap, group, HOPS);
+    assert_eq!(wire.wait_for(group, COUNT, DELIVERY_TIMEOUT), COUNT, "{wire}: flooded");
+    assert_eq!(wire.hop_limits(group).into_iter().collect::<Vec<_>>(), vec![HOPS as u8 - 1]);
+    relay.stop();
+    drop(relay);
+
+    let _relay = start_relay(&bed, &["--unknown".to_string(), "drop".to_string()]);
+    let before = wire.count(group);
+    send(&c0.ns, &c0.tap, group, HOPS);
+    thread::sleep(QUIET);
+    assert_eq!(wire.count(group), before, "{wire}: dropped");
+    assert_eq!(counter(&bed.gw, &tun, "drop_no_members"), COUNT, "drop_no_members on {tun}");
+}

@@ -103,6 +103,12 @@ impl GroupMaps {
         out
     }
 
+    /// Writes a `GROUP_TC_PORTS` entry that names no group (`TC_ROUTERS_KEY`,
+    /// `TC_FLOOD_KEY`).
+    pub fn set_tc(&mut self, key: GroupKey, ports: TcPorts) -> Result<(), DataplaneError> {
+        self.tc.insert(key, ports, 0).kernel("writing GROUP_TC_PORTS")
+    }
+
     /// Keys currently in `GROUP_PORTS`.
     pub fn keys(&self) -> impl Iterator<Item = &GroupKey> {
         self.inner.keys()

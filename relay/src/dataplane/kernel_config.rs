@@ -145,6 +145,11 @@ impl KernelConfig {
     }
 
     /// Sets the ports that lead to multicast routers (targets for unknown groups).
+    /// The router ports, as last set.
+    pub fn router_ports(&self) -> &[u32] {
+        &self.router_ports
+    }
+
     pub fn set_router_ports(&mut self, ifindexes: &[u32]) -> Result<(), DataplaneError> {
         if ifindexes.is_empty() {
             // No router port left: make the program stop using the map before emptying it, so

@@ -38,8 +38,8 @@ use error::KernelContext as _;
 use group_maps::{GroupMaps, InnerEntry};
 use relay_common::{
     AttachMode, GroupKey, PortCounters, PortInfo, TcPorts, TcTarget, UnknownPolicy,
-    CONFIG_F_TC_PORTS, MAX_PORTS, MAX_TC_TARGETS, TC_TARGET_ETHERNET, TC_TARGET_L3, TC_TARGET_PEER,
-    TC_TARGET_ROUTED,
+    CONFIG_F_TC_PORTS, MAX_PORTS, MAX_TC_TARGETS, TC_FLOOD_KEY, TC_ROUTERS_KEY, TC_TARGET_ETHERNET,
+    TC_TARGET_L3, TC_TARGET_PEER, TC_TARGET_ROUTED,
 };
 
 use crate::{
@@ -292,10 +292,25 @@ impl Dataplane {
         attached
     }
 
-    /// `CONFIG_F_TC_PORTS` on while some port is in TC mode.
+    /// `CONFIG_F_TC_PORTS` on while some port is in TC mode; the TC program's arrays of the
+    /// router ports and of all ports follow the ports.
     fn update_tc_flag(&mut self) -> Result<()> {
         let bits = if self.ports.any_tc() { CONFIG_F_TC_PORTS } else { 0 };
-        self.config.set_flags(CONFIG_F_TC_PORTS, bits)
+        self.config.set_flags(CONFIG_F_TC_PORTS, bits)?;
+        self.write_tc_unknown_sets()
+    }
+
+    /// The router ports and all ports as `GROUP_TC_PORTS` arrays (`TC_ROUTERS_KEY`,
+    /// `TC_FLOOD_KEY`): where the TC program sends groups without a port set, by the
+    /// unknown-group policy, as the XDP program does with `ROUTER_PORTS` / `FLOOD_PORTS`.
+    fn write_tc_unknown_sets(&mut self) -> Result<()> {
+        let routers = self.config.router_ports().to_vec();
+        let all: Vec<u32> = self.ports.attached().map(|p| p.link.index).collect();
+        for (key, ports) in [(TC_ROUTERS_KEY, routers), (TC_FLOOD_KEY, all)] {
+            let value = self.tc_targets(&key.group, &self.entries(&ports));
+            self.groups.set_tc(key, value)?;
+        }
+        Ok(())
     }
 
     /// Registers a port in the maps without attaching (tests run the program for it).
@@ -485,7 +500,8 @@ impl GroupWriter for Dataplane {
 
     fn set_router_ports(&mut self, ifindexes: &[u32]) -> Result<()> {
         self.config.set_router_ports(ifindexes)?;
-        self.ports.set_routers(ifindexes)
+        self.ports.set_routers(ifindexes)?;
+        self.write_tc_unknown_sets()
     }
 }
 
