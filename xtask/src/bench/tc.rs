@@ -209,6 +209,10 @@ fn open_attached_tc(ns: &NetNs, iface: &str) -> anyhow::Result<SchedClassifier> 
         spawn_in(scope, ns, || -> anyhow::Result<Vec<u32>> {
             let (_, programs) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
                 .with_context(|| format!("querying the tcx ingress of {iface}"))?;
+            // The whole program (TC mode), not the hand-over copier behind XDP.
+            if let Some(other) = programs.iter().find(|p| p.name_as_str() != Some("mcrelay_tc")) {
+                bail!("{iface} has {:?} on its tcx ingress, not mcrelay_tc", other.name_as_str());
+            }
             Ok(programs.iter().map(|p| p.id()).collect())
         })?
         .join()
