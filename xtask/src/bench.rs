@@ -236,13 +236,18 @@ fn run_in(options: &Options, plan: &Plan, scratch: &std::path::Path) -> anyhow::
             direct_runs.iter().filter(|r| r.delivered.iter().any(|&d| d <= 0.0)).map(|r| {
                 format!("direct {} x{} ({:?} delivered)", r.target.name(), r.copies, r.delivered)
             });
+        // TC rows run one skb over and over: a program that stops copying after the first run
+        // (say, its loop guard seeing its own relay MAC) still delivers 1 / repeat: ask for half.
         let idle_tc = tc_runs
             .iter()
-            .filter(|r| r.delivered.iter().any(|&d| d <= 0.0))
+            .filter(|r| r.delivered.iter().any(|&d| d < 0.5))
             .map(|r| format!("tc {} x{} ({:?} delivered)", r.target.name(), r.copies, r.delivered));
         let idle: Vec<String> = idle.into_iter().chain(idle_direct).chain(idle_tc).collect();
         if !idle.is_empty() {
-            bail!("middle boxes that moved no traffic to some member: {}", idle.join("; "));
+            bail!(
+                "middle boxes that moved no traffic to some member (TC rows: to under half the runs): {}",
+                idle.join("; ")
+            );
         }
         println!("[bench] quick: every middle box moved traffic to every member");
     }
