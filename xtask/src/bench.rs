@@ -5,7 +5,10 @@
 //!    snooping, kernel multicast routing (smcrouted) and a userspace relay take turns there;
 //!    XDP counters on the receivers count what arrives. Fan-out 1, 2, 4, 8; several
 //!    repetitions; medians; ratios taken within one repetition.
-//! 2. Cost: the daemon's program through BPF_PROG_TEST_RUN (repeat) for a group hit, a miss,
+//! 2. TC rows: the daemon's TC program (`mcrelay_tc`, on a port in TC mode) driven in place
+//!    through BPF_PROG_TEST_RUN on an skb, against a bare `bpf_clone_redirect` fan-out; 1, 2, 3
+//!    copies (see `tc.rs`).
+//! 3. Cost: the daemon's program through BPF_PROG_TEST_RUN (repeat) for a group hit, a miss,
 //!    unicast and IGMP, against an empty program, at 10 / 1,000 / 10,000 groups on 64 ports;
 //!    daemon RSS and map memory.
 //!
@@ -17,6 +20,7 @@ mod cost;
 mod direct;
 mod frames;
 mod report;
+mod tc;
 mod testbed;
 
 use std::{
@@ -44,7 +48,7 @@ pub struct Options {
     pub mcrelay: PathBuf,
     /// relay-ebpf's bench object (generator, counter, bare reference).
     pub object: PathBuf,
-    /// Parts to run (`direct`, `forward`, `control`, `cost`); empty: all.
+    /// Parts to run (`direct`, `tc`, `forward`, `control`, `cost`); empty: all.
     pub only: Vec<String>,
 }
 
@@ -67,6 +71,8 @@ struct Plan {
     /// Direct mode: fan-outs and frames per measured BPF_PROG_TEST_RUN call.
     direct_copies: Vec<usize>,
     direct_repeat: u32,
+    /// TC rows: runs per measured BPF_PROG_TEST_RUN call (copies: `direct_copies`).
+    tc_repeat: u32,
     /// Control plane: joins measured, leave measured every N joins, reports in the burst.
     control_joins: usize,
     control_leave_every: usize,
@@ -87,6 +93,7 @@ impl Plan {
                 cost_calls: 1,
                 direct_copies: vec![1, 2],
                 direct_repeat: 100_000,
+                tc_repeat: 20_000,
                 control_joins: 20,
                 control_leave_every: 4,
                 control_burst: 200,
@@ -103,6 +110,7 @@ impl Plan {
                 cost_calls: 7,
                 direct_copies: vec![1, 2, 3],
                 direct_repeat: 2_000_000,
+                tc_repeat: 500_000,
                 control_joins: 1_000,
                 control_leave_every: 5,
                 control_burst: 2_000,
@@ -161,6 +169,22 @@ fn run_in(options: &Options, plan: &Plan, scratch: &std::path::Path) -> anyhow::
         )
         .context("direct mode")?
     };
+    let tc_runs = if !options.wants("tc") {
+        Vec::new()
+    } else {
+        tc::measure(
+            &testbed,
+            &tc::TcPlan {
+                mcrelay: &options.mcrelay,
+                object: &options.object,
+                repetitions: plan.repetitions,
+                frame_sizes: &plan.frame_sizes,
+                copies: &plan.direct_copies,
+                repeat: plan.tc_repeat,
+            },
+        )
+        .context("TC rows")?
+    };
     let runs = if options.wants("forward") {
         forwarding(&testbed, options, plan, &env)?
     } else {
@@ -182,7 +206,7 @@ fn run_in(options: &Options, plan: &Plan, scratch: &std::path::Path) -> anyhow::
     };
     let costs = if options.wants("cost") { costs(options, plan, scratch)? } else { Vec::new() };
 
-    let report = report::Report::new(&runs, &costs, &direct_runs, control.as_ref());
+    let report = report::Report::new(&runs, &costs, &direct_runs, &tc_runs, control.as_ref());
     println!();
     print!("{}", report.table());
     let default_dir = crate::workspace::target_dir()?.join("bench");
@@ -212,9 +236,18 @@ fn run_in(options: &Options, plan: &Plan, scratch: &std::path::Path) -> anyhow::
             direct_runs.iter().filter(|r| r.delivered.iter().any(|&d| d <= 0.0)).map(|r| {
                 format!("direct {} x{} ({:?} delivered)", r.target.name(), r.copies, r.delivered)
             });
-        let idle: Vec<String> = idle.into_iter().chain(idle_direct).collect();
+        // TC rows run one skb over and over: a program that stops copying after the first run
+        // (say, its loop guard seeing its own relay MAC) still delivers 1 / repeat: ask for half.
+        let idle_tc = tc_runs
+            .iter()
+            .filter(|r| r.delivered.iter().any(|&d| d < 0.5))
+            .map(|r| format!("tc {} x{} ({:?} delivered)", r.target.name(), r.copies, r.delivered));
+        let idle: Vec<String> = idle.into_iter().chain(idle_direct).chain(idle_tc).collect();
         if !idle.is_empty() {
-            bail!("middle boxes that moved no traffic to some member: {}", idle.join("; "));
+            bail!(
+                "middle boxes that moved no traffic to some member (TC rows: to under half the runs): {}",
+                idle.join("; ")
+            );
         }
         println!("[bench] quick: every middle box moved traffic to every member");
     }

@@ -19,15 +19,22 @@
 //!   attached, or `bench_bare`). Run with live frames and the ingress port's ifindex, the target
 //!   runs in place as on that port, on a frame whose source MAC is the sender's again (mcrelay
 //!   writes its relay MAC into the recycled page; seen again, the loop guard would drop it).
+//! - `bench_tc_bare`: the TC reference, the least a TC fan-out does: `bpf_clone_redirect` of the
+//!   skb to each ifindex of `TC_BARE_TARGETS` (slot 0: the count, slots 1..=8: ifindexes), then
+//!   `TC_ACT_SHOT`. No parsing, no lookup by group, no counters.
+//! - `bench_tc_direct`: `bench_direct` for TC programs: restores the source MAC from
+//!   `GEN_HEADER` and tail-calls `TC_DIRECT_TARGET[0]` (the daemon's `mcrelay_tc` or
+//!   `bench_tc_bare`). BPF_PROG_TEST_RUN runs a classifier `repeat` times on one skb, so what
+//!   mcrelay writes (its relay MAC as source) would be seen by the next run.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS},
+    bindings::{xdp_action, BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS, TC_ACT_SHOT},
     btf_maps::{Array, DevMapHash, HashOfMaps, PerCpuArray, ProgramArray},
     helpers::bpf_ktime_get_ns,
-    macros::{btf_map, xdp},
-    programs::XdpContext,
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 
 /// Bytes of Ethernet + IPv4 + UDP headers that `bench_gen` restores on every frame.
@@ -63,6 +70,17 @@ static BARE_GROUPS: HashOfMaps<u32, DevMapHash<128>, 1024> = HashOfMaps::new();
 /// Slot 0: the program `bench_direct` hands every frame to (written by the bench).
 #[btf_map]
 static DIRECT_TARGET: ProgramArray<1> = ProgramArray::new();
+
+/// Slot 0: the program `bench_tc_direct` hands every skb to (written by the bench).
+#[btf_map]
+static TC_DIRECT_TARGET: ProgramArray<1> = ProgramArray::new();
+
+/// Most copies `bench_tc_bare` makes.
+const TC_BARE_MAX: u32 = 8;
+
+/// `bench_tc_bare`'s targets: slot 0 the count, slots 1..=count the egress ifindexes.
+#[btf_map]
+static TC_BARE_TARGETS: Array<u32, { TC_BARE_MAX as usize + 1 }> = Array::new();
 
 const BROADCAST_FLAGS: u64 = (BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) as u64;
 
@@ -140,6 +158,34 @@ pub fn bench_bare(ctx: XdpContext) -> u32 {
         Some(ports) => ports.redirect(0, BROADCAST_FLAGS).unwrap_or(xdp_action::XDP_PASS),
         None => xdp_action::XDP_PASS,
     }
+}
+
+#[classifier]
+pub fn bench_tc_bare(ctx: TcContext) -> i32 {
+    let count = TC_BARE_TARGETS.get(0).copied().unwrap_or(0).min(TC_BARE_MAX);
+    let mut i = 1;
+    while i <= count {
+        if let Some(&ifindex) = TC_BARE_TARGETS.get(i) {
+            let _ = ctx.clone_redirect(ifindex, 0);
+        }
+        i += 1;
+    }
+    TC_ACT_SHOT
+}
+
+#[classifier]
+pub fn bench_tc_direct(ctx: TcContext) -> i32 {
+    if let Some(header) = GEN_HEADER.get(0) {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&header[6..SOURCE_MAC_END]);
+        if ctx.store(6, &mac, 0).is_err() {
+            return TC_ACT_SHOT;
+        }
+    }
+    // SAFETY: control goes to the target program and does not come back; on failure (empty
+    // slot) it falls through to the drop below.
+    unsafe { TC_DIRECT_TARGET.tail_call(&ctx, 0) };
+    TC_ACT_SHOT
 }
 
 #[xdp]

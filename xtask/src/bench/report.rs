@@ -9,6 +9,7 @@ use super::{
     control::{self, ControlResult},
     cost::{median, CostResult},
     direct::{self, DirectRun},
+    tc::{self, TcRun},
     Run,
 };
 
@@ -35,6 +36,7 @@ pub struct Report<'a> {
     scenarios: Vec<Scenario>,
     costs: &'a [CostResult],
     direct: &'a [DirectRun],
+    tc: &'a [TcRun],
     control: Option<&'a ControlResult>,
 }
 
@@ -43,6 +45,7 @@ impl<'a> Report<'a> {
         runs: &[Run],
         costs: &'a [CostResult],
         direct: &'a [DirectRun],
+        tc: &'a [TcRun],
         control: Option<&'a ControlResult>,
     ) -> Self {
         let mcrelay: BTreeMap<(usize, usize, usize), f64> = runs
@@ -73,7 +76,7 @@ impl<'a> Report<'a> {
                 }
             }
         }
-        Self { scenarios: by_key.into_values().collect(), costs, direct, control }
+        Self { scenarios: by_key.into_values().collect(), costs, direct, tc, control }
     }
 
     fn scenario(
@@ -108,6 +111,7 @@ impl<'a> Report<'a> {
     /// The forwarding tables (one per frame size), the cost table and the targets.
     pub fn table(&self) -> String {
         let mut out = direct::table(self.direct);
+        out.push_str(&tc::table(self.tc));
         if !self.scenarios.is_empty() {
             out.push_str(
                 "Veth-through mode (generator on the sender's veth, counted at the receivers):\n",
@@ -317,6 +321,7 @@ impl<'a> Report<'a> {
             .collect();
         let doc = json!({
             "direct": direct::json(self.direct),
+            "tc": tc::json(self.tc),
             "control": self.control.map(|c| control::json(c, self.group_writes_per_s())),
             "scenarios": scenarios,
             "costs": costs,
@@ -463,7 +468,7 @@ mod tests {
             run(1, MiddleBox::Mcrelay, 1, 2.0),
             run(1, MiddleBox::Bridge, 1, 0.4),
         ];
-        let report = Report::new(&runs, &[], &[], None);
+        let report = Report::new(&runs, &[], &[], &[], None);
         let bridge = report.scenario(64, 1, MiddleBox::Bridge).expect("bridge scenario");
         assert_eq!(bridge.mcrelay_over_box, vec![4.0, 5.0]);
         assert!(report.table().contains("[4.50x]"));
