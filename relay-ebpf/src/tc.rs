@@ -402,9 +402,12 @@ extern "C" fn copy_one(index: u64, pass: *mut c_void) -> i64 {
         return 0;
     }
     let ctx = TcContext::new(pass.skb);
-    let to = if kind & TC_TARGET_PEER != 0 { &target.addr } else { &pass.group };
-    if set_destination(&ctx, pass.l3 as usize, pass.ipv6 != 0, pass.udp_csum, to).is_err() {
-        return 0;
+    // The destination only changes in a pass with per-peer copies.
+    if pass.serve & TC_TARGET_PEER != 0 {
+        let to = if kind & TC_TARGET_PEER != 0 { &target.addr } else { &pass.group };
+        if set_destination(&ctx, pass.l3 as usize, pass.ipv6 != 0, pass.udp_csum, to).is_err() {
+            return 0;
+        }
     }
     if kind == PASS_BRIDGED {
         set_source_mac(&ctx, &pass.relay_mac);
