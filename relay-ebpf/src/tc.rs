@@ -324,7 +324,9 @@ fn copy(
             pass.serve &= TC_TARGET_L3 | TC_TARGET_PEER;
         }
     }
-    pass.udp_csum = udp_checksum_offset(ctx, pass.l3 as usize, data.ipv6);
+    if pass.serve & TC_TARGET_PEER != 0 {
+        pass.udp_csum = udp_checksum_offset(ctx, pass.l3 as usize, data.ipv6);
+    }
     if !port.routed && pass.serve & PASS_BRIDGED != 0 {
         // Bridged copies first, with the hop limit they came with.
         let routed = pass.serve & !PASS_BRIDGED;
