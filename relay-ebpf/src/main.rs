@@ -32,22 +32,34 @@ use aya_ebpf::{
 use relay_common::{
     loop_mac_key,
     parse::{classify, Class, Data, Frame as _},
-    Config, Counter, GroupKey, PortCounters, PortRate, PrefixData, RateLimit, TcPorts,
-    UnknownPolicy, CONFIG_F_ALLOW_LIST, CONFIG_F_POLICY, CONFIG_F_RATE_GROUPS, CONFIG_F_RATE_PORTS,
-    CONFIG_F_SOURCE_ENTRIES, CONFIG_F_STANDBY, CONFIG_F_TC_PORTS, MAX_GROUPS, MAX_POLICY_PREFIXES,
-    MAX_PORTS, MAX_PORTS_PER_GROUP, MAX_RATE_GROUPS, MAX_RATE_PREFIXES, POLICY_DENY,
-    RELAY_MAC_PREFIX, TC_TARGET_NO_XDP,
+    v4_group_key, Config, Counter, GroupKey, PortCounters, PortRate, PrefixData, RateLimit,
+    TcPorts, UnknownPolicy, CONFIG_F_ALLOW_LIST, CONFIG_F_POLICY, CONFIG_F_RATE_GROUPS,
+    CONFIG_F_RATE_PORTS, CONFIG_F_SOURCE_ENTRIES, CONFIG_F_STANDBY, CONFIG_F_TC_PORTS, MAX_GROUPS,
+    MAX_POLICY_PREFIXES, MAX_PORTS, MAX_PORTS_PER_GROUP, MAX_RATE_GROUPS, MAX_RATE_PREFIXES,
+    POLICY_DENY, RELAY_MAC_PREFIX, TC_TARGET_NO_XDP,
 };
 use relay_ebpf::PacketFrame;
 
-/// Per-group port sets. Key: [`GroupKey`]: a zero source for a (*,G) entry, the source for an
-/// (S,G) entry (looked up first while `CONFIG_F_SOURCE_ENTRIES` is set). Value: an inner
+/// Per-group port sets. Key: [`GroupKey`]: a zero source for an IPv6 (*,G) entry, the source
+/// for an (S,G) entry (looked up first while `CONFIG_F_SOURCE_ENTRIES` is set); IPv4 (*,G)
+/// entries are in `GROUP_PORTS_V4`. Value: an inner
 /// DEVMAP_HASH of the member ports (key: ifindex, or a per-client key; value: ifindex and, for
 /// per-client copies, the `mcrelay_client` egress program). Written by the daemon's map writer;
 /// a change replaces the inner map atomically.
 #[btf_map]
 pub(crate) static GROUP_PORTS: HashOfMaps<
     GroupKey,
+    DevMapHash<{ MAX_PORTS_PER_GROUP as usize }>,
+    { MAX_GROUPS as usize },
+> = HashOfMaps::new();
+
+/// The IPv4 (*,G) port sets: the same inner maps as `GROUP_PORTS`, keyed by the group's four
+/// bytes ([`relay_common::v4_group_key`]), so the most common lookup hashes 4 bytes instead of a
+/// 32-byte [`GroupKey`]. IPv6 groups and every (S,G) entry stay in `GROUP_PORTS`. Written by the
+/// daemon's map writer, which routes each key to its map.
+#[btf_map]
+pub(crate) static GROUP_PORTS_V4: HashOfMaps<
+    u32,
     DevMapHash<{ MAX_PORTS_PER_GROUP as usize }>,
     { MAX_GROUPS as usize },
 > = HashOfMaps::new();
@@ -174,16 +186,17 @@ fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> Result<(Counte
             return Ok(redirect(ctx, &config, ports.redirect(0, BROADCAST_FLAGS)));
         }
     }
-    // The source as a copy of two zero words: a `[0; 16]` literal becomes a `memset` call.
-    let zero: [u64; 2] = [0, 0];
-    // SAFETY: [u64; 2] and [u8; 16] have the same size and every bit pattern is valid.
-    let key = GroupKey {
-        group: data.key.group,
-        source: unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(zero) },
+    // (*,G): IPv4 groups by their four bytes, IPv6 groups by the 32-byte key.
+    let ports = if data.ipv6 {
+        // SAFETY: as above.
+        unsafe { GROUP_PORTS.get(&any_source(data)) }
+    } else {
+        let g = &data.key.group;
+        // SAFETY: as above.
+        unsafe { GROUP_PORTS_V4.get(&v4_group_key([g[12], g[13], g[14], g[15]])) }
     };
-    // SAFETY: as above.
-    if let Some(ports) = unsafe { GROUP_PORTS.get(&key) } {
-        if needs_tc(&config, &key) {
+    if let Some(ports) = ports {
+        if config.flags & CONFIG_F_TC_PORTS != 0 && needs_tc(&config, &any_source(data)) {
             return Err(xdp_action::XDP_PASS);
         }
         return Ok(redirect(ctx, &config, ports.redirect(0, BROADCAST_FLAGS)));
@@ -196,6 +209,18 @@ fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> Result<(Counte
         UnknownPolicy::Drop => (Counter::DropNoMembers, xdp_action::XDP_DROP),
         UnknownPolicy::Flood => redirect(ctx, &config, FLOOD_PORTS.redirect(0, BROADCAST_FLAGS)),
     })
+}
+
+/// The (*,G) key of a frame's group.
+#[inline(always)]
+fn any_source(data: &Data) -> GroupKey {
+    // The source as a copy of two zero words: a `[0; 16]` literal becomes a `memset` call.
+    let zero: [u64; 2] = [0, 0];
+    // SAFETY: [u64; 2] and [u8; 16] have the same size and every bit pattern is valid.
+    GroupKey {
+        group: data.key.group,
+        source: unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(zero) },
+    }
 }
 
 /// Whether a group's port set has a member the XDP program cannot reach (looked up only

@@ -198,11 +198,25 @@ pub fn read_groups(pin_dir: &Path) -> Result<Vec<GroupRow>, InspectError> {
     let outer: HashOfMaps<_, GroupKey, DevMapHash<MapData>> =
         HashOfMaps::try_from(Map::HashOfMaps(open(pin_dir, pins::GROUP_PORTS)?))
             .map_err(map_error("GROUP_PORTS"))?;
-    let mut rows = Vec::new();
+    let v4: HashOfMaps<_, u32, DevMapHash<MapData>> =
+        HashOfMaps::try_from(Map::HashOfMaps(open(pin_dir, pins::GROUP_PORTS_V4)?))
+            .map_err(map_error("GROUP_PORTS_V4"))?;
+    let mut entries: Vec<(GroupKey, DevMapHash<MapData>)> = Vec::new();
     for key in outer.keys() {
         let key = key.map_err(map_error("GROUP_PORTS"))?;
         // Entries may change between listing and reading: skip the ones that went away.
-        let Ok(inner) = outer.get(&key, 0) else { continue };
+        if let Ok(inner) = outer.get(&key, 0) {
+            entries.push((key, inner));
+        }
+    }
+    for key in v4.keys() {
+        let key = key.map_err(map_error("GROUP_PORTS_V4"))?;
+        if let Ok(inner) = v4.get(&key, 0) {
+            entries.push((GroupKey::any_source_v4(relay_common::v4_group_of_key(key)), inner));
+        }
+    }
+    let mut rows = Vec::new();
+    for (key, inner) in entries {
         let mut ports: Vec<String> = Vec::new();
         for (k, value) in inner.iter().filter_map(Result::ok) {
             let name = if k & crate::dataplane::CLIENT_KEY_BIT != 0 {

@@ -25,6 +25,7 @@ pub const CONFIG_FILE: &str = "/etc/mcrelay/mcrelay.toml";
 /// Names of the pinned maps inside [`pin_dir`].
 pub mod pins {
     pub const GROUP_PORTS: &str = "GROUP_PORTS";
+    pub const GROUP_PORTS_V4: &str = "GROUP_PORTS_V4";
     pub const FLOOD_PORTS: &str = "FLOOD_PORTS";
     pub const ROUTER_PORTS: &str = "ROUTER_PORTS";
     /// Directory of pinned XDP links, one file per ifindex.

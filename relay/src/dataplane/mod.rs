@@ -67,10 +67,11 @@ const TC_PORTS: &str = "TC_PORTS";
 const BPF_MAP_TYPE_HASH: u32 = 1;
 
 /// Maps of the object that are pinned (and reused by the next daemon).
-const OBJECT_MAPS: [&str; 13] = [
+const OBJECT_MAPS: [&str; 14] = [
     GROUP_TC_PORTS,
     TC_PORTS,
     pins::GROUP_PORTS,
+    pins::GROUP_PORTS_V4,
     pins::FLOOD_PORTS,
     pins::ROUTER_PORTS,
     pins::CONFIG,
@@ -161,7 +162,12 @@ impl Dataplane {
         let tc_groups =
             HashMap::try_from(take(GROUP_TC_PORTS)?).kernel("opening GROUP_TC_PORTS")?;
         let tc_ports = HashMap::try_from(take(TC_PORTS)?).kernel("opening TC_PORTS")?;
-        let groups = GroupMaps::new(take(pins::GROUP_PORTS)?, tc_groups, adopted)?;
+        let groups = GroupMaps::new(
+            take(pins::GROUP_PORTS)?,
+            take(pins::GROUP_PORTS_V4)?,
+            tc_groups,
+            adopted,
+        )?;
         let info = ports_map(pin_dir)?;
 
         let mut config =
