@@ -32,11 +32,11 @@ use aya_ebpf::{
 use relay_common::{
     loop_mac_key,
     parse::{classify, Class, Data, Frame as _},
-    v4_group_key, Config, Counter, GroupKey, PortCounters, PortRate, PrefixData, RateLimit,
-    TcPorts, UnknownPolicy, CONFIG_F_ALLOW_LIST, CONFIG_F_POLICY, CONFIG_F_RATE_GROUPS,
-    CONFIG_F_RATE_PORTS, CONFIG_F_SOURCE_ENTRIES, CONFIG_F_STANDBY, CONFIG_F_TC_PORTS, MAX_GROUPS,
-    MAX_POLICY_PREFIXES, MAX_PORTS, MAX_PORTS_PER_GROUP, MAX_RATE_GROUPS, MAX_RATE_PREFIXES,
-    POLICY_DENY, RELAY_MAC_PREFIX, TC_TARGET_NO_XDP,
+    Config, Counter, GroupKey, PortCounters, PortRate, PrefixData, RateLimit, TcPorts,
+    UnknownPolicy, CONFIG_F_ALLOW_LIST, CONFIG_F_POLICY, CONFIG_F_RATE_GROUPS, CONFIG_F_RATE_PORTS,
+    CONFIG_F_SOURCE_ENTRIES, CONFIG_F_STANDBY, CONFIG_F_TC_PORTS, MAX_GROUPS, MAX_POLICY_PREFIXES,
+    MAX_PORTS, MAX_PORTS_PER_GROUP, MAX_RATE_GROUPS, MAX_RATE_PREFIXES, POLICY_DENY,
+    RELAY_MAC_PREFIX, TC_TARGET_NO_XDP,
 };
 use relay_ebpf::PacketFrame;
 
@@ -176,30 +176,25 @@ fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> Result<(Counte
             return Ok((counter, xdp_action::XDP_DROP));
         }
     }
-    // (S,G) first, when any exist: its port set is complete for that source.
-    if config.flags & CONFIG_F_SOURCE_ENTRIES != 0 {
+    // (S,G) first, when any exist: its port set is complete for that source. Then the (*,G)
+    // of an IPv6 group. Both in `GROUP_PORTS`, looked up in a function of their own.
+    if config.flags & CONFIG_F_SOURCE_ENTRIES != 0 || data.ipv6 {
+        match forward_wide(config.flags, data) {
+            WIDE_NONE => {}
+            WIDE_TC => return Err(xdp_action::XDP_PASS),
+            WIDE_FAILED => return Ok(redirect(ctx, &config, Err(0))),
+            action => return Ok(redirect(ctx, &config, Ok(action as u32))),
+        }
+    }
+    // The (*,G) of an IPv4 group: four bytes to hash.
+    if !data.ipv6 {
         // SAFETY: the inner map reference is only used for the redirect helper call.
-        if let Some(ports) = unsafe { GROUP_PORTS.get(&data.key) } {
-            if needs_tc(&config, &data.key) {
+        if let Some(ports) = unsafe { GROUP_PORTS_V4.get(&v4_group(&data.key)) } {
+            if config.flags & CONFIG_F_TC_PORTS != 0 && needs_tc(config.flags, &any_source(data)) {
                 return Err(xdp_action::XDP_PASS);
             }
             return Ok(redirect(ctx, &config, ports.redirect(0, BROADCAST_FLAGS)));
         }
-    }
-    // (*,G): IPv4 groups by their four bytes, IPv6 groups by the 32-byte key.
-    let ports = if data.ipv6 {
-        // SAFETY: as above.
-        unsafe { GROUP_PORTS.get(&any_source(data)) }
-    } else {
-        let g = &data.key.group;
-        // SAFETY: as above.
-        unsafe { GROUP_PORTS_V4.get(&v4_group_key([g[12], g[13], g[14], g[15]])) }
-    };
-    if let Some(ports) = ports {
-        if config.flags & CONFIG_F_TC_PORTS != 0 && needs_tc(&config, &any_source(data)) {
-            return Err(xdp_action::XDP_PASS);
-        }
-        return Ok(redirect(ctx, &config, ports.redirect(0, BROADCAST_FLAGS)));
     }
     Ok(match UnknownPolicy::from_u32(config.unknown_policy) {
         UnknownPolicy::RouterPorts if config.router_ports > 0 => {
@@ -214,20 +209,74 @@ fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> Result<(Counte
 /// The (*,G) key of a frame's group.
 #[inline(always)]
 fn any_source(data: &Data) -> GroupKey {
-    // The source as a copy of two zero words: a `[0; 16]` literal becomes a `memset` call.
-    let zero: [u64; 2] = [0, 0];
-    // SAFETY: [u64; 2] and [u8; 16] have the same size and every bit pattern is valid.
-    GroupKey {
-        group: data.key.group,
-        source: unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(zero) },
+    // Built from 64-bit words: byte arrays (a `[0; 16]` source) become `memset` calls.
+    // SAFETY: `GroupKey` is 32 plain bytes aligned to 8, as is [u64; 4]; every bit pattern is
+    // valid for both.
+    let words: [u64; 4] = unsafe { core::mem::transmute::<GroupKey, [u64; 4]>(data.key) };
+    // SAFETY: as above.
+    unsafe { core::mem::transmute::<[u64; 4], GroupKey>([words[0], words[1], 0, 0]) }
+}
+
+/// The `GROUP_PORTS_V4` key of an IPv4 group: the last four bytes of its IPv4-mapped form,
+/// read as one word ([`relay_common::v4_group_key`]).
+#[inline(always)]
+fn v4_group(key: &GroupKey) -> u32 {
+    // SAFETY: bytes 12..16 of the 8-aligned key: an aligned, initialized u32.
+    unsafe { core::ptr::read(key.group.as_ptr().add(12).cast::<u32>()) }
+}
+
+/// [`forward_wide`]: no entry.
+const WIDE_NONE: i64 = -1;
+/// [`forward_wide`]: the group has a member only the TC program reaches.
+const WIDE_TC: i64 = -2;
+/// [`forward_wide`]: the redirect helper failed.
+const WIDE_FAILED: i64 = -3;
+
+/// The `GROUP_PORTS` lookups of a data frame: (S,G) while `CONFIG_F_SOURCE_ENTRIES` is set,
+/// then (*,G) for an IPv6 group. Returns the redirect helper's action, or `WIDE_*`.
+///
+/// A function of its own (a BPF subprogram), not inlined: the verifier turns a
+/// `bpf_redirect_map` call into a direct call of the devmap's redirect only when one call
+/// instruction always sees inner maps of the same outer map; `GROUP_PORTS_V4`'s redirect in
+/// the caller must not be merged with these by the compiler (an indirect call through the map's
+/// ops costs ~12 ns per frame).
+#[inline(never)]
+fn forward_wide(flags: u32, data: &Data) -> i64 {
+    if flags & CONFIG_F_SOURCE_ENTRIES != 0 {
+        // SAFETY: the inner map reference is only used for the redirect helper call.
+        if let Some(ports) = unsafe { GROUP_PORTS.get(&data.key) } {
+            if needs_tc(flags, &data.key) {
+                return WIDE_TC;
+            }
+            return wide_result(ports.redirect(0, BROADCAST_FLAGS));
+        }
+    }
+    if data.ipv6 {
+        let key = any_source(data);
+        // SAFETY: as above.
+        if let Some(ports) = unsafe { GROUP_PORTS.get(&key) } {
+            if needs_tc(flags, &key) {
+                return WIDE_TC;
+            }
+            return wide_result(ports.redirect(0, BROADCAST_FLAGS));
+        }
+    }
+    WIDE_NONE
+}
+
+#[inline(always)]
+fn wide_result(result: Result<u32, u32>) -> i64 {
+    match result {
+        Ok(action) => i64::from(action),
+        Err(_) => WIDE_FAILED,
     }
 }
 
 /// Whether a group's port set has a member the XDP program cannot reach (looked up only
-/// while some port is attached in TC mode).
+/// while some port is attached in TC mode, `flags` being `Config::flags`).
 #[inline(always)]
-fn needs_tc(config: &Config, key: &GroupKey) -> bool {
-    config.flags & CONFIG_F_TC_PORTS != 0
+fn needs_tc(flags: u32, key: &GroupKey) -> bool {
+    flags & CONFIG_F_TC_PORTS != 0
         // SAFETY: the value is read once, right here.
         && unsafe { GROUP_TC_PORTS.get(key) }.is_some_and(|p| p.flags & TC_TARGET_NO_XDP != 0)
 }
