@@ -12,7 +12,7 @@ pub mod frames;
 pub mod parse;
 
 use bytemuck::{Pod, Zeroable};
-pub use counters::{Counter, PortCounters, COUNTER_COUNT};
+pub use counters::{port_slot, Counter, PortCounters, PortSlot, COUNTER_COUNT, PORT_SLOTS};
 
 /// Version of the map layout. Pins live in a directory named after it, so a daemon never reuses a
 /// map whose key or value layout differs from what its program expects.
@@ -23,7 +23,7 @@ pub const MAX_GROUPS: u32 = 16_384;
 /// Maximum number of ports in one group's port set (capacity of each inner DEVMAP_HASH). The
 /// kernel requires every inner map to match the template's capacity.
 pub const MAX_PORTS_PER_GROUP: u32 = 128;
-/// Maximum number of ports mcrelay attaches to (entries of `PORT_STATS` and `PORTS`).
+/// Maximum number of ports mcrelay attaches to (entries of `PORTS`, `PORT_STATS_SPILL`, ...).
 pub const MAX_PORTS: u32 = 1024;
 
 /// `BPF_MAP_TYPE_DEVMAP_HASH`, for creating inner maps from userspace.
@@ -426,6 +426,7 @@ mod user {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::PortInfo {}
     unsafe impl aya::Pod for super::PortCounters {}
+    unsafe impl aya::Pod for super::PortSlot {}
     unsafe impl aya::Pod for super::ClientSetKey {}
     unsafe impl aya::Pod for super::ClientSet {}
     unsafe impl aya::Pod for super::ClientCopies {}

@@ -23,7 +23,8 @@ mod tc;
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS},
     btf_maps::{
-        lpm_trie::Key, Array, DevMapHash, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuHashMap,
+        lpm_trie::Key, Array, DevMapHash, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray,
+        PerCpuHashMap,
     },
     helpers::bpf_ktime_get_ns,
     macros::{btf_map, xdp},
@@ -32,11 +33,11 @@ use aya_ebpf::{
 use relay_common::{
     loop_mac_key,
     parse::{classify, Class, Data, Frame as _},
-    Config, Counter, GroupKey, PortCounters, PortRate, PrefixData, RateLimit, TcPorts,
-    UnknownPolicy, CONFIG_F_ALLOW_LIST, CONFIG_F_POLICY, CONFIG_F_RATE_GROUPS, CONFIG_F_RATE_PORTS,
-    CONFIG_F_SOURCE_ENTRIES, CONFIG_F_STANDBY, CONFIG_F_TC_PORTS, MAX_GROUPS, MAX_POLICY_PREFIXES,
-    MAX_PORTS, MAX_PORTS_PER_GROUP, MAX_RATE_GROUPS, MAX_RATE_PREFIXES, POLICY_DENY,
-    RELAY_MAC_PREFIX, TC_TARGET_NO_XDP,
+    port_slot, Config, Counter, GroupKey, PortCounters, PortRate, PortSlot, PrefixData, RateLimit,
+    TcPorts, UnknownPolicy, CONFIG_F_ALLOW_LIST, CONFIG_F_POLICY, CONFIG_F_RATE_GROUPS,
+    CONFIG_F_RATE_PORTS, CONFIG_F_SOURCE_ENTRIES, CONFIG_F_STANDBY, CONFIG_F_TC_PORTS, MAX_GROUPS,
+    MAX_POLICY_PREFIXES, MAX_PORTS, MAX_PORTS_PER_GROUP, MAX_RATE_GROUPS, MAX_RATE_PREFIXES,
+    POLICY_DENY, PORT_SLOTS, RELAY_MAC_PREFIX, TC_TARGET_NO_XDP,
 };
 use relay_ebpf::PacketFrame;
 
@@ -78,10 +79,16 @@ static ROUTER_PORTS: DevMapHash<{ MAX_PORTS as usize }> = DevMapHash::new();
 #[btf_map]
 pub(crate) static CONFIG: Array<Config, 1> = Array::new();
 
-/// Per-CPU counters per ingress port. Key: ifindex. Value: [`PortCounters`]. The daemon
-/// creates an entry when it attaches a port; frames on ports without an entry are not counted.
+/// Per-CPU counters per ingress port, in slot [`port_slot`]`(ifindex)`: a [`PortSlot`], the
+/// port that holds the slot and its [`PortCounters`] (an inlined array lookup, no hashing).
+/// The daemon claims the slot when it attaches a port; a port whose slot another port holds
+/// is counted in `PORT_STATS_SPILL`; frames on ports in neither are not counted.
 #[btf_map]
-pub(crate) static PORT_STATS: PerCpuHashMap<u32, PortCounters, { MAX_PORTS as usize }> =
+pub(crate) static PORT_STATS: PerCpuArray<PortSlot, { PORT_SLOTS as usize }> = PerCpuArray::new();
+
+/// Per-CPU counters of the ports whose `PORT_STATS` slot another port holds. Key: ifindex.
+#[btf_map]
+pub(crate) static PORT_STATS_SPILL: PerCpuHashMap<u32, PortCounters, { MAX_PORTS as usize }> =
     PerCpuHashMap::new();
 
 /// Relay MACs whose frames are never relayed again (loop guard). Key: the MAC, zero padded
@@ -366,13 +373,21 @@ fn redirect(ctx: &XdpContext, config: &Config, result: Result<u32, u32>) -> (Cou
 
 #[inline(always)]
 pub(crate) fn count(ifindex: u32, counter: Counter, len: usize) {
-    if let Some(stats) = PORT_STATS.get_ptr_mut(ifindex) {
-        let i = counter as usize;
-        // SAFETY: per-CPU value, only this CPU writes it while the program runs.
-        unsafe {
-            (*stats).packets[i] += 1;
-            (*stats).bytes[i] += len as u64;
-        }
+    let stats = match PORT_STATS.get_ptr_mut(port_slot(ifindex)) {
+        // SAFETY: per-CPU value of this CPU; the daemon writes `ifindex` once per attach.
+        Some(slot) if unsafe { (*slot).ifindex } == ifindex => unsafe {
+            core::ptr::addr_of_mut!((*slot).counters)
+        },
+        _ => match PORT_STATS_SPILL.get_ptr_mut(ifindex) {
+            Some(stats) => stats,
+            None => return,
+        },
+    };
+    let i = counter as usize;
+    // SAFETY: per-CPU value, only this CPU writes it while the program runs.
+    unsafe {
+        (*stats).packets[i] += 1;
+        (*stats).bytes[i] += len as u64;
     }
 }
 

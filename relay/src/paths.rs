@@ -32,6 +32,7 @@ pub mod pins {
     pub const LINKS: &str = "links";
     pub const CONFIG: &str = "CONFIG";
     pub const PORT_STATS: &str = "PORT_STATS";
+    pub const PORT_STATS_SPILL: &str = "PORT_STATS_SPILL";
     pub const LOOP_MACS: &str = "LOOP_MACS";
     pub const STANDBY_PORTS: &str = "STANDBY_PORTS";
     pub const POLICY: &str = "POLICY";
