@@ -363,12 +363,14 @@ pub fn classify<F: Frame>(frame: &F) -> Class {
         ETH_P_IP => classify_ipv4(frame, l2.l3_offset),
         _ => return Class::Other,
     };
-    match class {
-        Class::Data(data) if l2.l3_offset != ETH_HLEN || !dst_matches_group(&dst, &data) => {
-            Class::Other
+    // Tested by reference, `class` returned as it is: rebuilding it costs the kernel program a
+    // copy of the whole value.
+    if let Class::Data(data) = &class {
+        if l2.l3_offset != ETH_HLEN || !dst_matches_group(&dst, data) {
+            return Class::Other;
         }
-        other => other,
     }
+    class
 }
 
 /// Classifies an IP packet without a link-layer header (what an L3 device such as tun or

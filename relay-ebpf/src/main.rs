@@ -146,13 +146,15 @@ const BROADCAST_FLAGS: u64 = (BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) as u64;
 #[xdp]
 pub fn mcrelay_xdp(ctx: XdpContext) -> u32 {
     let frame = PacketFrame { start: ctx.data(), end: ctx.data_end() };
-    let (counter, action) = match classify(&frame) {
+    // Matched by reference: a move out of the value costs two copies of it.
+    let class = classify(&frame);
+    let (counter, action) = match &class {
         Class::NotMulticast => return xdp_action::XDP_PASS,
         Class::Other => (Counter::PassedOther, xdp_action::XDP_PASS),
         Class::Control => (Counter::PassedControl, xdp_action::XDP_PASS),
         Class::LinkLocal => (Counter::PassedLinkLocal, xdp_action::XDP_PASS),
         Class::Malformed => (Counter::Malformed, xdp_action::XDP_PASS),
-        Class::Data(data) => match forward(&ctx, &frame, &data) {
+        Class::Data(data) => match forward(&ctx, &frame, data) {
             Ok(verdict) => verdict,
             // Handed to the TC program, which counts it.
             Err(action) => return action,
