@@ -17,6 +17,7 @@ mod cost;
 mod direct;
 mod frames;
 mod report;
+mod tc;
 mod testbed;
 
 use std::{
@@ -44,7 +45,7 @@ pub struct Options {
     pub mcrelay: PathBuf,
     /// relay-ebpf's bench object (generator, counter, bare reference).
     pub object: PathBuf,
-    /// Parts to run (`direct`, `forward`, `control`, `cost`); empty: all.
+    /// Parts to run (`direct`, `tc`, `forward`, `control`, `cost`); empty: all.
     pub only: Vec<String>,
 }
 
@@ -161,6 +162,22 @@ fn run_in(options: &Options, plan: &Plan, scratch: &std::path::Path) -> anyhow::
         )
         .context("direct mode")?
     };
+    let tc_runs = if !options.wants("tc") {
+        Vec::new()
+    } else {
+        tc::measure(
+            &testbed,
+            &tc::TcPlan {
+                mcrelay: &options.mcrelay,
+                object: &options.object,
+                repetitions: plan.repetitions,
+                frame_sizes: &plan.frame_sizes,
+                copies: &plan.direct_copies,
+                repeat: plan.direct_repeat,
+            },
+        )
+        .context("TC rows")?
+    };
     let runs = if options.wants("forward") {
         forwarding(&testbed, options, plan, &env)?
     } else {
@@ -185,6 +202,7 @@ fn run_in(options: &Options, plan: &Plan, scratch: &std::path::Path) -> anyhow::
     let report = report::Report::new(&runs, &costs, &direct_runs, control.as_ref());
     println!();
     print!("{}", report.table());
+    print!("{}", tc::table(&tc_runs));
     let default_dir = crate::workspace::target_dir()?.join("bench");
     let json = options.json.clone().unwrap_or_else(|| default_dir.join("bench.json"));
     let svg = options.svg.clone().unwrap_or_else(|| default_dir.join("bench.svg"));
@@ -212,7 +230,11 @@ fn run_in(options: &Options, plan: &Plan, scratch: &std::path::Path) -> anyhow::
             direct_runs.iter().filter(|r| r.delivered.iter().any(|&d| d <= 0.0)).map(|r| {
                 format!("direct {} x{} ({:?} delivered)", r.target.name(), r.copies, r.delivered)
             });
-        let idle: Vec<String> = idle.into_iter().chain(idle_direct).collect();
+        let idle_tc = tc_runs
+            .iter()
+            .filter(|r| r.delivered.iter().any(|&d| d <= 0.0))
+            .map(|r| format!("tc {} x{} ({:?} delivered)", r.target.name(), r.copies, r.delivered));
+        let idle: Vec<String> = idle.into_iter().chain(idle_direct).chain(idle_tc).collect();
         if !idle.is_empty() {
             bail!("middle boxes that moved no traffic to some member: {}", idle.join("; "));
         }

@@ -88,7 +88,7 @@ enum Commands {
         /// Write the chart (Mpps against fan-out) here (default: target/bench/bench.svg).
         #[arg(long, value_name = "FILE")]
         svg: Option<std::path::PathBuf>,
-        /// Run only these parts (comma separated: direct, forward, control, cost; default all).
+        /// Run only these parts (comma separated: direct, tc, forward, control, cost; default all).
         #[arg(long, value_name = "PARTS", value_delimiter = ',')]
         only: Vec<String>,
     },

@@ -19,15 +19,20 @@
 //!   attached, or `bench_bare`). Run with live frames and the ingress port's ifindex, the target
 //!   runs in place as on that port, on a frame whose source MAC is the sender's again (mcrelay
 //!   writes its relay MAC into the recycled page; seen again, the loop guard would drop it).
+//! - `bench_direct_tc` / `bench_bare_tc`: the same for the TC rows: the wrapper restores the
+//!   source MAC of the skb BPF_PROG_TEST_RUN reuses on every repetition and tail-calls
+//!   `DIRECT_TC_TARGET[0]` (mcrelay's `mcrelay_tc` on a port in TC mode, or `bench_bare_tc`);
+//!   `bench_bare_tc` looks the IPv4 destination up in `BARE_TC_GROUPS` (4-byte key, an array of
+//!   egress ifindexes) and `bpf_clone_redirect`s to each, then drops the original.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS},
-    btf_maps::{Array, DevMapHash, HashOfMaps, PerCpuArray, ProgramArray},
+    bindings::{xdp_action, BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS, TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::{Array, DevMapHash, HashMap, HashOfMaps, PerCpuArray, ProgramArray},
     helpers::bpf_ktime_get_ns,
-    macros::{btf_map, xdp},
-    programs::XdpContext,
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 
 /// Bytes of Ethernet + IPv4 + UDP headers that `bench_gen` restores on every frame.
@@ -63,6 +68,18 @@ static BARE_GROUPS: HashOfMaps<u32, DevMapHash<128>, 1024> = HashOfMaps::new();
 /// Slot 0: the program `bench_direct` hands every frame to (written by the bench).
 #[btf_map]
 static DIRECT_TARGET: ProgramArray<1> = ProgramArray::new();
+
+/// Most egress ports of a `BARE_TC_GROUPS` entry.
+const BARE_TC_PORTS: usize = 8;
+
+/// The bare TC forwarder's port sets: IPv4 group (as read from the packet) to
+/// `[count, ifindex...]`.
+#[btf_map]
+static BARE_TC_GROUPS: HashMap<u32, [u32; BARE_TC_PORTS + 1], 16> = HashMap::new();
+
+/// Slot 0: the TC program `bench_direct_tc` hands every packet to.
+#[btf_map]
+static DIRECT_TC_TARGET: ProgramArray<1> = ProgramArray::new();
 
 const BROADCAST_FLAGS: u64 = (BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) as u64;
 
@@ -140,6 +157,39 @@ pub fn bench_bare(ctx: XdpContext) -> u32 {
         Some(ports) => ports.redirect(0, BROADCAST_FLAGS).unwrap_or(xdp_action::XDP_PASS),
         None => xdp_action::XDP_PASS,
     }
+}
+
+#[classifier]
+pub fn bench_direct_tc(ctx: TcContext) -> i32 {
+    if let Some(header) = GEN_HEADER.get(0) {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&header[6..SOURCE_MAC_END]);
+        if ctx.store(6, &mac, 0).is_err() {
+            return TC_ACT_SHOT;
+        }
+    }
+    // SAFETY: as in `bench_direct`.
+    unsafe { DIRECT_TC_TARGET.tail_call(&ctx, 0) };
+    TC_ACT_SHOT
+}
+
+#[classifier]
+pub fn bench_bare_tc(ctx: TcContext) -> i32 {
+    let Ok(group) = ctx.load::<u32>(IPV4_DST_OFFSET) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: the value is only read.
+    let Some(ports) = (unsafe { BARE_TC_GROUPS.get(group) }) else {
+        return TC_ACT_OK;
+    };
+    let count = ports[0] as usize;
+    for (i, &ifindex) in ports[1..].iter().enumerate() {
+        if i >= count {
+            break;
+        }
+        let _ = ctx.clone_redirect(ifindex, 0);
+    }
+    TC_ACT_SHOT
 }
 
 #[xdp]
