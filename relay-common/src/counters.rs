@@ -87,7 +87,8 @@ impl Counter {
     }
 }
 
-/// Value of the per-CPU `PORT_STATS` hash (key: ingress ifindex). Userspace sums the CPUs.
+/// A port's counters: in its [`PortSlot`] of `PORT_STATS`, or the value of the per-CPU hash
+/// `PORT_STATS_SPILL` (key: ingress ifindex). Userspace sums the CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct PortCounters {
@@ -97,6 +98,37 @@ pub struct PortCounters {
     pub bytes: [u64; COUNTER_COUNT],
 }
 const _: () = assert!(core::mem::size_of::<PortCounters>() == 16 * COUNTER_COUNT);
+
+/// Slots of the per-CPU array `PORT_STATS`: a port's counters live in slot
+/// `ifindex % PORT_SLOTS` ([`port_slot`]) when no other port holds it, else in the per-CPU
+/// hash `PORT_STATS_SPILL` (key: ifindex).
+pub const PORT_SLOTS: u32 = 1024;
+
+/// The `PORT_STATS` slot of a port.
+#[inline(always)]
+pub const fn port_slot(ifindex: u32) -> u32 {
+    ifindex % PORT_SLOTS
+}
+
+/// Value of the per-CPU array `PORT_STATS` (index: [`port_slot`]): the port that holds the
+/// slot and its counters. `ifindex` is the same in every CPU's copy (written by the daemon);
+/// 0: the slot is free. Userspace sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct PortSlot {
+    /// The port whose counters these are (0: none).
+    pub ifindex: u32,
+    /// Explicit padding; zero.
+    pub _pad: u32,
+    pub counters: PortCounters,
+}
+const _: () = assert!(core::mem::size_of::<PortSlot>() == 8 + 16 * COUNTER_COUNT);
+
+impl Default for PortSlot {
+    fn default() -> Self {
+        Self::zeroed()
+    }
+}
 
 impl Default for PortCounters {
     fn default() -> Self {

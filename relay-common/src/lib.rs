@@ -12,18 +12,18 @@ pub mod frames;
 pub mod parse;
 
 use bytemuck::{Pod, Zeroable};
-pub use counters::{Counter, PortCounters, COUNTER_COUNT};
+pub use counters::{port_slot, Counter, PortCounters, PortSlot, COUNTER_COUNT, PORT_SLOTS};
 
 /// Version of the map layout. Pins live in a directory named after it, so a daemon never reuses a
 /// map whose key or value layout differs from what its program expects.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
-/// Maximum number of groups (keys of `GROUP_PORTS`).
+/// Maximum number of groups (keys of `GROUP_PORTS`, and again of `GROUP_PORTS_V4`).
 pub const MAX_GROUPS: u32 = 16_384;
 /// Maximum number of ports in one group's port set (capacity of each inner DEVMAP_HASH). The
 /// kernel requires every inner map to match the template's capacity.
 pub const MAX_PORTS_PER_GROUP: u32 = 128;
-/// Maximum number of ports mcrelay attaches to (entries of `PORT_STATS` and `PORTS`).
+/// Maximum number of ports mcrelay attaches to (entries of `PORTS`, `PORT_STATS_SPILL`, ...).
 pub const MAX_PORTS: u32 = 1024;
 
 /// `BPF_MAP_TYPE_DEVMAP_HASH`, for creating inner maps from userspace.
@@ -71,6 +71,25 @@ impl GroupKey {
     pub fn is_v4(&self) -> bool {
         self.group[..12] == V4_MAPPED_PREFIX
     }
+
+    /// The key of `GROUP_PORTS_V4` for an IPv4 (*,G) key: the group's four bytes in network
+    /// order, read as a native-endian `u32` ([`v4_group_key`]). `None` for IPv6 groups and
+    /// (S,G) keys, which live in `GROUP_PORTS`.
+    pub fn v4_any_source(&self) -> Option<u32> {
+        (self.is_v4() && self.source == [0; 16])
+            .then(|| v4_group_key([self.group[12], self.group[13], self.group[14], self.group[15]]))
+    }
+}
+
+/// Key of `GROUP_PORTS_V4`: an IPv4 group (network order) as the `u32` with the same bytes.
+#[inline(always)]
+pub const fn v4_group_key(group: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(group)
+}
+
+/// The IPv4 group a `GROUP_PORTS_V4` key names (network order).
+pub const fn v4_group_of_key(key: u32) -> [u8; 4] {
+    key.to_ne_bytes()
 }
 
 /// First 12 bytes of an IPv4-mapped IPv6 address.
@@ -437,6 +456,7 @@ mod user {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::PortInfo {}
     unsafe impl aya::Pod for super::PortCounters {}
+    unsafe impl aya::Pod for super::PortSlot {}
     unsafe impl aya::Pod for super::ClientSetKey {}
     unsafe impl aya::Pod for super::ClientSet {}
     unsafe impl aya::Pod for super::ClientCopies {}

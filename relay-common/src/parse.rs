@@ -98,7 +98,14 @@ pub struct LinkLayer {
 /// header `eth`, which the caller has already read from the start of `frame`.
 #[inline(always)]
 pub fn link_layer<F: Frame>(frame: &F, eth: &[u8; ETH_HLEN]) -> Result<LinkLayer, HeaderError> {
-    let mut ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    skip_vlan_tags(frame, [eth[12], eth[13]])
+}
+
+/// [`link_layer`] given only the Ethernet header's EtherType (network order): the classifier
+/// reads just the fields it tests, not the whole header.
+#[inline(always)]
+fn skip_vlan_tags<F: Frame>(frame: &F, ethertype: [u8; 2]) -> Result<LinkLayer, HeaderError> {
+    let mut ethertype = u16::from_be_bytes(ethertype);
     let mut l3_offset = ETH_HLEN;
     let mut tags = 0;
     while tags < MAX_VLAN_TAGS && (ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD) {
@@ -336,13 +343,19 @@ pub fn classify<F: Frame>(frame: &F) -> Class {
         Some(_) => {}
         None => return Class::Malformed,
     }
-    let Some(eth) = frame.read::<ETH_HLEN>(0) else {
+    // The destination MAC and the EtherType, not the whole header: a 14-byte array costs a
+    // byte-by-byte copy in the kernel program.
+    // The EtherType first: once it is in, the destination MAC is too.
+    let Some(ethertype) = frame.read::<2>(ETH_HLEN - 2) else {
         return Class::Malformed;
     };
-    if eth[0..6] == [0xff; 6] {
+    let Some(dst) = frame.read::<6>(0) else {
+        return Class::Malformed;
+    };
+    if dst == [0xff; 6] {
         return Class::NotMulticast;
     }
-    let Ok(l2) = link_layer(frame, &eth) else {
+    let Ok(l2) = skip_vlan_tags(frame, ethertype) else {
         return Class::Malformed;
     };
     let class = match l2.ethertype {
@@ -350,12 +363,14 @@ pub fn classify<F: Frame>(frame: &F) -> Class {
         ETH_P_IP => classify_ipv4(frame, l2.l3_offset),
         _ => return Class::Other,
     };
-    match class {
-        Class::Data(data) if l2.l3_offset != ETH_HLEN || !mac_matches_group(&eth, &data) => {
-            Class::Other
+    // Tested by reference, `class` returned as it is: rebuilding it costs the kernel program a
+    // copy of the whole value.
+    if let Class::Data(data) = &class {
+        if l2.l3_offset != ETH_HLEN || !dst_matches_group(&dst, data) {
+            return Class::Other;
         }
-        other => other,
     }
+    class
 }
 
 /// Classifies an IP packet without a link-layer header (what an L3 device such as tun or
@@ -397,16 +412,22 @@ pub fn group_mac(data: &Data) -> [u8; 6] {
 /// an IPv4 group (RFC 1112 6.4), `33:33` and the low 32 bits of an IPv6 group (RFC 2464 7).
 #[inline(always)]
 pub fn mac_matches_group(eth: &[u8; ETH_HLEN], data: &Data) -> bool {
+    dst_matches_group(&[eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]], data)
+}
+
+/// [`mac_matches_group`] given the destination MAC alone.
+#[inline(always)]
+fn dst_matches_group(dst: &[u8; 6], data: &Data) -> bool {
     let g = &data.key.group;
     if data.ipv6 {
-        eth[0] == 0x33 && eth[1] == 0x33 && eth[2..6] == g[12..16]
+        dst[0] == 0x33 && dst[1] == 0x33 && dst[2..6] == g[12..16]
     } else {
-        eth[0] == 0x01
-            && eth[1] == 0x00
-            && eth[2] == 0x5e
-            && eth[3] == g[13] & 0x7f
-            && eth[4] == g[14]
-            && eth[5] == g[15]
+        dst[0] == 0x01
+            && dst[1] == 0x00
+            && dst[2] == 0x5e
+            && dst[3] == g[13] & 0x7f
+            && dst[4] == g[14]
+            && dst[5] == g[15]
     }
 }
 

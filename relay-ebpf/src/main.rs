@@ -23,7 +23,8 @@ mod tc;
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_BROADCAST, BPF_F_EXCLUDE_INGRESS},
     btf_maps::{
-        lpm_trie::Key, Array, DevMapHash, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuHashMap,
+        lpm_trie::Key, Array, DevMapHash, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray,
+        PerCpuHashMap,
     },
     helpers::bpf_ktime_get_ns,
     macros::{btf_map, xdp},
@@ -32,22 +33,34 @@ use aya_ebpf::{
 use relay_common::{
     loop_mac_key,
     parse::{classify, Class, Data, Frame as _},
-    Config, Counter, GroupKey, PortCounters, PortRate, PrefixData, RateLimit, TcPorts,
-    UnknownPolicy, CONFIG_F_ALLOW_LIST, CONFIG_F_POLICY, CONFIG_F_RATE_GROUPS, CONFIG_F_RATE_PORTS,
-    CONFIG_F_SOURCE_ENTRIES, CONFIG_F_STANDBY, CONFIG_F_TC_PORTS, MAX_GROUPS, MAX_POLICY_PREFIXES,
-    MAX_PORTS, MAX_PORTS_PER_GROUP, MAX_RATE_GROUPS, MAX_RATE_PREFIXES, POLICY_DENY,
-    RELAY_MAC_PREFIX, TC_TARGET_NO_XDP,
+    port_slot, Config, Counter, GroupKey, PortCounters, PortRate, PortSlot, PrefixData, RateLimit,
+    TcPorts, UnknownPolicy, CONFIG_F_ALLOW_LIST, CONFIG_F_POLICY, CONFIG_F_RATE_GROUPS,
+    CONFIG_F_RATE_PORTS, CONFIG_F_SOURCE_ENTRIES, CONFIG_F_STANDBY, CONFIG_F_TC_PORTS, MAX_GROUPS,
+    MAX_POLICY_PREFIXES, MAX_PORTS, MAX_PORTS_PER_GROUP, MAX_RATE_GROUPS, MAX_RATE_PREFIXES,
+    POLICY_DENY, PORT_SLOTS, RELAY_MAC_PREFIX, TC_TARGET_NO_XDP,
 };
 use relay_ebpf::PacketFrame;
 
-/// Per-group port sets. Key: [`GroupKey`]: a zero source for a (*,G) entry, the source for an
-/// (S,G) entry (looked up first while `CONFIG_F_SOURCE_ENTRIES` is set). Value: an inner
+/// Per-group port sets. Key: [`GroupKey`]: a zero source for an IPv6 (*,G) entry, the source
+/// for an (S,G) entry (looked up first while `CONFIG_F_SOURCE_ENTRIES` is set); IPv4 (*,G)
+/// entries are in `GROUP_PORTS_V4`. Value: an inner
 /// DEVMAP_HASH of the member ports (key: ifindex, or a per-client key; value: ifindex and, for
 /// per-client copies, the `mcrelay_client` egress program). Written by the daemon's map writer;
 /// a change replaces the inner map atomically.
 #[btf_map]
 pub(crate) static GROUP_PORTS: HashOfMaps<
     GroupKey,
+    DevMapHash<{ MAX_PORTS_PER_GROUP as usize }>,
+    { MAX_GROUPS as usize },
+> = HashOfMaps::new();
+
+/// The IPv4 (*,G) port sets: the same inner maps as `GROUP_PORTS`, keyed by the group's four
+/// bytes ([`relay_common::v4_group_key`]), so the most common lookup hashes 4 bytes instead of a
+/// 32-byte [`GroupKey`]. IPv6 groups and every (S,G) entry stay in `GROUP_PORTS`. Written by the
+/// daemon's map writer, which routes each key to its map.
+#[btf_map]
+pub(crate) static GROUP_PORTS_V4: HashOfMaps<
+    u32,
     DevMapHash<{ MAX_PORTS_PER_GROUP as usize }>,
     { MAX_GROUPS as usize },
 > = HashOfMaps::new();
@@ -66,10 +79,16 @@ static ROUTER_PORTS: DevMapHash<{ MAX_PORTS as usize }> = DevMapHash::new();
 #[btf_map]
 pub(crate) static CONFIG: Array<Config, 1> = Array::new();
 
-/// Per-CPU counters per ingress port. Key: ifindex. Value: [`PortCounters`]. The daemon
-/// creates an entry when it attaches a port; frames on ports without an entry are not counted.
+/// Per-CPU counters per ingress port, in slot [`port_slot`]`(ifindex)`: a [`PortSlot`], the
+/// port that holds the slot and its [`PortCounters`] (an inlined array lookup, no hashing).
+/// The daemon claims the slot when it attaches a port; a port whose slot another port holds
+/// is counted in `PORT_STATS_SPILL`; frames on ports in neither are not counted.
 #[btf_map]
-pub(crate) static PORT_STATS: PerCpuHashMap<u32, PortCounters, { MAX_PORTS as usize }> =
+pub(crate) static PORT_STATS: PerCpuArray<PortSlot, { PORT_SLOTS as usize }> = PerCpuArray::new();
+
+/// Per-CPU counters of the ports whose `PORT_STATS` slot another port holds. Key: ifindex.
+#[btf_map]
+pub(crate) static PORT_STATS_SPILL: PerCpuHashMap<u32, PortCounters, { MAX_PORTS as usize }> =
     PerCpuHashMap::new();
 
 /// Relay MACs whose frames are never relayed again (loop guard). Key: the MAC, zero padded
@@ -127,13 +146,15 @@ const BROADCAST_FLAGS: u64 = (BPF_F_BROADCAST | BPF_F_EXCLUDE_INGRESS) as u64;
 #[xdp]
 pub fn mcrelay_xdp(ctx: XdpContext) -> u32 {
     let frame = PacketFrame { start: ctx.data(), end: ctx.data_end() };
-    let (counter, action) = match classify(&frame) {
+    // Matched by reference: a move out of the value costs two copies of it.
+    let class = classify(&frame);
+    let (counter, action) = match &class {
         Class::NotMulticast => return xdp_action::XDP_PASS,
         Class::Other => (Counter::PassedOther, xdp_action::XDP_PASS),
         Class::Control => (Counter::PassedControl, xdp_action::XDP_PASS),
         Class::LinkLocal => (Counter::PassedLinkLocal, xdp_action::XDP_PASS),
         Class::Malformed => (Counter::Malformed, xdp_action::XDP_PASS),
-        Class::Data(data) => match forward(&ctx, &frame, &data) {
+        Class::Data(data) => match forward(&ctx, &frame, data) {
             Ok(verdict) => verdict,
             // Handed to the TC program, which counts it.
             Err(action) => return action,
@@ -164,29 +185,25 @@ fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> Result<(Counte
             return Ok((counter, xdp_action::XDP_DROP));
         }
     }
-    // (S,G) first, when any exist: its port set is complete for that source.
-    if config.flags & CONFIG_F_SOURCE_ENTRIES != 0 {
+    // (S,G) first, when any exist: its port set is complete for that source. Then the (*,G)
+    // of an IPv6 group. Both in `GROUP_PORTS`, looked up in a function of their own.
+    if config.flags & CONFIG_F_SOURCE_ENTRIES != 0 || data.ipv6 {
+        match forward_wide(config.flags, data) {
+            WIDE_NONE => {}
+            WIDE_TC => return Err(xdp_action::XDP_PASS),
+            WIDE_FAILED => return Ok(redirect(ctx, &config, Err(0))),
+            action => return Ok(redirect(ctx, &config, Ok(action as u32))),
+        }
+    }
+    // The (*,G) of an IPv4 group: four bytes to hash.
+    if !data.ipv6 {
         // SAFETY: the inner map reference is only used for the redirect helper call.
-        if let Some(ports) = unsafe { GROUP_PORTS.get(&data.key) } {
-            if needs_tc(&config, &data.key) {
+        if let Some(ports) = unsafe { GROUP_PORTS_V4.get(&v4_group(&data.key)) } {
+            if config.flags & CONFIG_F_TC_PORTS != 0 && needs_tc(config.flags, &any_source(data)) {
                 return Err(xdp_action::XDP_PASS);
             }
             return Ok(redirect(ctx, &config, ports.redirect(0, BROADCAST_FLAGS)));
         }
-    }
-    // The source as a copy of two zero words: a `[0; 16]` literal becomes a `memset` call.
-    let zero: [u64; 2] = [0, 0];
-    // SAFETY: [u64; 2] and [u8; 16] have the same size and every bit pattern is valid.
-    let key = GroupKey {
-        group: data.key.group,
-        source: unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(zero) },
-    };
-    // SAFETY: as above.
-    if let Some(ports) = unsafe { GROUP_PORTS.get(&key) } {
-        if needs_tc(&config, &key) {
-            return Err(xdp_action::XDP_PASS);
-        }
-        return Ok(redirect(ctx, &config, ports.redirect(0, BROADCAST_FLAGS)));
     }
     Ok(match UnknownPolicy::from_u32(config.unknown_policy) {
         UnknownPolicy::RouterPorts if config.router_ports > 0 => {
@@ -198,11 +215,77 @@ fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> Result<(Counte
     })
 }
 
-/// Whether a group's port set has a member the XDP program cannot reach (looked up only
-/// while some port is attached in TC mode).
+/// The (*,G) key of a frame's group.
 #[inline(always)]
-fn needs_tc(config: &Config, key: &GroupKey) -> bool {
-    config.flags & CONFIG_F_TC_PORTS != 0
+fn any_source(data: &Data) -> GroupKey {
+    // Built from 64-bit words: byte arrays (a `[0; 16]` source) become `memset` calls.
+    // SAFETY: `GroupKey` is 32 plain bytes aligned to 8, as is [u64; 4]; every bit pattern is
+    // valid for both.
+    let words: [u64; 4] = unsafe { core::mem::transmute::<GroupKey, [u64; 4]>(data.key) };
+    // SAFETY: as above.
+    unsafe { core::mem::transmute::<[u64; 4], GroupKey>([words[0], words[1], 0, 0]) }
+}
+
+/// The `GROUP_PORTS_V4` key of an IPv4 group: the last four bytes of its IPv4-mapped form,
+/// read as one word ([`relay_common::v4_group_key`]).
+#[inline(always)]
+fn v4_group(key: &GroupKey) -> u32 {
+    // SAFETY: bytes 12..16 of the 8-aligned key: an aligned, initialized u32.
+    unsafe { core::ptr::read(key.group.as_ptr().add(12).cast::<u32>()) }
+}
+
+/// [`forward_wide`]: no entry.
+const WIDE_NONE: i64 = -1;
+/// [`forward_wide`]: the group has a member only the TC program reaches.
+const WIDE_TC: i64 = -2;
+/// [`forward_wide`]: the redirect helper failed.
+const WIDE_FAILED: i64 = -3;
+
+/// The `GROUP_PORTS` lookups of a data frame: (S,G) while `CONFIG_F_SOURCE_ENTRIES` is set,
+/// then (*,G) for an IPv6 group. Returns the redirect helper's action, or `WIDE_*`.
+///
+/// A function of its own (a BPF subprogram), not inlined: the verifier turns a
+/// `bpf_redirect_map` call into a direct call of the devmap's redirect only when one call
+/// instruction always sees inner maps of the same outer map; `GROUP_PORTS_V4`'s redirect in
+/// the caller must not be merged with these by the compiler (an indirect call through the map's
+/// ops costs ~12 ns per frame).
+#[inline(never)]
+fn forward_wide(flags: u32, data: &Data) -> i64 {
+    if flags & CONFIG_F_SOURCE_ENTRIES != 0 {
+        // SAFETY: the inner map reference is only used for the redirect helper call.
+        if let Some(ports) = unsafe { GROUP_PORTS.get(&data.key) } {
+            if needs_tc(flags, &data.key) {
+                return WIDE_TC;
+            }
+            return wide_result(ports.redirect(0, BROADCAST_FLAGS));
+        }
+    }
+    if data.ipv6 {
+        let key = any_source(data);
+        // SAFETY: as above.
+        if let Some(ports) = unsafe { GROUP_PORTS.get(&key) } {
+            if needs_tc(flags, &key) {
+                return WIDE_TC;
+            }
+            return wide_result(ports.redirect(0, BROADCAST_FLAGS));
+        }
+    }
+    WIDE_NONE
+}
+
+#[inline(always)]
+fn wide_result(result: Result<u32, u32>) -> i64 {
+    match result {
+        Ok(action) => i64::from(action),
+        Err(_) => WIDE_FAILED,
+    }
+}
+
+/// Whether a group's port set has a member the XDP program cannot reach (looked up only
+/// while some port is attached in TC mode, `flags` being `Config::flags`).
+#[inline(always)]
+fn needs_tc(flags: u32, key: &GroupKey) -> bool {
+    flags & CONFIG_F_TC_PORTS != 0
         // SAFETY: the value is read once, right here.
         && unsafe { GROUP_TC_PORTS.get(key) }.is_some_and(|p| p.flags & TC_TARGET_NO_XDP != 0)
 }
@@ -292,13 +375,21 @@ fn redirect(ctx: &XdpContext, config: &Config, result: Result<u32, u32>) -> (Cou
 
 #[inline(always)]
 pub(crate) fn count(ifindex: u32, counter: Counter, len: usize) {
-    if let Some(stats) = PORT_STATS.get_ptr_mut(ifindex) {
-        let i = counter as usize;
-        // SAFETY: per-CPU value, only this CPU writes it while the program runs.
-        unsafe {
-            (*stats).packets[i] += 1;
-            (*stats).bytes[i] += len as u64;
-        }
+    let stats = match PORT_STATS.get_ptr_mut(port_slot(ifindex)) {
+        // SAFETY: per-CPU value of this CPU; the daemon writes `ifindex` once per attach.
+        Some(slot) if unsafe { (*slot).ifindex } == ifindex => unsafe {
+            core::ptr::addr_of_mut!((*slot).counters)
+        },
+        _ => match PORT_STATS_SPILL.get_ptr_mut(ifindex) {
+            Some(stats) => stats,
+            None => return,
+        },
+    };
+    let i = counter as usize;
+    // SAFETY: per-CPU value, only this CPU writes it while the program runs.
+    unsafe {
+        (*stats).packets[i] += 1;
+        (*stats).bytes[i] += len as u64;
     }
 }
 

@@ -8,7 +8,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{of_maps::HashOfMaps, DevMapHash, HashMap, Map, MapData, PerCpuHashMap};
+use aya::maps::{
+    of_maps::HashOfMaps, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap,
+};
 use relay_common::{AttachMode, Counter, GroupKey, PortCounters, PortInfo, PORT_ROLE_ROUTER};
 use serde_json::{json, Value};
 
@@ -162,18 +164,16 @@ fn open_read_only(path: &Path) -> std::io::Result<MapData> {
 pub fn read_ports(pin_dir: &Path) -> Result<Vec<PortRow>, InspectError> {
     let ports: HashMap<_, u32, PortInfo> =
         HashMap::try_from(Map::HashMap(open(pin_dir, pins::PORTS)?)).map_err(map_error("PORTS"))?;
-    let stats: PerCpuHashMap<_, u32, PortCounters> =
-        PerCpuHashMap::try_from(Map::PerCpuHashMap(open(pin_dir, pins::PORT_STATS)?))
-            .map_err(map_error("PORT_STATS"))?;
+    let stats = crate::dataplane::port_stats::PortStats::new(
+        PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, pins::PORT_STATS)?))
+            .map_err(map_error("PORT_STATS"))?,
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(open(pin_dir, pins::PORT_STATS_SPILL)?))
+            .map_err(map_error("PORT_STATS_SPILL"))?,
+    );
     let mut rows = Vec::new();
     for entry in ports.iter() {
         let (ifindex, info) = entry.map_err(map_error("PORTS"))?;
-        let mut counters = PortCounters::default();
-        if let Ok(per_cpu) = stats.get(&ifindex, 0) {
-            for c in per_cpu.iter() {
-                counters.accumulate(c);
-            }
-        }
+        let counters = stats.counters(ifindex).unwrap_or_default();
         let name_len = info.name.iter().position(|&b| b == 0).unwrap_or(info.name.len());
         rows.push(PortRow {
             iface: String::from_utf8_lossy(&info.name[..name_len]).into_owned(),
@@ -198,11 +198,25 @@ pub fn read_groups(pin_dir: &Path) -> Result<Vec<GroupRow>, InspectError> {
     let outer: HashOfMaps<_, GroupKey, DevMapHash<MapData>> =
         HashOfMaps::try_from(Map::HashOfMaps(open(pin_dir, pins::GROUP_PORTS)?))
             .map_err(map_error("GROUP_PORTS"))?;
-    let mut rows = Vec::new();
+    let v4: HashOfMaps<_, u32, DevMapHash<MapData>> =
+        HashOfMaps::try_from(Map::HashOfMaps(open(pin_dir, pins::GROUP_PORTS_V4)?))
+            .map_err(map_error("GROUP_PORTS_V4"))?;
+    let mut entries: Vec<(GroupKey, DevMapHash<MapData>)> = Vec::new();
     for key in outer.keys() {
         let key = key.map_err(map_error("GROUP_PORTS"))?;
         // Entries may change between listing and reading: skip the ones that went away.
-        let Ok(inner) = outer.get(&key, 0) else { continue };
+        if let Ok(inner) = outer.get(&key, 0) {
+            entries.push((key, inner));
+        }
+    }
+    for key in v4.keys() {
+        let key = key.map_err(map_error("GROUP_PORTS_V4"))?;
+        if let Ok(inner) = v4.get(&key, 0) {
+            entries.push((GroupKey::any_source_v4(relay_common::v4_group_of_key(key)), inner));
+        }
+    }
+    let mut rows = Vec::new();
+    for (key, inner) in entries {
         let mut ports: Vec<String> = Vec::new();
         for (k, value) in inner.iter().filter_map(Result::ok) {
             let name = if k & crate::dataplane::CLIENT_KEY_BIT != 0 {

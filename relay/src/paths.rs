@@ -25,12 +25,14 @@ pub const CONFIG_FILE: &str = "/etc/mcrelay/mcrelay.toml";
 /// Names of the pinned maps inside [`pin_dir`].
 pub mod pins {
     pub const GROUP_PORTS: &str = "GROUP_PORTS";
+    pub const GROUP_PORTS_V4: &str = "GROUP_PORTS_V4";
     pub const FLOOD_PORTS: &str = "FLOOD_PORTS";
     pub const ROUTER_PORTS: &str = "ROUTER_PORTS";
     /// Directory of pinned XDP links, one file per ifindex.
     pub const LINKS: &str = "links";
     pub const CONFIG: &str = "CONFIG";
     pub const PORT_STATS: &str = "PORT_STATS";
+    pub const PORT_STATS_SPILL: &str = "PORT_STATS_SPILL";
     pub const LOOP_MACS: &str = "LOOP_MACS";
     pub const STANDBY_PORTS: &str = "STANDBY_PORTS";
     pub const POLICY: &str = "POLICY";

@@ -318,6 +318,55 @@ fn counters_accumulate_bytes_per_reason() {
     assert_eq!(COUNTER_COUNT, Counter::ALL.len());
 }
 
+/// A dummy device with a chosen ifindex, removed on drop.
+struct Dummy(String);
+
+impl Dummy {
+    /// A dummy device with the first free ifindex of `candidates`.
+    fn with_index(candidates: impl Iterator<Item = u32>) -> Option<(Self, u32)> {
+        let name = format!("mcrslot{}", std::process::id());
+        for index in candidates {
+            let ok = std::process::Command::new("ip")
+                .args(["link", "add", "name", &name, "index", &index.to_string(), "type", "dummy"])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return Some((Self(name), index));
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Dummy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_port_whose_counter_slot_is_taken_is_counted_apart() {
+    if !nix::unistd::Uid::effective().is_root() {
+        return;
+    }
+    // Another port takes the `PORT_STATS` slot of loopback first.
+    let slots = relay_common::PORT_SLOTS;
+    let Some((_dummy, other)) = Dummy::with_index((1..64).map(|k| INGRESS + k * slots)) else {
+        eprintln!("SKIP: no free ifindex for a dummy device");
+        return;
+    };
+    assert_eq!(relay_common::port_slot(other), relay_common::port_slot(INGRESS));
+    let mut dp = Dataplane::load(None, UnknownPolicy::RouterPorts).expect("load object");
+    dp.register_port(other, "other", AttachMode::Skb).expect("register the other port");
+    dp.register_port(INGRESS, "lo", AttachMode::Skb).expect("register port");
+    let mut h = Harness { dp }.with_group(v4(G4));
+    h.expect(&udp4_frame(SRC4, G4, b"x").build(), XDP_REDIRECT, Some(Counter::Forwarded));
+    h.expect(&udp4_frame(SRC4, OTHER4, b"x").build(), XDP_PASS, Some(Counter::PassedUnknown));
+    let theirs = h.dp.counters(other).expect("counters of the other port");
+    assert_eq!(theirs.packets.iter().sum::<u64>(), 0, "counted in the other port's slot");
+}
+
 #[test]
 fn source_specific_entries_are_looked_up_first() {
     let Some(mut h) = Harness::new() else { return };

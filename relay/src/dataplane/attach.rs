@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::{
-    maps::{DevMapHash, HashMap, MapData, PerCpuHashMap, PerCpuValues},
+    maps::{DevMapHash, HashMap, MapData},
     programs::{
         links::{FdLink, LinkOrder, PinnedLink},
         tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
@@ -29,7 +29,8 @@ use relay_common::{
 
 use super::{
     error::{DataplaneError, KernelContext as _},
-    sys::{self, cpus, error_chain},
+    port_stats::PortStats,
+    sys::{self, error_chain},
 };
 use crate::{
     options::XdpMode,
@@ -101,7 +102,7 @@ enum PortLink {
 /// The attached ports and their maps.
 pub struct Ports {
     info: HashMap<MapData, u32, PortInfo>,
-    stats: PerCpuHashMap<MapData, u32, PortCounters>,
+    stats: PortStats,
     flood: DevMapHash<MapData>,
     /// `TC_PORTS`: the `TC_PORT_*` bits of the ports in TC mode.
     tc_ports: HashMap<MapData, u32, u32>,
@@ -124,7 +125,7 @@ const LINK_RELEASE_WAIT: Duration = Duration::from_secs(2);
 impl Ports {
     pub fn new(
         info: HashMap<MapData, u32, PortInfo>,
-        stats: PerCpuHashMap<MapData, u32, PortCounters>,
+        stats: PortStats,
         flood: DevMapHash<MapData>,
         tc_ports: HashMap<MapData, u32, u32>,
         pin_dir: Option<&Path>,
@@ -155,11 +156,7 @@ impl Ports {
 
     /// A port's counters, summed over the CPUs.
     pub fn counters(&self, ifindex: u32) -> Result<PortCounters, DataplaneError> {
-        let mut total = PortCounters::default();
-        for c in self.stats.get(&ifindex, 0).kernel("reading PORT_STATS")?.iter() {
-            total.accumulate(c);
-        }
-        Ok(total)
+        self.stats.counters(ifindex)
     }
 
     /// Whether some attached port is in TC mode.
@@ -553,7 +550,7 @@ impl Ports {
         ifname: &str,
         mode: AttachMode,
     ) -> Result<(), DataplaneError> {
-        if self.stats.get(&ifindex, 0).is_ok() {
+        if self.stats.has(ifindex) {
             self.flood.insert(ifindex, ifindex, None, 0).kernel("writing FLOOD_PORTS")?;
             return Ok(());
         }
@@ -577,10 +574,7 @@ impl Ports {
                 0,
             )
             .kernel("writing PORTS")?;
-        let cpus = cpus().kernel("counting CPUs")?;
-        let zero = PerCpuValues::try_from(vec![PortCounters::default(); cpus])
-            .kernel("sizing PORT_STATS")?;
-        self.stats.insert(ifindex, zero, 0).kernel("creating the PORT_STATS entry")?;
+        self.stats.register(ifindex)?;
         self.flood.insert(ifindex, ifindex, None, 0).kernel("writing FLOOD_PORTS")?;
         if mode == AttachMode::Tc {
             let port = self.attached.get(&ifindex);
@@ -676,7 +670,7 @@ impl Ports {
     fn forget(&mut self, ifindex: u32) {
         let _ = self.tc_ports.remove(&ifindex);
         let _ = self.info.remove(&ifindex);
-        let _ = self.stats.remove(&ifindex);
+        self.stats.forget(ifindex);
         let _ = self.flood.remove(ifindex);
     }
 }

@@ -1,7 +1,10 @@
 //! The group map writer: `GROUP_PORTS`, a HASH_OF_MAPS from [`GroupKey`] to an inner
-//! DEVMAP_HASH holding the port set, and `GROUP_TC_PORTS`, the same port sets as arrays for
-//! the TC program (which cannot walk a devmap), written in the same round right after
-//! `GROUP_PORTS` for the keys written there.
+//! DEVMAP_HASH holding the port set, `GROUP_PORTS_V4`, the same for IPv4 (*,G) keys with the
+//! group's four bytes as key (the XDP program's common lookup hashes 4 bytes, not 32), and
+//! `GROUP_TC_PORTS`, the same port sets as arrays for the TC program (which cannot walk a
+//! devmap; keyed by [`GroupKey`] for every key), written in the same round right after the
+//! port-set maps for the keys written there. Callers see one map of [`GroupKey`]s: which of
+//! the two outer maps a key lives in is decided here ([`GroupKey::v4_any_source`]).
 //!
 //! A change builds a new inner map and swaps it in with one outer-map write, so a packet sees
 //! the old port set or the new one, never a half-built one. Every syscall write of a
@@ -21,8 +24,8 @@ use aya::{
     programs::ProgramFd,
 };
 use relay_common::{
-    GroupKey, TcPorts, BPF_MAP_TYPE_DEVMAP_HASH, DEVMAP_VALUE_SIZE, MAX_PORTS_PER_GROUP,
-    TC_TARGET_PEER,
+    v4_group_of_key, GroupKey, TcPorts, BPF_MAP_TYPE_DEVMAP_HASH, DEVMAP_VALUE_SIZE,
+    MAX_PORTS_PER_GROUP, TC_TARGET_PEER,
 };
 
 use super::{
@@ -41,11 +44,15 @@ pub struct InnerEntry<'a> {
     pub program: Option<&'a ProgramFd>,
 }
 
-/// `GROUP_PORTS` and the inner maps it refers to, as the kernel has them.
+/// `GROUP_PORTS`, `GROUP_PORTS_V4` and the inner maps they refer to, as the kernel has them.
 pub struct GroupMaps {
     outer: HashOfMaps<MapData, GroupKey, DevMapHash<MapData>>,
     /// The fd of `outer` (for the batch calls aya does not have).
     outer_fd: RawFd,
+    /// `GROUP_PORTS_V4`: the IPv4 (*,G) keys.
+    v4: HashOfMaps<MapData, u32, DevMapHash<MapData>>,
+    /// The fd of `v4`.
+    v4_fd: RawFd,
     /// `GROUP_TC_PORTS`: the same keys, the port sets as [`TcPorts`] arrays.
     tc: HashMap<MapData, GroupKey, TcPorts>,
     /// The inner-map keys (ports, per-client keys) of every entry, as written. The inner maps
@@ -59,9 +66,10 @@ pub struct GroupMaps {
 }
 
 impl GroupMaps {
-    /// Wraps the map; with `adopted`, takes over the entries a previous daemon left.
+    /// Wraps the maps; with `adopted`, takes over the entries a previous daemon left.
     pub fn new(
         outer: Map,
+        v4: Map,
         tc: HashMap<MapData, GroupKey, TcPorts>,
         adopted: bool,
     ) -> Result<Self, DataplaneError> {
@@ -70,7 +78,13 @@ impl GroupMaps {
         };
         let outer_fd = data.fd().as_fd().as_raw_fd();
         let outer = HashOfMaps::try_from(Map::HashOfMaps(data)).kernel("opening GROUP_PORTS")?;
-        let mut maps = Self { outer, outer_fd, tc, inner: BTreeMap::new(), last_publish: None };
+        let Map::HashOfMaps(data) = v4 else {
+            return Err(DataplaneError::Missing("GROUP_PORTS_V4 of type HASH_OF_MAPS".into()));
+        };
+        let v4_fd = data.fd().as_fd().as_raw_fd();
+        let v4 = HashOfMaps::try_from(Map::HashOfMaps(data)).kernel("opening GROUP_PORTS_V4")?;
+        let mut maps =
+            Self { outer, outer_fd, v4, v4_fd, tc, inner: BTreeMap::new(), last_publish: None };
         if adopted {
             let keys: Vec<GroupKey> = maps.outer.keys().filter_map(Result::ok).collect();
             for key in keys {
@@ -79,6 +93,18 @@ impl GroupMaps {
                         maps.inner.insert(key, inner.keys().filter_map(Result::ok).collect());
                     }
                     Err(e) => tracing::warn!("reading an adopted group entry: {e}"),
+                }
+            }
+            let keys: Vec<u32> = maps.v4.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                match maps.v4.get(&key, 0) {
+                    Ok(inner) => {
+                        maps.inner.insert(
+                            GroupKey::any_source_v4(v4_group_of_key(key)),
+                            inner.keys().filter_map(Result::ok).collect(),
+                        );
+                    }
+                    Err(e) => tracing::warn!("reading an adopted IPv4 group entry: {e}"),
                 }
             }
         }
@@ -109,7 +135,7 @@ impl GroupMaps {
         self.tc.insert(key, ports, 0).kernel("writing GROUP_TC_PORTS")
     }
 
-    /// Keys currently in `GROUP_PORTS`.
+    /// Keys currently in `GROUP_PORTS` and `GROUP_PORTS_V4`.
     pub fn keys(&self) -> impl Iterator<Item = &GroupKey> {
         self.inner.keys()
     }
@@ -160,7 +186,6 @@ impl GroupMaps {
         removes: Vec<GroupKey>,
     ) -> Vec<(GroupKey, DataplaneError)> {
         let mut failed = Vec::new();
-        let outer_fd = self.outer_fd;
         let removes: Vec<GroupKey> =
             removes.into_iter().filter(|k| self.inner.contains_key(k)).collect();
         if !removes.is_empty() {
@@ -174,50 +199,18 @@ impl GroupMaps {
                     _ => {}
                 }
             }
-            match delete_batch(outer_fd, &removes) {
-                Ok(()) => removes.iter().for_each(|k| {
-                    self.inner.remove(k);
-                }),
-                Err(e) => {
-                    tracing::debug!("delete batch: {e}; deleting one by one");
-                    for key in removes {
-                        match self.outer.remove(&key) {
-                            Err(e) if !is_not_found(&e) => {
-                                failed.push((key, kernel_error("removing a group", e)));
-                            }
-                            _ => {
-                                self.inner.remove(&key);
-                            }
-                        }
-                    }
-                }
-            }
+            let (v4, wide): (Vec<GroupKey>, Vec<GroupKey>) =
+                removes.into_iter().partition(|k| k.v4_any_source().is_some());
+            self.remove_v4(v4, &mut failed);
+            self.remove_wide(wide, &mut failed);
         }
         if !sets.is_empty() {
             self.last_publish = Some(Instant::now());
-            let keys: Vec<GroupKey> = sets.iter().map(|(k, _)| *k).collect();
-            let fds: Vec<u32> = sets.iter().map(|(_, m)| m.fd as u32).collect();
-            let mut written = Vec::with_capacity(sets.len());
-            match update_batch(outer_fd, &keys, &fds) {
-                Ok(()) => {
-                    for (key, map) in sets {
-                        self.inner.insert(key, map.keys);
-                        written.push((key, map.tc));
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!("update batch: {e}; writing one by one");
-                    for (key, map) in sets {
-                        match self.outer.insert(key, &map.map, 0) {
-                            Ok(()) => {
-                                self.inner.insert(key, map.keys);
-                                written.push((key, map.tc));
-                            }
-                            Err(e) => failed.push((key, kernel_error("writing GROUP_PORTS", e))),
-                        }
-                    }
-                }
-            }
+            let (v4, wide): (Vec<_>, Vec<_>) =
+                sets.into_iter().partition(|(k, _)| k.v4_any_source().is_some());
+            let mut written = Vec::new();
+            self.write_v4(v4, &mut written, &mut failed);
+            self.write_wide(wide, &mut written, &mut failed);
             // The TC program's copy of each set written. A failure is reported for the key
             // (the reconciler writes it again, both maps).
             for (key, tc) in written {
@@ -227,6 +220,133 @@ impl GroupMaps {
             }
         }
         failed
+    }
+
+    /// Deletes (S,G) and IPv6 keys from `GROUP_PORTS`.
+    fn remove_wide(
+        &mut self,
+        removes: Vec<GroupKey>,
+        failed: &mut Vec<(GroupKey, DataplaneError)>,
+    ) {
+        if removes.is_empty() {
+            return;
+        }
+        match delete_batch(self.outer_fd, &removes) {
+            Ok(()) => removes.iter().for_each(|k| {
+                self.inner.remove(k);
+            }),
+            Err(e) => {
+                tracing::debug!("delete batch: {e}; deleting one by one");
+                for key in removes {
+                    match self.outer.remove(&key) {
+                        Err(e) if !is_not_found(&e) => {
+                            failed.push((key, kernel_error("removing a group", e)));
+                        }
+                        _ => {
+                            self.inner.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes IPv4 (*,G) keys from `GROUP_PORTS_V4`.
+    fn remove_v4(&mut self, removes: Vec<GroupKey>, failed: &mut Vec<(GroupKey, DataplaneError)>) {
+        let pairs: Vec<(GroupKey, u32)> =
+            removes.iter().filter_map(|k| k.v4_any_source().map(|v| (*k, v))).collect();
+        if pairs.is_empty() {
+            return;
+        }
+        let keys: Vec<u32> = pairs.iter().map(|(_, v)| *v).collect();
+        match delete_batch(self.v4_fd, &keys) {
+            Ok(()) => pairs.iter().for_each(|(k, _)| {
+                self.inner.remove(k);
+            }),
+            Err(e) => {
+                tracing::debug!("delete batch (IPv4): {e}; deleting one by one");
+                for (key, v4) in pairs {
+                    match self.v4.remove(&v4) {
+                        Err(e) if !is_not_found(&e) => {
+                            failed.push((key, kernel_error("removing a group", e)));
+                        }
+                        _ => {
+                            self.inner.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes (S,G) and IPv6 keys into `GROUP_PORTS`.
+    fn write_wide(
+        &mut self,
+        sets: Vec<(GroupKey, InnerMap)>,
+        written: &mut Vec<(GroupKey, TcPorts)>,
+        failed: &mut Vec<(GroupKey, DataplaneError)>,
+    ) {
+        if sets.is_empty() {
+            return;
+        }
+        let keys: Vec<GroupKey> = sets.iter().map(|(k, _)| *k).collect();
+        let fds: Vec<u32> = sets.iter().map(|(_, m)| m.fd as u32).collect();
+        match update_batch(self.outer_fd, &keys, &fds) {
+            Ok(()) => {
+                for (key, map) in sets {
+                    self.inner.insert(key, map.keys);
+                    written.push((key, map.tc));
+                }
+            }
+            Err(e) => {
+                tracing::debug!("update batch: {e}; writing one by one");
+                for (key, map) in sets {
+                    match self.outer.insert(key, &map.map, 0) {
+                        Ok(()) => {
+                            self.inner.insert(key, map.keys);
+                            written.push((key, map.tc));
+                        }
+                        Err(e) => failed.push((key, kernel_error("writing GROUP_PORTS", e))),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes IPv4 (*,G) keys into `GROUP_PORTS_V4`.
+    fn write_v4(
+        &mut self,
+        sets: Vec<(GroupKey, InnerMap)>,
+        written: &mut Vec<(GroupKey, TcPorts)>,
+        failed: &mut Vec<(GroupKey, DataplaneError)>,
+    ) {
+        let sets: Vec<(GroupKey, u32, InnerMap)> =
+            sets.into_iter().filter_map(|(k, m)| k.v4_any_source().map(|v| (k, v, m))).collect();
+        if sets.is_empty() {
+            return;
+        }
+        let keys: Vec<u32> = sets.iter().map(|(_, v, _)| *v).collect();
+        let fds: Vec<u32> = sets.iter().map(|(_, _, m)| m.fd as u32).collect();
+        match update_batch(self.v4_fd, &keys, &fds) {
+            Ok(()) => {
+                for (key, _, map) in sets {
+                    self.inner.insert(key, map.keys);
+                    written.push((key, map.tc));
+                }
+            }
+            Err(e) => {
+                tracing::debug!("update batch (IPv4): {e}; writing one by one");
+                for (key, v4, map) in sets {
+                    match self.v4.insert(v4, &map.map, 0) {
+                        Ok(()) => {
+                            self.inner.insert(key, map.keys);
+                            written.push((key, map.tc));
+                        }
+                        Err(e) => failed.push((key, kernel_error("writing GROUP_PORTS_V4", e))),
+                    }
+                }
+            }
+        }
     }
 }
 

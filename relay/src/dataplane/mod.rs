@@ -7,6 +7,7 @@
 //! | [`attach`] | attaching the XDP and TC programs, pinned links, adoption, `PORTS`/`PORT_STATS`/`FLOOD_PORTS`/`TC_PORTS` |
 //! | [`group_maps`] | the `GROUP_PORTS` + `GROUP_TC_PORTS` writer (inner-map swaps, batches, exact per-key outcome) |
 //! | [`kernel_config`] | `CONFIG` and `ROUTER_PORTS` |
+//! | [`port_stats`] | `PORT_STATS` (per-CPU array, a slot per port) and `PORT_STATS_SPILL` |
 //! | [`clients`] | per-client delivery: the egress program and its maps |
 //! | [`sys`] | raw `bpf(2)` calls aya 0.14 lacks, error helpers |
 //!
@@ -18,6 +19,7 @@ pub mod error;
 pub mod group_maps;
 pub mod kernel_config;
 pub mod policing;
+pub mod port_stats;
 pub mod sys;
 
 use std::{
@@ -28,7 +30,9 @@ use std::{
 
 pub use attach::AttachedPort;
 use aya::{
-    maps::{lpm_trie::LpmTrie, Array, DevMapHash, HashMap, Map, MapData, PerCpuHashMap},
+    maps::{
+        lpm_trie::LpmTrie, Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap,
+    },
     programs::{Program, Xdp},
     Ebpf, EbpfLoader,
 };
@@ -73,15 +77,17 @@ const PEER_COPIES: &str = "PEER_COPIES";
 const BPF_MAP_TYPE_HASH: u32 = 1;
 
 /// Maps of the object that are pinned (and reused by the next daemon).
-const OBJECT_MAPS: [&str; 14] = [
+const OBJECT_MAPS: [&str; 16] = [
     GROUP_TC_PORTS,
     TC_PORTS,
     PEER_COPIES,
     pins::GROUP_PORTS,
+    pins::GROUP_PORTS_V4,
     pins::FLOOD_PORTS,
     pins::ROUTER_PORTS,
     pins::CONFIG,
     pins::PORT_STATS,
+    pins::PORT_STATS_SPILL,
     pins::LOOP_MACS,
     pins::STANDBY_PORTS,
     pins::POLICY,
@@ -153,8 +159,11 @@ impl Dataplane {
         let routers =
             DevMapHash::try_from(take(pins::ROUTER_PORTS)?).kernel("opening ROUTER_PORTS")?;
         let flood = DevMapHash::try_from(take(pins::FLOOD_PORTS)?).kernel("opening FLOOD_PORTS")?;
-        let stats =
-            PerCpuHashMap::try_from(take(pins::PORT_STATS)?).kernel("opening PORT_STATS")?;
+        let stats = port_stats::PortStats::new(
+            PerCpuArray::try_from(take(pins::PORT_STATS)?).kernel("opening PORT_STATS")?,
+            PerCpuHashMap::try_from(take(pins::PORT_STATS_SPILL)?)
+                .kernel("opening PORT_STATS_SPILL")?,
+        );
         let loops = kernel_config::LoopMaps {
             macs: HashMap::try_from(take(pins::LOOP_MACS)?).kernel("opening LOOP_MACS")?,
             standby: HashMap::try_from(take(pins::STANDBY_PORTS)?)
@@ -173,7 +182,12 @@ impl Dataplane {
         clients.set_peer_copies(
             PerCpuHashMap::try_from(take(PEER_COPIES)?).kernel("opening PEER_COPIES")?,
         );
-        let groups = GroupMaps::new(take(pins::GROUP_PORTS)?, tc_groups, adopted)?;
+        let groups = GroupMaps::new(
+            take(pins::GROUP_PORTS)?,
+            take(pins::GROUP_PORTS_V4)?,
+            tc_groups,
+            adopted,
+        )?;
         let info = ports_map(pin_dir)?;
 
         let mut config =

@@ -2,8 +2,7 @@
 
 use std::os::fd::RawFd;
 
-use aya::{maps::MapError, EbpfError};
-use relay_common::GroupKey;
+use aya::{maps::MapError, EbpfError, Pod};
 
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
@@ -22,20 +21,20 @@ struct BatchAttr {
 }
 
 /// `bpf(BPF_MAP_UPDATE_BATCH)`: writes `keys[i] -> fds[i]` into a map-of-maps.
-pub fn update_batch(map_fd: RawFd, keys: &[GroupKey], fds: &[u32]) -> std::io::Result<()> {
+pub fn update_batch<K: Pod>(map_fd: RawFd, keys: &[K], fds: &[u32]) -> std::io::Result<()> {
     debug_assert_eq!(keys.len(), fds.len());
     batch_op(BPF_MAP_UPDATE_BATCH, map_fd, keys, Some(fds))
 }
 
 /// `bpf(BPF_MAP_DELETE_BATCH)`: removes `keys` from a map.
-pub fn delete_batch(map_fd: RawFd, keys: &[GroupKey]) -> std::io::Result<()> {
+pub fn delete_batch<K: Pod>(map_fd: RawFd, keys: &[K]) -> std::io::Result<()> {
     batch_op(BPF_MAP_DELETE_BATCH, map_fd, keys, None)
 }
 
-fn batch_op(
+fn batch_op<K: Pod>(
     cmd: libc::c_long,
     map_fd: RawFd,
-    keys: &[GroupKey],
+    keys: &[K],
     values: Option<&[u32]>,
 ) -> std::io::Result<()> {
     let mut attr = BatchAttr {
@@ -49,7 +48,8 @@ fn batch_op(
         flags: 0,
     };
     // SAFETY: the kernel reads `count` keys (and values) from the arrays, which live for the
-    // call and have exactly the map's key and value sizes (GroupKey: 32 bytes, fd: 4 bytes),
+    // call and have exactly the map's key and value sizes (the caller's key type is the map's:
+    // `GroupKey`, 32 bytes, or a `u32`; fd: 4 bytes),
     // and writes the number processed back into `attr.count` (hence `&mut`).
     let rc = unsafe {
         libc::syscall(
