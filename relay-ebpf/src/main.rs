@@ -37,7 +37,7 @@ use relay_common::{
     TcPorts, UnknownPolicy, CONFIG_F_ALLOW_LIST, CONFIG_F_POLICY, CONFIG_F_RATE_GROUPS,
     CONFIG_F_RATE_PORTS, CONFIG_F_SOURCE_ENTRIES, CONFIG_F_STANDBY, CONFIG_F_TC_PORTS, MAX_GROUPS,
     MAX_POLICY_PREFIXES, MAX_PORTS, MAX_PORTS_PER_GROUP, MAX_RATE_GROUPS, MAX_RATE_PREFIXES,
-    POLICY_DENY, PORT_SLOTS, RELAY_MAC_PREFIX, TC_TARGET_NO_XDP,
+    POLICY_DENY, PORT_SLOTS, RELAY_MAC_PREFIX, TC_FLOOD_KEY, TC_ROUTERS_KEY, TC_TARGET_NO_XDP,
 };
 use relay_ebpf::PacketFrame;
 
@@ -205,7 +205,15 @@ fn forward(ctx: &XdpContext, frame: &PacketFrame, data: &Data) -> Result<(Counte
             return Ok(redirect(ctx, &config, ports.redirect(0, BROADCAST_FLAGS)));
         }
     }
-    Ok(match UnknownPolicy::from_u32(config.unknown_policy) {
+    let policy = UnknownPolicy::from_u32(config.unknown_policy);
+    if config.flags & CONFIG_F_TC_PORTS != 0 && policy != UnknownPolicy::Drop {
+        // Router ports / all ports include one only the TC program reaches: it copies.
+        let key = if policy == UnknownPolicy::Flood { TC_FLOOD_KEY } else { TC_ROUTERS_KEY };
+        if needs_tc(config.flags, &key) {
+            return Err(xdp_action::XDP_PASS);
+        }
+    }
+    Ok(match policy {
         UnknownPolicy::RouterPorts if config.router_ports > 0 => {
             redirect(ctx, &config, ROUTER_PORTS.redirect(0, BROADCAST_FLAGS))
         }

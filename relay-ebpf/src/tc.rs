@@ -202,7 +202,10 @@ fn hand_over(ctx: &TcContext, ingress: u32, data: &Data) -> i32 {
     if is_standby(config, ingress) {
         return OK;
     }
-    let Some(ports) = lookup(config, &data.key) else { return OK };
+    let ports = match port_set(config, &data.key) {
+        Ok(ports) => ports,
+        Err(_) => return OK,
+    };
     if ports.flags & TC_TARGET_NO_XDP == 0 {
         // Not handed over (the XDP redirect failed, or the set changed meanwhile).
         return OK;
@@ -251,24 +254,30 @@ fn forward(
             _ => {}
         }
     }
-    // A group without a port set: the unknown-group policy, with the router ports and all
-    // ports as arrays the daemon keeps under keys of their own.
-    let ports = match lookup(config, &data.key) {
-        Some(ports) => ports,
-        None => {
-            let key = match UnknownPolicy::from_u32(config.unknown_policy) {
-                UnknownPolicy::Drop => return (Counter::DropNoMembers, SHOT),
-                UnknownPolicy::RouterPorts => TC_ROUTERS_KEY,
-                UnknownPolicy::Flood => TC_FLOOD_KEY,
-            };
-            // SAFETY: the value is only read.
-            match unsafe { GROUP_TC_PORTS.get(key) }.filter(|p| p.count > 0) {
-                Some(ports) => ports,
-                None => return (Counter::PassedUnknown, OK),
-            }
-        }
+    match port_set(config, &data.key) {
+        Ok(ports) => copy(ctx, ingress, port, config, data, ports),
+        Err(outcome) => outcome,
+    }
+}
+
+/// Where data of `key` goes: its group's port set, or for a group without one the
+/// unknown-group policy's (the router ports / all ports, arrays the daemon keeps under keys of
+/// their own). `Err`: nowhere; the counter and the action.
+#[inline(always)]
+fn port_set(config: &Config, key: &GroupKey) -> Result<&'static TcPorts, (Counter, i32)> {
+    if let Some(ports) = lookup(config, key) {
+        return Ok(ports);
+    }
+    let key = match UnknownPolicy::from_u32(config.unknown_policy) {
+        UnknownPolicy::Drop => return Err((Counter::DropNoMembers, SHOT)),
+        UnknownPolicy::RouterPorts => TC_ROUTERS_KEY,
+        UnknownPolicy::Flood => TC_FLOOD_KEY,
     };
-    copy(ctx, ingress, port, config, data, ports)
+    // SAFETY: the value is only read.
+    match unsafe { GROUP_TC_PORTS.get(key) }.filter(|p| p.count > 0) {
+        Some(ports) => Ok(ports),
+        None => Err((Counter::PassedUnknown, OK)),
+    }
 }
 
 /// The group's TC port set: (S,G) first when any exist, then (*,G).

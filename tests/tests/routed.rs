@@ -271,10 +271,10 @@ fn per_client_tun_delivers_only_to_the_joined_client() {
     assert_eq!(wire0.count(group), 0, "{wire0}: after the leave");
 }
 
-/// The unknown-group policy holds for data arriving on a port in TC mode too: with
-/// `--unknown flood`, a tun client's group that nobody joined reaches the LAN (through the TC
-/// program's array of all ports, one routed hop); `--unknown drop` drops it there and counts
-/// `drop_no_members`.
+/// The unknown-group policy holds on the TC path too: with `--unknown flood`, a tun client's
+/// group that nobody joined reaches the LAN (through the TC program's array of all ports, one
+/// routed hop) and a LAN sender's reaches the tun client (handed over by the LAN port's XDP
+/// program); `--unknown drop` drops it on the tun and counts `drop_no_members`.
 #[test]
 fn unknown_groups_from_a_tun_client_follow_the_policy() {
     require_testbed!("openvpn", "openssl", "ping");
@@ -288,6 +288,16 @@ fn unknown_groups_from_a_tun_client_follow_the_policy() {
     send(&c0.ns, &c0.tap, group, HOPS);
     assert_eq!(wire.wait_for(group, COUNT, DELIVERY_TIMEOUT), COUNT, "{wire}: flooded");
     assert_eq!(wire.hop_limits(group).into_iter().collect::<Vec<_>>(), vec![HOPS as u8 - 1]);
+    // The other way: the LAN port's XDP program cannot send to the tun; it hands the unknown
+    // group to its TC program, whose array of all ports has the tun.
+    let tun_wire = WireObserver::new(&c0.ns, &c0.tap);
+    let lan_group = addr("239.30.9.2");
+    send(&h0.ns, &h0.iface, lan_group, HOPS);
+    assert_eq!(tun_wire.wait_for(lan_group, COUNT, DELIVERY_TIMEOUT), COUNT, "{tun_wire}");
+    assert_eq!(
+        tun_wire.hop_limits(lan_group).into_iter().collect::<Vec<_>>(),
+        vec![HOPS as u8 - 1]
+    );
     relay.stop();
     drop(relay);
 
