@@ -24,6 +24,7 @@
 //! | `mcrelay_control_relayed_total` | counter | - |
 //! | `mcrelay_queries_sent_total` | counter | - |
 //! | `mcrelay_control_send_errors_total` | counter | - |
+//! | `mcrelay_tc_targets_cut_total` | counter | - (port sets cut at 32 TC targets) |
 //! | `mcrelay_join_to_forward_seconds` | gauge | `stat` (last, max, last_done) |
 //! | `mcrelay_querier_is_self` | gauge | `port`, `family`, `address` |
 //! | `mcrelay_router_ports` | gauge | - |
@@ -496,6 +497,12 @@ fn render_control(registry: &mut Registry, c: &crate::state::ControlCounters) {
         "map_write_errors",
         "Group map writes that failed (retried on the next round)",
         c.map_errors,
+    );
+    counter(
+        registry,
+        "tc_targets_cut",
+        "Port-set writes whose TC array was cut at 32 ports and peers (the rest get no TC copy)",
+        c.tc_targets_cut,
     );
     counter(
         registry,

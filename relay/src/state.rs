@@ -62,6 +62,10 @@ pub struct ControlCounters {
     /// what is installed keeps the old set).
     #[serde(default)]
     pub map_errors: u64,
+    /// Port-set writes whose TC array was cut at `MAX_TC_TARGETS` (32 ports and peers): those
+    /// beyond get no copy of data the TC program copies (logged each time).
+    #[serde(default)]
+    pub tc_targets_cut: u64,
     /// Time from receiving a report until the update syscalls returned (includes the
     /// kernel's RCU grace period that map-in-map updates wait for after publishing).
     pub last_update_done_us: u64,

@@ -103,3 +103,30 @@ fn ports_that_cannot_take_xdp_copies_get_them_through_tc() {
     );
     assert_eq!(rx.wait_for(N, Duration::from_secs(10)), N, "{rx}: behind the bridge");
 }
+
+/// A group whose port set has a port only the TC program reaches gets all its copies from the
+/// TC program, which copies to at most 32 targets: with 34 member ports the set is cut, logged,
+/// and counted (`tc_targets_cut` in `mcrelay groups --json`).
+#[test]
+fn a_tc_port_set_beyond_32_targets_is_cut_logged_and_counted() {
+    require_testbed!();
+    let gw = mcrelay_tests::NetNs::new("mcrtcc-gw");
+    let ports: Vec<String> = (0..34).map(|n| format!("c{n}")).collect();
+    for (n, port) in ports.iter().enumerate() {
+        let peer = format!("d{n}");
+        gw.ip(&["link", "add", port, "type", "veth", "peer", "name", &peer]);
+        gw.link_up(port);
+        gw.link_up(&peer);
+    }
+    let member = format!("239.12.0.9@{}", ports.join(","));
+    // c0 routed: attached in TC mode, so the group has a member XDP cannot reach.
+    let relay = mcrelay_tests::Mcrelay::start_ready(
+        &gw,
+        &["run", "-i", "c*", "--l3", "c0", "--static", &member],
+    );
+    let doc = mcrelay_tests::daemon::groups_json(&gw);
+    let cut = doc["control"]["tc_targets_cut"].as_u64().unwrap_or(0);
+    assert!(cut >= 1, "tc_targets_cut: {doc:#}");
+    let stderr = relay.stderr();
+    assert!(stderr.contains("at most 32 ports and peers"), "{stderr}");
+}

@@ -8,8 +8,8 @@ use crate::{
     dataplane::Dataplane,
     membership::{ClientId, CompatMode, Family, FilterMode},
     state::{
-        mac_string, ms, unix_ms, ClientState, DaemonState, GroupState, MemberState, QuerierState,
-        SourcePorts, SourceTimer,
+        mac_string, ms, unix_ms, ClientState, ControlCounters, DaemonState, GroupState,
+        MemberState, QuerierState, SourcePorts, SourceTimer,
     },
 };
 
@@ -105,7 +105,10 @@ pub fn build(control: &Control, now: Duration, dp: &Dataplane) -> DaemonState {
         groups,
         queriers,
         router_ports: names(&mut routers.into_iter()),
-        control: control.counters.clone(),
+        control: ControlCounters {
+            tc_targets_cut: dp.tc_targets_cut(),
+            ..control.counters.clone()
+        },
         clients: clients(control, dp),
         not_taken: control.not_taken.iter().cloned().collect(),
     }

@@ -110,6 +110,8 @@ pub struct Dataplane {
     ports: attach::Ports,
     groups: GroupMaps,
     clients: clients::Clients,
+    /// Port sets whose TC array was cut at `MAX_TC_TARGETS`.
+    tc_targets_cut: std::cell::Cell<u64>,
 }
 
 impl Dataplane {
@@ -201,6 +203,7 @@ impl Dataplane {
             ports: attach::Ports::new(info, stats, flood, tc_ports, pin_dir),
             groups,
             clients,
+            tc_targets_cut: std::cell::Cell::new(0),
         })
     }
 
@@ -389,6 +392,11 @@ impl Dataplane {
         (key & CLIENT_KEY_BIT != 0).then(|| self.clients.port_of(key)).flatten()
     }
 
+    /// Port-set writes whose TC array was cut at `MAX_TC_TARGETS` so far.
+    pub fn tc_targets_cut(&self) -> u64 {
+        self.tc_targets_cut.get()
+    }
+
     /// Forgets the copy counts of clients that are gone.
     pub fn retain_clients(&mut self, keep: impl Fn(u32, ClientId) -> bool) {
         self.clients.retain(keep);
@@ -451,9 +459,10 @@ impl Dataplane {
                 continue;
             }
             if n == MAX_TC_TARGETS {
+                self.tc_targets_cut.set(self.tc_targets_cut.get() + 1);
                 tracing::warn!(
-                    "the TC path copies a group to at most {MAX_TC_TARGETS} ports; the rest get \
-                     no copy of data arriving on TC ports"
+                    "the TC path copies a group to at most {MAX_TC_TARGETS} ports and peers; \
+                     the rest get no copy of the data the TC program copies (tc_targets_cut)"
                 );
                 break;
             }
