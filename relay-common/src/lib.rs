@@ -251,7 +251,9 @@ impl Default for TcPorts {
 /// Value bit of `TC_PORTS` (key: ifindex): the port is in TC mode (the TC program alone, which
 /// classifies, polices, counts and copies everything arriving there). XDP ports have no entry.
 pub const TC_PORT_ATTACHED: u32 = 1;
-/// Value bit of `TC_PORTS`: the port is an L3 device (packets start with the IP header).
+/// Value bit of `TC_PORTS`: the port is an L3 device (packets start with the IP header). The
+/// program there is `mcrelay_tc_l3`, which knows it without this bit: it is recorded for
+/// inspection (`bpftool map dump`) and for routing decisions that need it.
 pub const TC_PORT_L3: u32 = 2;
 /// Value bit of `TC_PORTS`: a routed Ethernet port (`--l3`): data arriving there crosses a
 /// routed hop (TTL / hop limit decremented, none at TTL <= 1).

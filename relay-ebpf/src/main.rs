@@ -135,8 +135,9 @@ pub(crate) static RATE_GROUPS: LruHashMap<PrefixData, u64, { MAX_RATE_GROUPS as 
 pub(crate) static GROUP_TC_PORTS: HashMap<GroupKey, TcPorts, { MAX_GROUPS as usize }> =
     HashMap::new();
 
-/// Ports in TC mode (`mcrelay_tc`). Key: ifindex. Value: `TC_PORT_*` bits (`TC_PORT_L3`: the
-/// packets start with the IP header). Written by the daemon when it attaches a port.
+/// Ports in TC mode (`mcrelay_tc`, `mcrelay_tc_l3`). Key: ifindex. Value: `TC_PORT_*` bits
+/// (`TC_PORT_ROUTED`: data arriving there crosses a routed hop; `TC_PORT_L3`: an L3 device).
+/// Written by the daemon when it attaches a port.
 #[btf_map]
 pub(crate) static TC_PORTS: HashMap<u32, u32, { MAX_PORTS as usize }> = HashMap::new();
 
