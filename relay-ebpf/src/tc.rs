@@ -62,12 +62,14 @@ pub fn mcrelay_tc(ctx: TcContext) -> i32 {
 }
 
 /// The whole forwarding program, for an L3 port (tun, WireGuard: packets start with the IP
-/// header). A program of its own so that each carries one classifier (stack is short).
+/// header). A program of its own: `l3` is then a constant, and the verifier walks one
+/// classifier per program.
 #[classifier]
 pub fn mcrelay_tc_l3(ctx: TcContext) -> i32 {
     tc_mode(&ctx, true)
 }
 
+/// Classify, count, and forward multicast data through [`forward_out`].
 #[inline(always)]
 fn tc_mode(ctx: &TcContext, l3: bool) -> i32 {
     // SAFETY: reading a field of the context the program was given.
