@@ -32,14 +32,15 @@ use super::{
 /// Frames per XDP_PROG_TEST_RUN batch (the kernel's page pool and redirect flush unit).
 pub const BATCH: u32 = 64;
 
-/// What `bench_direct` hands the frames to.
+/// What the bench's wrapper (`bench_direct`, `bench_tc_direct`) hands the packets to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Target {
-    /// The program `mcrelay run` attached to in0.
+    /// mcrelay's program, as `mcrelay run` attached it to the ingress port.
     Mcrelay,
-    /// `bench_bare` behind the same wrapper.
+    /// The bare reference (`bench_bare`, `bench_tc_bare`) behind the same wrapper.
     Bare,
-    /// `bench_bare` run directly (no wrapper): the reference speed of PLATFORM.md.
+    /// The bare reference run directly (no wrapper): for XDP, the reference speed of
+    /// PLATFORM.md.
     BarePlain,
 }
 
@@ -279,7 +280,7 @@ fn mpps_of(runs: &[DirectRun], target: Target, size: usize, copies: usize) -> Ve
         .collect()
 }
 
-fn sorted_unique(values: impl Iterator<Item = usize>) -> Vec<usize> {
+pub(super) fn sorted_unique(values: impl Iterator<Item = usize>) -> Vec<usize> {
     let mut v: Vec<usize> = values.collect();
     v.sort_unstable();
     v.dedup();

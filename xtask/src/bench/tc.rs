@@ -27,37 +27,18 @@ use mcrelay_tests::{
     Mcrelay, NetNs,
 };
 
+// The same three targets as direct mode: mcrelay's program as the daemon attached it, the
+// bare reference behind the same wrapper, and the bare reference alone.
+pub use super::direct::Target;
 use super::{
     cost::median,
+    direct::sorted_unique,
     frames,
     testbed::{load_object, spawn_in, Testbed, GROUP, SENDER, UDP_PORT},
 };
 
 /// The port in TC mode (a bridge without members).
 pub const TC_PORT: &str = "tcin";
-
-/// What `bench_tc_direct` hands the skb to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Target {
-    /// `mcrelay_tc`, as `mcrelay run` attached it to `tcin`.
-    Mcrelay,
-    /// `bench_tc_bare` behind the same wrapper.
-    Bare,
-    /// `bench_tc_bare` run directly.
-    BarePlain,
-}
-
-impl Target {
-    pub const ALL: [Self; 3] = [Self::Mcrelay, Self::Bare, Self::BarePlain];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Mcrelay => "mcrelay",
-            Self::Bare => "bare",
-            Self::BarePlain => "bare (plain)",
-        }
-    }
-}
 
 /// One TC measurement.
 #[derive(Clone, Debug)]
@@ -353,13 +334,6 @@ fn values_of(
         .filter(|r| r.target == target && r.frame_bytes == size && r.copies == copies)
         .map(value)
         .collect()
-}
-
-fn sorted_unique(values: impl Iterator<Item = usize>) -> Vec<usize> {
-    let mut v: Vec<usize> = values.collect();
-    v.sort_unstable();
-    v.dedup();
-    v
 }
 
 fn median_of(by_key: &BTreeMap<(usize, usize), Vec<f64>>, key: (usize, usize)) -> f64 {
