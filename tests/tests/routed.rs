@@ -308,3 +308,68 @@ fn unknown_groups_from_a_tun_client_follow_the_policy() {
     assert_eq!(wire.count(group), before, "{wire}: dropped");
     assert_eq!(counter(&bed.gw, &tun, "drop_no_members"), COUNT, "drop_no_members on {tun}");
 }
+
+/// A chatty tun client meets the same limits as a host on an Ethernet port: a burst of 3,000
+/// IGMPv2 reports (each for another group, from its tunnel address, Router Alert and TTL 1 as
+/// hosts send them) through the tunnel is rate limited per port (`control.rate_limited`,
+/// `[limits] report_rate_per_port = 200`), the groups past `--max-groups-per-port` are refused
+/// and counted, and the daemon lives on.
+#[test]
+fn a_chatty_tun_client_is_rate_limited_and_refused_past_the_limits() {
+    use relay::membership::packet::{self, Message, MessageKind};
+    require_testbed!("openvpn", "openssl", "ping");
+    let bed = bed("rth");
+    let c0 = &bed.clients[0];
+    let tun = bed.servers[0].tap.clone();
+    // A report rate below what gets through OpenVPN in a burst here (some 700 of 3,000).
+    let dir = mcrelay_tests::openvpn::ScratchDir::new();
+    let config = dir.write("mcrelay.toml", "[limits]\nreport_rate_per_port = 200\n", 0o644);
+    let relay = start_relay(
+        &bed,
+        &[
+            "--config".to_string(),
+            config.display().to_string(),
+            "--max-groups-per-port".to_string(),
+            "100".to_string(),
+        ],
+    );
+    let packets: Vec<(Vec<u8>, std::net::Ipv4Addr)> = (0..3_000u32)
+        .map(|i| {
+            let group = std::net::Ipv4Addr::new(239, 210, (i >> 8) as u8, i as u8);
+            let msg = Message {
+                source: IpAddr::V4(c0.v4),
+                kind: MessageKind::V2Report { group: IpAddr::V4(group) },
+            };
+            let frame = packet::build([2, 0, 0, 0, 0, 1], &msg).expect("report");
+            (frame[14..].to_vec(), group)
+        })
+        .collect();
+    c0.ns
+        .in_netns(|| -> std::io::Result<()> {
+            use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+            // IPPROTO_RAW: the packets carry their own IP header (Router Alert included).
+            let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(255)))?;
+            socket.bind_device(Some(c0.tap.as_bytes()))?;
+            for (ip, group) in &packets {
+                let to = SockAddr::from(std::net::SocketAddrV4::new(*group, 0));
+                // A full tun queue drops a packet now and then: the rest still make the flood.
+                let _ = socket.send_to(ip, &to);
+            }
+            Ok(())
+        })
+        .expect("sending the reports through a raw socket in the client's namespace");
+    let (doc, _) = wait_groups(&bed.gw, "the flood counted", Duration::from_secs(30), |d| {
+        d["control"]["rate_limited"].as_u64().unwrap_or(0) > 0
+            && d["control"]["refused"]["max_groups_per_port"].as_u64().unwrap_or(0) > 0
+    });
+    let learned = doc["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|g| {
+            g["members"].as_array().into_iter().flatten().any(|m| m["port"] == tun.as_str())
+        })
+        .count();
+    assert!(learned <= 100, "{learned} groups learned on {tun} past the per-port limit of 100");
+    mcrelay_tests::daemon::assert_process_alive(relay.pid(), "after the flood");
+}
