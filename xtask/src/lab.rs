@@ -257,6 +257,32 @@ fn run_lab(opts: &LabOptions, interrupted: &AtomicBool) -> anyhow::Result<()> {
     verdict(&snapshot)
 }
 
+/// A port's mode and packet counters in `mcrelay stats --json`.
+struct PortStats<'a> {
+    mode: &'a str,
+    packets: Option<&'a Value>,
+}
+
+impl<'a> PortStats<'a> {
+    fn of(doc: &'a Value, port: &str) -> Self {
+        let entry = port_entry(doc, port);
+        let mode = entry.and_then(|p| p.get("mode")).and_then(Value::as_str).unwrap_or("?");
+        Self { mode, packets: entry.and_then(|p| p.get("packets")) }
+    }
+
+    /// One packet counter (0 when missing).
+    fn get(&self, key: &str) -> u64 {
+        self.packets.and_then(|p| p.get(key)).and_then(Value::as_u64).unwrap_or(0)
+    }
+
+    /// All `drop_*` counters together.
+    fn drops(&self) -> u64 {
+        self.packets.and_then(Value::as_object).map_or(0, |p| {
+            p.iter().filter(|(k, _)| k.starts_with("drop_")).filter_map(|(_, v)| v.as_u64()).sum()
+        })
+    }
+}
+
 /// A sender thread: one datagram to each of two groups, `RATE` times a second.
 struct Stream {
     stop: Arc<AtomicBool>,
@@ -384,35 +410,17 @@ fn print_table(title: &str, s: &Snapshot, stats: &anyhow::Result<Value>, redraw:
                 "redir-err"
             ));
             for port in [GW_LAN, GW_SEG2] {
-                let entry = port_entry(doc, port);
-                let mode = entry
-                    .and_then(|p| p.get("mode"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("?")
-                    .to_string();
-                let packets = entry.and_then(|p| p.get("packets"));
-                let counter = |key: &str| {
-                    packets.and_then(|p| p.get(key)).and_then(Value::as_u64).unwrap_or(0)
-                };
-                let drops: u64 = packets
-                    .and_then(Value::as_object)
-                    .map(|p| {
-                        p.iter()
-                            .filter(|(k, _)| k.starts_with("drop_"))
-                            .filter_map(|(_, v)| v.as_u64())
-                            .sum()
-                    })
-                    .unwrap_or(0);
+                let stats = PortStats::of(doc, port);
                 out.push_str(&format!(
                     "  {:<9} {:<7} {:>9} {:>9} {:>9} {:>10} {:>7} {:>9}\n",
                     port,
-                    mode,
-                    counter("forwarded"),
-                    counter("passed_unknown"),
-                    counter("passed_control"),
-                    counter("passed_link_local"),
-                    drops,
-                    counter("redirect_failed"),
+                    stats.mode,
+                    stats.get("forwarded"),
+                    stats.get("passed_unknown"),
+                    stats.get("passed_control"),
+                    stats.get("passed_link_local"),
+                    stats.drops(),
+                    stats.get("redirect_failed"),
                 ));
             }
         }

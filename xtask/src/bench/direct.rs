@@ -287,6 +287,15 @@ pub(super) fn sorted_unique(values: impl Iterator<Item = usize>) -> Vec<usize> {
     v
 }
 
+/// The header line of a table with one column per number of copies.
+pub(super) fn copies_header(out: &mut String, copies: &[usize]) {
+    let _ = write!(out, "{:<13}", "program");
+    for c in copies {
+        let _ = write!(out, " {:>18}", format!("{c} cop{}", if *c == 1 { "y" } else { "ies" }));
+    }
+    out.push('\n');
+}
+
 /// The direct-mode tables (one per frame size).
 pub fn table(runs: &[DirectRun]) -> String {
     let mut out = String::new();
@@ -303,11 +312,7 @@ pub fn table(runs: &[DirectRun]) -> String {
             out,
             "Direct mode, {size}-byte frames: Mpps through the ingress program (live frames, batch {BATCH}), median of {reps} [mcrelay / row, median of per-repetition ratios]"
         );
-        let _ = write!(out, "{:<13}", "program");
-        for c in &copies {
-            let _ = write!(out, " {:>18}", format!("{c} cop{}", if *c == 1 { "y" } else { "ies" }));
-        }
-        out.push('\n');
+        copies_header(&mut out, &copies);
         for target in Target::ALL {
             let _ = write!(out, "{:<13}", target.name());
             for &c in &copies {

@@ -32,7 +32,7 @@ use mcrelay_tests::{
 pub use super::direct::Target;
 use super::{
     cost::median,
-    direct::sorted_unique,
+    direct::{copies_header, sorted_unique},
     frames,
     testbed::{load_object, spawn_in, Testbed, GROUP, SENDER, UDP_PORT},
 };
@@ -357,11 +357,7 @@ pub fn table(runs: &[TcRun]) -> String {
             out,
             "TC rows, {size}-byte frames: ns per packet through the tcx ingress program (BPF_PROG_TEST_RUN on an skb, kernel time), median of {reps} [mcrelay / row in packets per second, median of per-repetition ratios]"
         );
-        let _ = write!(out, "{:<13}", "program");
-        for c in &copies {
-            let _ = write!(out, " {:>18}", format!("{c} cop{}", if *c == 1 { "y" } else { "ies" }));
-        }
-        out.push('\n');
+        copies_header(&mut out, &copies);
         for target in Target::ALL {
             let _ = write!(out, "{:<13}", target.name());
             for &c in &copies {

@@ -41,7 +41,7 @@ use mcrelay_tests::{
     McastReceiver, McastSender, Mcrelay, NetNs, WireObserver,
 };
 
-use super::{watch, LabOptions, Stream};
+use super::{watch, LabOptions, PortStats, Stream};
 
 /// The group client c0 joins.
 const JOINED: Ipv4Addr = Ipv4Addr::new(239, 1, 1, 1);
@@ -280,30 +280,16 @@ fn print_table(
                 "port", "mode", "forwarded", "unknown", "control", "drop_ttl", "drops"
             ));
             for port in ports {
-                let entry = port_entry(doc, port);
-                let mode = entry.and_then(|p| p.get("mode")).and_then(Value::as_str).unwrap_or("?");
-                let packets = entry.and_then(|p| p.get("packets"));
-                let counter = |key: &str| {
-                    packets.and_then(|p| p.get(key)).and_then(Value::as_u64).unwrap_or(0)
-                };
-                let drops: u64 = packets
-                    .and_then(Value::as_object)
-                    .map(|p| {
-                        p.iter()
-                            .filter(|(k, _)| k.starts_with("drop_"))
-                            .filter_map(|(_, v)| v.as_u64())
-                            .sum()
-                    })
-                    .unwrap_or(0);
+                let stats = PortStats::of(doc, port);
                 out.push_str(&format!(
                     "  {:<9} {:<6} {:>9} {:>9} {:>9} {:>9} {:>7}\n",
                     port,
-                    mode,
-                    counter("forwarded"),
-                    counter("passed_unknown"),
-                    counter("passed_control"),
-                    counter("drop_ttl"),
-                    drops,
+                    stats.mode,
+                    stats.get("forwarded"),
+                    stats.get("passed_unknown"),
+                    stats.get("passed_control"),
+                    stats.get("drop_ttl"),
+                    stats.drops(),
                 ));
             }
         }
