@@ -74,10 +74,10 @@ pub fn mcrelay_tc_l3(ctx: TcContext) -> i32 {
 fn tc_mode(ctx: &TcContext, l3: bool) -> i32 {
     // SAFETY: reading a field of the context the program was given.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the value is copied at once.
-    let port = unsafe { TC_PORTS.get(ingress) }.copied().unwrap_or(0);
     let frame = frame(ctx);
-    let routed = l3 || port & TC_PORT_ROUTED != 0;
+    // An L3 port is always routed: only Ethernet ports look up whether they are (`--l3`).
+    // SAFETY: the value is copied at once.
+    let routed = l3 || unsafe { TC_PORTS.get(ingress) }.is_some_and(|p| p & TC_PORT_ROUTED != 0);
     let mut out = DataOut::default();
     let class = classify_out(&frame, u32::from(l3), &mut out);
     let len = frame.len;
